@@ -1,0 +1,63 @@
+"""
+Generate bytes from a trained run (baseline or ASCA; the checkpoint says which).
+
+    python sample.py --out_dir=out/baseline --start="The " --num_bytes=500 --temperature=0.8 --top_k=40
+"""
+import argparse
+import sys
+
+import torch
+
+from trainer import TrainError, model_from_checkpoint
+
+
+@torch.no_grad()
+def generate(model, prompt: bytes, num_bytes, temperature=1.0, top_k=None, generator=None, device="cpu"):
+    """Autoregressive sampling; the context is cropped to the model's block_size."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    block = model.config.block_size
+    idx = torch.tensor([list(prompt) or [10]], dtype=torch.long, device=device)  # empty prompt: start at "\n"
+    for _ in range(num_bytes):
+        logits, _ = model(idx[:, -block:])
+        logits = logits[:, -1, :].float() / temperature
+        if top_k:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    return bytes(idx[0, len(prompt) if prompt else 1:].tolist())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample bytes from a run's checkpoint; prints decoded text "
+                                            "(invalid UTF-8 replaced).")
+    p.add_argument("--out_dir", required=True, help="run directory holding ckpt.pt (or best.pt with --best)")
+    p.add_argument("--best", action="store_true", help="use best.pt (best validation) instead of ckpt.pt")
+    p.add_argument("--start", default="\n", help="prompt text; prefix FILE: to read it from a file")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--num_bytes", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        if a.temperature <= 0:
+            raise TrainError(f"--temperature must be > 0, got {a.temperature}")
+        prompt = open(a.start[5:], "rb").read() if a.start.startswith("FILE:") else a.start.encode("utf-8")
+        model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
+        g = torch.Generator(device=a.device).manual_seed(a.seed)
+        for i in range(a.num_samples):
+            out = generate(model, prompt, a.num_bytes, a.temperature, a.top_k, g, a.device)
+            print((prompt + out).decode("utf-8", errors="replace"))
+            if i + 1 < a.num_samples:
+                print("-" * 40)
+    except (TrainError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

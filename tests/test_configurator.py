@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configurator import ConfigError, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = dict(learning_rate=6e-4, max_iters=100, compile="auto", out_dir="out", min_lr=None, dropout=0.0,
+         bias=False, anything=None)
+T = dict(compile=bool, min_lr=float)
+
+
+def test_types_follow_defaults():
+    cfg = resolve(D, ["--learning_rate=1", "--max_iters=7", "--out_dir=out/x", "--bias=True"], T)
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["max_iters"] == 7 and isinstance(cfg["max_iters"], int)
+    assert cfg["out_dir"] == "out/x" and cfg["bias"] is True
+    assert D["max_iters"] == 100  # defaults untouched
+
+
+@pytest.mark.parametrize("raw,want", [("false", False), ("False", False), ("0", False), ("true", True),
+                                      ("True", True), ("1", True), ("auto", "auto")])
+def test_bool_spellings_and_auto(raw, want):
+    assert resolve(D, [f"--compile={raw}"], T)["compile"] == want
+
+
+def test_none_defaults_can_be_set_and_reset():
+    assert resolve(D, ["--min_lr=1e-5"], T)["min_lr"] == 1e-5
+    assert resolve(D, ["--min_lr=1e-5", "--min_lr=None"], T)["min_lr"] is None
+    assert resolve(D, ["--anything=[1, 2]"], T)["anything"] == [1, 2]
+    assert resolve(D, ["--anything=hello"], T)["anything"] == "hello"
+
+
+def test_quoted_strings():
+    assert resolve(D, ["--out_dir='a b'"], T)["out_dir"] == "a b"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--learning_rat=1"], "did you mean 'learning_rate'"),
+    (["--max_iters=1.5"], "expected int"),
+    (["--compile=maybe"], "expected bool"),
+    (["--max_iters"], "use --key=value"),
+    (["stray"], "unexpected argument"),
+    (["nope.py"], "not found"),
+])
+def test_errors(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve(D, argv, T)
+    assert needle in str(e.value)
+
+
+def test_config_file_order_and_checks(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nlearning_rate = 1\nmax_iters = 50\ncompile = False\n_private = 3\n")
+    cfg = resolve(D, [str(f), "--max_iters=60"], T)
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["max_iters"] == 60 and cfg["compile"] is False
+    cfg = resolve(D, ["--max_iters=60", str(f)], T)  # later wins
+    assert cfg["max_iters"] == 50
+    bad = tmp_path / "bad.py"
+    bad.write_text("max_itres = 5\n")
+    with pytest.raises(ConfigError, match="max_itres.*did you mean 'max_iters'"):
+        resolve(D, [str(bad)], T)
+    typed = tmp_path / "typed.py"
+    typed.write_text("max_iters = 'ten'\n")
+    with pytest.raises(ConfigError, match="expected int"):
+        resolve(D, [str(typed)], T)
+    broken = tmp_path / "broken.py"
+    broken.write_text("max_iters = (\n")
+    with pytest.raises(ConfigError, match="failed to run"):
+        resolve(D, [str(broken)], T)
+
+
+def test_script_prints_one_line_and_exits_2():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "baseline_model.py"), "--n_layr=2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "config error: unknown config key 'n_layr' on the command line; did you mean 'n_layer'?"
