@@ -1,0 +1,376 @@
+"""
+Adaptive Sparse Causal Attention (ASCA): the baseline GPT with an attention that keeps, per query
+tile, only the earlier key blocks a small learned network scores highest, and skips the rest.
+
+    python novel_model.py config/train_enwik8_novel.py --target_sparsity=0.75
+
+How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = queries b*S..b*S+S-1):
+1. ContentBasedAdaptiveSparsity scores every complete past key block j < b for tile b from
+   - the query at the tile's FIRST position b*S (the only query every member of the tile has seen),
+   - the mean of block j's keys (all at positions < b*S), and a learned per-head block-distance bias.
+   So the decision for any query i in tile b uses positions <= b*S <= i only: strictly causal.
+   (Pooling the tile's queries would leak the future into its earlier members.)
+2. The tile keeps its own block (causal inside), block 0 if keep_first_block (an attention sink),
+   and the n_keep[b] best-scored other past blocks. n_keep is fixed per tile by target_sparsity
+   (spread evenly over tiles), so the compute saved is exactly what was asked; the content decides
+   WHICH blocks. The schedule ramps from dense to the target over sparsity_warmup_iters.
+3. Trainable end to end: each kept past block's logits get + logsigmoid(score), so the LM loss
+   differentiates the gate (routers do the same with top-k gate values). Skipped blocks get nothing.
+4. Two paths compute that one function: 'reference' (dense attention under the expanded mask, any
+   device) and 'flex' (CUDA: FlexAttention with a BlockMask built from the selected block indices,
+   so skipped blocks are never loaded or computed).
+Sharing the decision per query tile is what lets the kernel skip work: FlexAttention visits a KV
+tile if any query in the Q tile needs it (DESIGN.md section 5).
+"""
+import math
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from baseline_model import GPT, CausalSelfAttention, GPTConfig
+
+ATTN_IMPLS = ("auto", "reference", "flex")
+
+
+@dataclass
+class ASCAConfig(GPTConfig):
+    sparse_block_size: int = 64  # S: key blocks and query tiles, in tokens
+    target_sparsity: float = 0.5  # fraction of causal query-key pairs skipped after warm-up
+    sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
+    keep_first_block: bool = True  # block 0 always kept (attention sink)
+    gate_dim: int = 32  # width of the sparsity predictor per head
+    attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
+
+    RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters")
+
+    def validate(self):
+        super().validate()
+        S = self.sparse_block_size
+        if S < 1 or self.block_size % S:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of sparse_block_size={S}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
+        top = max_sparsity(self.block_size, S, self.keep_first_block)
+        if self.target_sparsity > top + 1e-9:
+            raise ValueError(f"target_sparsity={self.target_sparsity} is out of reach at block_size={self.block_size}, "
+                             f"sparse_block_size={S}, keep_first_block={self.keep_first_block}: the maximum is "
+                             f"{top:.4f} (own block and sink always kept); use smaller blocks or a longer block_size")
+        if self.sparsity_warmup_iters < 0 or self.gate_dim < 1:
+            raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} must be one of {', '.join(ATTN_IMPLS)}")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def _skippable(nb, keep_first):
+    b = torch.arange(nb)
+    return b - ((b >= 1) & keep_first).long()  # past blocks of tile b that may be skipped
+
+
+def max_sparsity(T, S, keep_first):
+    nb = -(-T // S)
+    return _skippable(nb, keep_first).sum().item() * S * S / (T * (T + 1) / 2)
+
+
+def keep_counts(nb, S, T, sparsity, keep_first):
+    """Past blocks kept per query tile (own block not counted), LongTensor (nb,).
+
+    Skips round(sparsity * causal_pairs / S^2) blocks in all, spread over tiles in proportion to
+    how many each may skip (cumulative rounding), so every tile keeps about the same fraction.
+    """
+    skippable = _skippable(nb, keep_first)
+    total = int(skippable.sum())
+    n_skip = min(total, round(sparsity * T * (T + 1) / 2 / (S * S)))
+    if total == 0 or n_skip == 0:
+        return torch.arange(nb)
+    cum = torch.round(n_skip * torch.cumsum(skippable, 0).double() / total).long()
+    skip = torch.diff(cum, prepend=torch.zeros(1, dtype=torch.long))
+    return torch.arange(nb) - skip
+
+
+# ----------------------------------------------------------------------------- predictor
+
+class ContentBasedAdaptiveSparsity(nn.Module):
+    """Scores (B, nh, nb, nb): for query tile b and key block j < b, how much tile b wants block j.
+
+    score[b, j] = <MLP_h(q at b*S), W_h mean(k of block j)> / sqrt(gate_dim) + dist_h[b - j - 1] + c_h
+    Entries with j >= b are meaningless and masked by the caller.
+    """
+
+    def __init__(self, n_head, head_size, gate_dim, n_blocks):
+        super().__init__()
+        self.gate_dim = gate_dim
+        self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
+        self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
+        self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
+        self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks)))  # index: b - j - 1
+        self.offset = nn.Parameter(torch.empty(n_head))
+        self.reset_parameters_after_gpt_init()
+
+    def reset_parameters_after_gpt_init(self):
+        for w in (self.wq1, self.wq2, self.wk):
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+        nn.init.zeros_(self.dist_bias)
+        # start near-neutral: logsigmoid(2) = -0.13 on every past block
+        nn.init.constant_(self.offset, 2.0)
+
+    def forward(self, q, k, S):
+        B, H, T, hs = q.shape
+        nb = T // S
+        qt = q[:, :, ::S, :]  # (B, nh, nb, hs): first query of each tile
+        kb = k.view(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): mean key of each block
+        gq = torch.einsum("bhng,hgf->bhnf", F.gelu(torch.einsum("bhnd,hdg->bhng", qt, self.wq1)), self.wq2)
+        gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
+        scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, nb, nb)
+        b = torch.arange(nb, device=q.device)
+        dist = (b[:, None] - b[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (nb, nb)
+        return scores + self.dist_bias[:, dist][None] + self.offset[None, :, None, None]
+
+
+# ----------------------------------------------------------------------------- attention
+
+class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
+    """Causal self-attention over the own block, the sink, and the predictor's top past blocks."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.S = config.sparse_block_size
+        self.keep_first = config.keep_first_block
+        self.target = config.target_sparsity
+        self.warmup = config.sparsity_warmup_iters
+        self.impl = config.attn_impl
+        self.block_size = config.block_size
+        self.predictor = ContentBasedAdaptiveSparsity(config.n_head, config.n_embd // config.n_head,
+                                                      config.gate_dim, config.block_size // self.S)
+        nb = config.block_size // self.S
+        # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
+        # changes Python values that torch.compile would guard on (no recompiles during warm-up)
+        self.register_buffer("n_keep", keep_counts(nb, self.S, config.block_size, 0.0, self.keep_first),
+                             persistent=False)
+        self.sparsity = 0.0
+        self.set_step(0)
+        self._last = None
+
+    # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
+    def set_step(self, iter_num):
+        frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
+        self.sparsity = self.target * frac
+        nb = self.block_size // self.S
+        self.n_keep.copy_(keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first))
+
+    def resolved_impl(self, device):
+        if self.impl == "auto":
+            return "flex" if device.type == "cuda" else "reference"
+        return self.impl
+
+    # --- selection
+    def select(self, q, k):
+        """Scores, per-tile order of blocks and counts. q, k: (B, nh, T, hs) with T % S == 0.
+
+        Returns scores (B, nh, nb, nb), order (B, nh, nb, nb) int64 (own block first, then the sink,
+        then past blocks by descending score), n_past (nb,) = past blocks kept per tile.
+        """
+        B, H, T, _ = q.shape
+        nb = T // self.S
+        scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
+        n_past = self.n_keep[:nb]
+        b = torch.arange(nb, device=q.device)
+        past = b[None, :] < b[:, None]  # (nb, nb): block j is complete and before tile b
+        prio = scores.detach().float().masked_fill(~past, float("-inf"))
+        prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))
+        if self.keep_first and nb > 1:
+            prio[..., 1:, 0] = torch.finfo(torch.float32).max  # sink: after own block, before the rest
+        order = torch.argsort(prio, dim=-1, descending=True, stable=True)
+        return scores, order, n_past
+
+    @staticmethod
+    def block_selection(order, n_past):
+        """Boolean (B, nh, nb, nb): which key blocks each query tile keeps (own block included)."""
+        nb = order.shape[-1]
+        rank_kept = (torch.arange(nb, device=order.device) < (n_past + 1)[:, None])  # (nb, nb) by rank
+        return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter(
+            -1, order, rank_kept.expand(order.shape))
+
+    def gate_bias(self, scores, selected):
+        """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32."""
+        nb = scores.shape[-1]
+        past = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril(-1)
+        acc = torch.promote_types(scores.dtype, torch.float32)
+        return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
+
+    # --- attention paths
+    def attend(self, q, k, v):
+        B, H, T0, hs = q.shape
+        pad = (-T0) % self.S
+        if pad:  # pad to whole blocks; padded keys are in every real query's future, so never seen
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        scores, order, n_past = self.select(q, k)
+        selected = self.block_selection(order, n_past)
+        bias = self.gate_bias(scores, selected)
+        impl = self.resolved_impl(q.device)
+        if impl == "flex":
+            y = self.attend_flex(q, k, v, order, n_past, selected, bias)
+        else:
+            y = self.attend_reference(q, k, v, selected, bias)
+        self._last = (selected.detach(), n_past.detach(), T0, bias.detach())
+        return y[:, :, :T0]
+
+    def attend_reference(self, q, k, v, selected, bias):
+        """Dense attention under the expanded block mask: any device, the definition of the function."""
+        T = q.shape[2]
+        S = self.S
+        mask = selected.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)  # (B, nh, T, T)
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        acc = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in >= fp32
+        add = bias.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1).to(acc)
+        att = (q @ k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(q.shape[-1])) + add
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1).to(q.dtype)
+        if self.training and self.dropout > 0:
+            att = F.dropout(att, p=self.dropout)
+        return att @ v
+
+    def attend_flex(self, q, k, v, order, n_past, selected, bias, compiled=True):
+        """FlexAttention over the selected blocks only: BlockMask built from the block indices.
+
+        Partial (masked) blocks: the own block. Full blocks: the kept past blocks. The mask_mod states
+        the whole selection because uncompiled flex_attention applies only the mask_mod.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+        if self.training and self.dropout > 0:
+            raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
+        B, H, T, hs = q.shape
+        S = self.S
+        nb = T // S
+        idx = order.to(torch.int32)
+        partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=q.device)
+        full_num = n_past.to(torch.int32).expand(B, H, nb).contiguous()
+        full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (own block was first)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx // S, kv_idx // S]
+
+        block_mask = BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(),
+                                              BLOCK_SIZE=S, mask_mod=mask_mod, seq_lengths=(T, T))
+        return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                   kernel_options=flex_kernel_options(S, q.device.type))
+
+    # --- diagnostics and FLOPs (the trainer logs whatever this returns)
+    def diagnostics(self):
+        """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
+        skipped), skipped-block fraction (of causal blocks, own block included), per head; the
+        scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks."""
+        if self._last is None:
+            return {}
+        selected, n_past, T, bias = self._last
+        S = self.S
+        nb = selected.shape[-1]
+        sel = selected.float()
+        lens = torch.full((nb,), float(S), device=sel.device)
+        lens[-1] = T - S * (nb - 1)  # real tokens in each block (the last may be padded)
+        pairs = lens[:, None] * lens[None, :]
+        eye = torch.eye(nb, dtype=torch.bool, device=sel.device)
+        pairs = torch.where(eye, lens[:, None] * (lens[:, None] + 1) / 2, pairs)
+        causal = torch.ones(nb, nb, device=sel.device).tril()
+        total_pairs = (pairs * causal).sum()
+        kept_pairs = (sel * pairs * causal).sum(dim=(-1, -2))  # (B, nh)
+        pair_sparsity = (1 - kept_pairs / total_pairs).mean(0)  # (nh,)
+        block_sparsity = (1 - (sel * causal).sum(dim=(-1, -2)) / causal.sum()).mean(0)
+        past = torch.ones(nb, nb, device=sel.device).tril(-1)
+        dist = (torch.arange(nb, device=sel.device)[:, None] - torch.arange(nb, device=sel.device)[None, :]).float()
+        kept_past = sel * past
+        mean_dist = ((kept_past * dist).sum(dim=(-1, -2)) / kept_past.sum(dim=(-1, -2)).clamp(min=1)).mean(0)
+        gate = (bias.exp() * kept_past).sum() / kept_past.sum().clamp(min=1)
+        return {"sparsity": pair_sparsity.mean().item(), "block_sparsity": block_sparsity.mean().item(),
+                "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
+                "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
+                "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
+
+    def attn_flops_per_token(self, T):
+        """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
+        plus the predictor's (small) matmuls."""
+        nb = T // self.S
+        kept = (keep_counts(nb, self.S, T, self.sparsity, self.keep_first).sum().item() * self.S ** 2
+                + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
+        g = self.predictor.gate_dim
+        hs = self.n_embd // self.n_head
+        gate = 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb) / T)
+        return 6 * self.n_embd * T * kept + gate
+
+
+def flex_kernel_options(S, device_type="cuda"):
+    """Kernel tiles must divide the BlockMask blocks (S x S); the CUDA defaults (BLOCK_M 128) do not
+    when S < 128. None keeps the defaults (always on CPU, whose template takes no tile options)."""
+    if S >= 128 or device_type != "cuda":
+        return None
+    n = min(S, 64)
+    return {"fwd_BLOCK_M": n, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": min(32, n), "bwd_BLOCK_N1": n,
+            "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": min(32, n)}
+
+
+_FLEX_COMPILED = None
+
+
+def flex_attention_fn(compiled=True):
+    """flex_attention, compiled once: uncompiled it runs a dense math path that skips nothing.
+    Inside a torch.compile'd model the plain function is traced into the model's graph."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+    if not compiled or torch.compiler.is_compiling():
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+# ----------------------------------------------------------------------------- script
+
+MODEL_KIND = "asca"
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ASCAConfig) if f.name != "vocab_size"}
+
+
+def model_from_config(cfg):
+    return GPT(ASCAConfig.from_dict(cfg), attn_cls=AdaptiveSparseCausalSelfAttention)
+
+
+def make_model(**overrides):
+    """Build the ASCA model from the script's defaults plus overrides."""
+    import trainer
+    cfg = trainer.defaults_for(MODEL_DEFAULTS, out_dir="out/novel")
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise TypeError(f"make_model: unknown keys {sorted(unknown)}")
+    cfg.update(overrides)
+    return model_from_config(cfg)
+
+
+def validate(cfg, rt):
+    """Start-up checks needing the device: a path this device lacks is a one-line error."""
+    ASCAConfig.from_dict(cfg).validate()
+    impl = cfg["attn_impl"]
+    if impl == "flex":
+        if rt.device_type != "cuda":
+            raise ValueError(f"attn_impl='flex' needs a CUDA device (this run uses {rt.device}); "
+                             f"use attn_impl='reference' or 'auto'")
+        if cfg["sparse_block_size"] % 16:
+            raise ValueError(f"attn_impl='flex' needs sparse_block_size to be a multiple of 16, "
+                             f"got {cfg['sparse_block_size']}")
+    if impl in ("flex", "auto") and rt.device_type == "cuda" and cfg["dropout"] > 0:
+        raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
+
+
+if __name__ == "__main__":
+    import trainer
+    sys.exit(trainer.main(sys.argv[1:], kind=MODEL_KIND, model_defaults=MODEL_DEFAULTS,
+                          build_model=model_from_config, config_cls=ASCAConfig, out_dir="out/novel",
+                          validate=validate))
