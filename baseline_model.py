@@ -71,6 +71,15 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    @torch.no_grad()
+    def attention_map(self, x):
+        """For analysis (extraction.py): attention probabilities (B, nh, T, T) for layer input x."""
+        q, k, _ = self.qkv(x)
+        T = q.shape[2]
+        att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return {"attention": F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)}
+
     def attn_flops_per_token(self, T):
         """Forward+backward FLOPs of the score and value matmuls per token. PaLM (appendix B) counts
         12 * C * T for the full T x T plane; causal attention computes half of it."""

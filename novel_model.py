@@ -222,8 +222,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self._last = (selected.detach(), n_past.detach(), T0, bias.detach())
         return y[:, :, :T0]
 
-    def attend_reference(self, q, k, v, selected, bias):
-        """Dense attention under the expanded block mask: any device, the definition of the function."""
+    def reference_probs(self, q, k, selected, bias):
+        """(keep mask (B, nh, T, T) bool, attention probabilities (B, nh, T, T) in >= fp32)."""
         T = q.shape[2]
         S = self.S
         mask = selected.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)  # (B, nh, T, T)
@@ -231,11 +231,29 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         acc = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in >= fp32
         add = bias.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1).to(acc)
         att = (q @ k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(q.shape[-1])) + add
-        att = att.masked_fill(~mask, float("-inf"))
-        att = F.softmax(att, dim=-1).to(q.dtype)
+        return mask, F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+
+    def attend_reference(self, q, k, v, selected, bias):
+        """Dense attention under the expanded block mask: any device, the definition of the function."""
+        att = self.reference_probs(q, k, selected, bias)[1].to(q.dtype)
         if self.training and self.dropout > 0:
             att = F.dropout(att, p=self.dropout)
         return att @ v
+
+    @torch.no_grad()
+    def attention_map(self, x):
+        """For analysis (extraction.py): attention probabilities, keep mask, block selection and gate
+        scores for layer input x (B, T, C), as the reference path computes them."""
+        q, k, _ = self.qkv(x)
+        T0 = q.shape[2]
+        pad = (-T0) % self.S
+        if pad:
+            q, k = (F.pad(t, (0, 0, 0, pad)) for t in (q, k))
+        scores, order, n_past = self.select(q, k)
+        selected = self.block_selection(order, n_past)
+        mask, probs = self.reference_probs(q, k, selected, self.gate_bias(scores, selected))
+        return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
+                "block_selection": selected, "gate_scores": scores.float()}
 
     def attend_flex(self, q, k, v, order, n_past, selected, bias, compiled=True):
         """FlexAttention over the selected blocks only: BlockMask built from the block indices.

@@ -326,3 +326,20 @@ def test_training_run_tracks_target_and_logs_diagnostics(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("the "), r.stderr
     r = run_script("baseline_model.py", TINY, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 1 and "novel_model.py" in r.stderr and "'asca' model" in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("script", ["baseline_model.py", "novel_model.py"])
+def test_cuda_compiled_training_run(tmp_path, script):
+    data = make_dataset(tmp_path / "d", n=200_000)
+    out = tmp_path / "o"
+    r = run_script(script, TINY, f"--data_dir={data}", f"--out_dir={out}", "--device=cuda", "--compile=True",
+                   "--block_size=512", "--n_embd=128", "--n_head=2", "--batch_size=8", "--max_iters=40",
+                   "--eval_interval=20", *(["--sparse_block_size=64", "--target_sparsity=0.5",
+                                            "--sparsity_warmup_iters=10"] if script == "novel_model.py" else []))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.load(open(out / "final.json"))
+    assert final["test_bpc"] < 6.0 and final["env"]["dtype"] in ("bfloat16", "float16")
+    if script == "novel_model.py":
+        assert abs(final["sparsity"] - 0.5) <= 0.02

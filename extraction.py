@@ -1,0 +1,422 @@
+"""
+Pictures and tables from runs: attention and keep-mask maps from a checkpoint, sparsity and
+training curves from metrics.jsonl, and a comparison of several runs (baseline vs ASCA).
+
+    python extraction.py out/excerpt_cpu_baseline out/excerpt_cpu_novel --chars
+    python extraction.py out/RUN --text some.txt --offset 1000 --length 256
+
+Per run it writes out/RUN/extract/attention.npz and PNGs into out/RUN/plots/; with several runs,
+overlay plots and comparison.md go into the first run's plots/. It reads whatever exists, so it
+works on runs still in progress and on checkpoints written on a GPU.
+
+attention.npz holds (L layers, H heads, T window bytes, nb = ceil(T / sparse_block_size)):
+  tokens (T,) uint8            the window's bytes
+  attention (L, H, T, T) f32   attention probabilities (row i: query i over keys; rows sum to 1)
+  offset, iter () int64        where the window starts in its source; the checkpoint's iteration
+  source () str                the file or split the window came from
+  ASCA runs only:
+  keep_mask (L, H, T, T) bool  query-key pairs the sparse attention computes (causal, block-structured)
+  block_selection (L, H, nb, nb) bool   kept key blocks per query tile
+  gate_scores (L, H, nb, nb) f32        the predictor's scores (meaningful below the diagonal)
+  pair_sparsity (L, H) f32     fraction of causal pairs skipped in this window
+  sparse_block_size () int64
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+
+class ExtractError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+class Run:
+    def __init__(self, path):
+        self.path = path.rstrip("/")
+        self.name = os.path.basename(self.path)
+        if not os.path.isdir(path):
+            raise ExtractError(f"{path} is not a directory; give run directories such as out/baseline")
+        files = set(os.listdir(path))
+        if not files & {"config.json", "metrics.jsonl", "ckpt.pt", "final.json"}:
+            raise ExtractError(f"{path} is not a run directory (no config.json, metrics.jsonl or ckpt.pt)")
+        self.config = self._json("config.json") or {}
+        self.final = self._json("final.json")
+        self.metrics = []
+        mpath = os.path.join(path, "metrics.jsonl")
+        if os.path.exists(mpath):
+            with open(mpath) as f:
+                for line in f:  # a run in progress may have a half-written last line
+                    try:
+                        self.metrics.append(json.loads(line))
+                    except ValueError:
+                        pass
+        self.kind = (self.final or {}).get("model_kind") or ("asca" if "target_sparsity" in self.config else "baseline")
+        self.plots = os.path.join(path, "plots")
+
+    def _json(self, name):
+        p = os.path.join(self.path, name)
+        if not os.path.exists(p):
+            return None
+        try:
+            with open(p) as f:
+                return json.load(f)
+        except ValueError as e:
+            raise ExtractError(f"{p} is not valid JSON ({e})") from None
+
+    def label(self):
+        c = self.config
+        s = f"{self.name} ({self.kind}"
+        if c:
+            s += f", {c.get('n_layer')}L {c.get('n_embd')}d {c.get('n_head')}h T={c.get('block_size')}"
+        if self.kind == "asca" and c:
+            s += f", S={c.get('sparse_block_size')}, target {c.get('target_sparsity')}"
+        return s + ")"
+
+    def last(self, key):
+        """The latest value of `key`: final.json first, then the newest metrics row that has it."""
+        if self.final and self.final.get(key) is not None:
+            return self.final[key]
+        for row in reversed(self.metrics):
+            if row.get(key) is not None:
+                return row[key]
+        return None
+
+    def series(self, key, x="iter"):
+        rows = [r for r in self.metrics if r.get(key) is not None and r.get(x) is not None]
+        return [r[x] for r in rows], [r[key] for r in rows]
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def window_bytes(run, args, block_size):
+    if args.text:
+        if not os.path.isfile(args.text):
+            raise ExtractError(f"--text {args.text} does not exist")
+        data = np.fromfile(args.text, dtype=np.uint8)
+        source = args.text
+    else:
+        from prepare_dataset import ByteDataset, DataError
+        data_dir = run.config.get("data_dir")
+        try:
+            data = ByteDataset(data_dir).splits[args.split]
+        except (DataError, TypeError) as e:
+            raise ExtractError(f"cannot read the {args.split} split of {run.name} ({e}); pass --text FILE instead") from None
+        source = f"{data_dir}/{args.split}.bin"
+    length = args.length or min(block_size, 256)
+    if length > block_size:
+        raise ExtractError(f"--length {length} exceeds the model's block_size {block_size}")
+    if args.offset < 0 or args.offset + length > len(data):
+        raise ExtractError(f"window [{args.offset}, {args.offset + length}) is outside {source} "
+                           f"({len(data)} bytes); choose --offset <= {len(data) - length}")
+    return np.array(data[args.offset:args.offset + length], dtype=np.uint8), source
+
+
+def extract(run, args):
+    """Run the checkpoint on the window and save attention.npz; returns the arrays (or None)."""
+    import torch
+    from trainer import TrainError, model_from_checkpoint
+    name = "best.pt" if args.best else "ckpt.pt"
+    path = os.path.join(run.path, name)
+    if not os.path.exists(path):
+        print(f"{run.name}: no {name} yet; attention maps skipped, curves only")
+        return None
+    try:
+        model, ckpt = model_from_checkpoint(path, "cpu")  # map_location=cpu: GPU checkpoints load anywhere
+    except TrainError as e:
+        raise ExtractError(str(e)) from None
+    tokens, source = window_bytes(run, args, model.config.block_size)
+    inputs = {}
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, blk in enumerate(model.transformer.h)]
+    with torch.no_grad():
+        model(torch.from_numpy(tokens.astype(np.int64))[None])
+    for h in hooks:
+        h.remove()
+    maps = [blk.attn.attention_map(inputs[i]) for i, blk in enumerate(model.transformer.h)]
+    out = {"tokens": tokens, "offset": np.int64(args.offset), "iter": np.int64(ckpt.get("iter_num", 0)),
+           "source": np.array(source), "attention": np.stack([m["attention"][0].numpy() for m in maps]).astype(np.float32)}
+    if "keep_mask" in maps[0]:
+        keep = np.stack([m["keep_mask"][0].numpy() for m in maps])
+        T = len(tokens)
+        causal = np.tril(np.ones((T, T), dtype=bool))
+        out.update(keep_mask=keep, block_selection=np.stack([m["block_selection"][0].numpy() for m in maps]),
+                   gate_scores=np.stack([m["gate_scores"][0].numpy() for m in maps]).astype(np.float32),
+                   pair_sparsity=(1 - keep.sum(axis=(-1, -2)) / causal.sum()).astype(np.float32),
+                   sparse_block_size=np.int64(model.config.sparse_block_size))
+    os.makedirs(os.path.join(run.path, "extract"), exist_ok=True)
+    tmp = os.path.join(run.path, "extract", "attention.tmp.npz")
+    np.savez_compressed(tmp, **out)
+    os.replace(tmp, os.path.join(run.path, "extract", "attention.npz"))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plt_module():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt_module().close(fig)
+    return path
+
+
+def grid_plot(run, arr, title, path, cmap, block=None, norm=None):
+    plt = plt_module()
+    L, H = arr.shape[:2]
+    fig, axes = plt.subplots(L, H, figsize=(2.4 * H + 1, 2.4 * L + 0.8), squeeze=False)
+    T = arr.shape[-1]
+    for l in range(L):
+        for h in range(H):
+            ax = axes[l][h]
+            im = ax.imshow(arr[l, h], cmap=cmap, norm=norm, interpolation="nearest", extent=(-0.5, T - 0.5, T - 0.5, -0.5))
+            if block:
+                for b in range(block, T, block):
+                    ax.axhline(b - 0.5, color="tab:red", lw=0.3)
+                    ax.axvline(b - 0.5, color="tab:red", lw=0.3)
+            ax.set_title(f"layer {l} head {h}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            if h == 0:
+                ax.set_ylabel("query position (byte)", fontsize=7)
+            if l == L - 1:
+                ax.set_xlabel("key position (byte)", fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.6)
+    fig.suptitle(f"{title}\n{run.label()}", fontsize=9)
+    return save(fig, path)
+
+
+def chars_plot(run, ex, path, n, layer, head):
+    plt = plt_module()
+    tokens = ex["tokens"]
+    n = min(n, len(tokens))
+    att = ex["attention"][layer, head][-n:, -n:]
+    labels = [chr(t) if 32 <= t < 127 else f"\\x{t:02x}" for t in tokens[-n:]]
+    fig, ax = plt.subplots(figsize=(0.22 * n + 2, 0.22 * n + 1.5))
+    im = ax.imshow(att, cmap="viridis", interpolation="nearest")
+    if "keep_mask" in ex:
+        skipped = ~ex["keep_mask"][layer, head][-n:, -n:] & np.tril(np.ones((n, n), dtype=bool))
+        ax.imshow(np.ma.masked_where(~skipped, skipped), cmap="Reds", alpha=0.35, vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, fontsize=7, family="monospace")
+    ax.set_yticks(range(n), labels, fontsize=7, family="monospace")
+    ax.set_xlabel("key byte")
+    ax.set_ylabel("query byte")
+    fig.colorbar(im, ax=ax, shrink=0.6, label="attention probability")
+    extra = " (red: skipped by ASCA)" if "keep_mask" in ex else ""
+    ax.set_title(f"layer {layer} head {head}, last {n} bytes of the window{extra}\n{run.label()}", fontsize=8)
+    return save(fig, path)
+
+
+def per_head_sparsity_plot(run, ex, path):
+    plt = plt_module()
+    per = run.last("sparsity_per_head_per_layer")
+    blocks = run.last("block_sparsity_per_head_per_layer")
+    where = "measured in training (last eval)"
+    if per is None and ex is not None and "pair_sparsity" in ex:
+        per, blocks, where = ex["pair_sparsity"].tolist(), None, "measured on the extracted window"
+    if per is None:
+        return None
+    per = np.array(per)
+    L, H = per.shape
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * L * H), 3.5))
+    x = np.arange(L)
+    w = 0.8 / H
+    for h in range(H):
+        ax.bar(x + h * w, per[:, h], w, label=f"head {h}")
+        if blocks is not None:
+            ax.scatter(x + h * w, np.array(blocks)[:, h], color="k", marker="_", s=60, zorder=3)
+    ax.set_xticks(x + 0.4 - w / 2, [f"layer {l}" for l in range(L)])
+    ax.set_ylabel("pair sparsity (fraction of causal pairs skipped)")
+    ax.set_ylim(0, 1)
+    target = run.config.get("target_sparsity")
+    if target is not None:
+        ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target}")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"sparsity per layer and head, {where}; black ticks: skipped-block fraction\n{run.label()}", fontsize=8)
+    return save(fig, path)
+
+
+def sparsity_training_plot(run, path):
+    plt = plt_module()
+    its, vals = run.series("sparsity")
+    if not its:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(its, vals, "k-", lw=2, label="mean pair sparsity")
+    rows = [r for r in run.metrics if r.get("sparsity_per_layer")]
+    for l in range(len(rows[0]["sparsity_per_layer"]) if rows else 0):
+        ax.plot([r["iter"] for r in rows], [r["sparsity_per_layer"][l] for r in rows], lw=1, alpha=0.7, label=f"layer {l}")
+    _, blk = run.series("block_sparsity")
+    ax.plot(its, blk, "k:", lw=1.5, label="skipped-block fraction")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+    ax.set_title(f"sparsity over training\n{run.label()}", fontsize=8)
+    return save(fig, path)
+
+
+def bpc_plot(run, path):
+    plt = plt_module()
+    if not run.metrics:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (x, xl) in zip(axes, (("iter", "iteration"), ("tokens", "tokens (bytes) trained"),
+                                  ("elapsed_s", "training wall-clock (s, excl. eval and compile)"))):
+        for key, style in (("train_bpc", "-"), ("val_bpc", "o-")):
+            xs, ys = run.series(key, x)
+            if xs:
+                ax.plot(xs, ys, style, ms=3, label=key.replace("_bpc", ""))
+        ax.set_xlabel(xl)
+        ax.set_ylabel("bits per byte")
+        ax.legend(fontsize=7)
+    test = run.last("test_bpc")
+    fig.suptitle(f"bits per byte{f' (test {test:.4f})' if test else ''}\n{run.label()}", fontsize=9)
+    return save(fig, path)
+
+
+def throughput_plot(run, path):
+    plt = plt_module()
+    its, tps = run.series("tokens_per_s")
+    if not its:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(its, tps, "o-", ms=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training tokens (bytes) / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"throughput (excl. eval and compile)\n{run.label()}", fontsize=8)
+    return save(fig, path)
+
+
+def comparison(runs, out_dir):
+    plt = plt_module()
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run in runs:
+        for ax, x in zip(axes, ("tokens", "elapsed_s")):
+            xs, ys = run.series("val_bpc", x)
+            ax.plot(xs, ys, "o-", ms=3, label=run.label())
+    axes[0].set_xlabel("tokens (bytes) trained")
+    axes[1].set_xlabel("training wall-clock (s, excl. eval and compile)")
+    for ax in axes:
+        ax.set_ylabel("validation bits per byte")
+        ax.legend(fontsize=6)
+    fig.suptitle("validation bpc at equal tokens and at equal wall-clock", fontsize=9)
+    written.append(save(fig, os.path.join(out_dir, "compare_val_bpc.png")))
+    sparse = [r for r in runs if r.series("sparsity")[0]]
+    if sparse:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for run in sparse:
+            ax.plot(*run.series("sparsity"), "o-", ms=3, label=run.label())
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("pair sparsity")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+        ax.set_title("sparsity over training", fontsize=9)
+        written.append(save(fig, os.path.join(out_dir, "compare_sparsity.png")))
+    written.append(comparison_table(runs, os.path.join(out_dir, "comparison.md")))
+    return written
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def comparison_table(runs, path):
+    base = next((r for r in runs if r.kind == "baseline" and r.last("test_bpc") is not None), None)
+    lines = ["# Run comparison", "",
+             f"Differences are to the dense baseline `{base.name}`." if base else "No finished dense baseline among these runs.",
+             "", "| run | model | layers x d x heads | T | params | tokens | train time s | tokens/s | best val bpc | "
+                 "test bpc | sparsity | test bpc - baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r.config
+        test = r.last("test_bpc")
+        diff = fmt(test - base.last("test_bpc"), "+.4f") if (base and test is not None) else "n/a"
+        kind = r.kind if r.kind != "asca" else f"asca (S={c.get('sparse_block_size')}, target {c.get('target_sparsity')})"
+        lines.append(f"| {r.name} | {kind} | {c.get('n_layer')} x {c.get('n_embd')} x {c.get('n_head')} | "
+                     f"{c.get('block_size')} | {fmt(r.last('n_params'), ',')} | {fmt(r.last('tokens'), ',')} | "
+                     f"{fmt(r.last('train_time_s') or r.last('elapsed_s'), '.1f')} | {fmt(r.last('tokens_per_s'), ',.0f')} | "
+                     f"{fmt(r.last('best_val_bpc') or min((m['val_bpc'] for m in r.metrics if m.get('val_bpc')), default=None), '.4f')} | "
+                     f"{fmt(test, '.4f')} | {fmt(r.last('sparsity'), '.3f')} | {diff} |")
+    lines += ["", "tokens/s and train time exclude evaluation and compile/warm-up; sparsity is the measured fraction "
+                  "of causal query-key pairs skipped. Runs without final.json show their latest metrics."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def process(run, args):
+    os.makedirs(run.plots, exist_ok=True)
+    ex = extract(run, args)
+    written = []
+    if ex is not None:
+        block = int(ex["sparse_block_size"]) if "sparse_block_size" in ex else None
+        from matplotlib.colors import PowerNorm
+        written.append(grid_plot(run, ex["attention"], f"attention probabilities, window of {len(ex['tokens'])} bytes "
+                                 f"at offset {int(ex['offset'])} (iter {int(ex['iter'])})",
+                                 os.path.join(run.plots, "attention.png"), "viridis", block, PowerNorm(0.4, 0, 1)))
+        if "keep_mask" in ex:
+            written.append(grid_plot(run, ex["keep_mask"].astype(np.float32), "keep masks (yellow: computed; "
+                                     "red lines: block boundaries)", os.path.join(run.plots, "keep_masks.png"),
+                                     "cividis", block))
+        if args.chars:
+            L, H = ex["attention"].shape[:2]
+            layer = args.layer if args.layer is not None else L - 1
+            if not (0 <= layer < L and 0 <= args.head < H):
+                raise ExtractError(f"--layer {layer} --head {args.head} out of range ({L} layers, {H} heads)")
+            written.append(chars_plot(run, ex, os.path.join(run.plots, "attention_chars.png"), args.chars_len,
+                                      layer, args.head))
+    for fn, name in ((bpc_plot, "bpc.png"), (throughput_plot, "throughput.png")):
+        written.append(fn(run, os.path.join(run.plots, name)))
+    if run.kind == "asca":
+        written.append(per_head_sparsity_plot(run, ex, os.path.join(run.plots, "sparsity_per_head.png")))
+        written.append(sparsity_training_plot(run, os.path.join(run.plots, "sparsity_training.png")))
+    return [w for w in written if w]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories (out/NAME); with several, the first gets the comparison")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="take the window from this file instead of the run's data")
+    src.add_argument("--split", default="val", choices=("train", "val", "test"),
+                     help="which split of the run's data_dir to take the window from (default val)")
+    p.add_argument("--offset", type=int, default=0, help="window start, in bytes (default 0)")
+    p.add_argument("--length", type=int, default=None, help="window length in bytes (default min(block_size, 256))")
+    p.add_argument("--best", action="store_true", help="use best.pt instead of ckpt.pt")
+    p.add_argument("--chars", action="store_true", help="also draw a small heatmap with the bytes as axis labels")
+    p.add_argument("--chars_len", type=int, default=48, help="bytes in the --chars heatmap (default 48)")
+    p.add_argument("--layer", type=int, default=None, help="layer for --chars (default the last)")
+    p.add_argument("--head", type=int, default=0, help="head for --chars (default 0)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        runs = [Run(p) for p in args.runs]
+        for run in runs:
+            for path in process(run, args):
+                print(path)
+        if len(runs) > 1:
+            for path in comparison(runs, runs[0].plots):
+                print(path)
+    except ExtractError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""extraction.py on tiny real runs of both models: arrays, values, PNGs, comparison table, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extraction
+from helpers import TINY, make_dataset, run_script
+from trainer import model_from_checkpoint
+
+ASCA_ARGS = ["--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmup_iters=4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    data = make_dataset(root / "data")
+    for script, name, extra in (("baseline_model.py", "base", []), ("novel_model.py", "asca", ASCA_ARGS)):
+        r = run_script(script, TINY, f"--data_dir={data}", f"--out_dir={root / name}", "--max_iters=12",
+                       "--eval_interval=4", *extra)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+def check_png(path):
+    assert os.path.getsize(path) > 5000, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 200 and im.size[1] > 150
+        assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 10  # not a blank canvas
+
+
+def test_extraction_arrays_plots_and_comparison(runs):
+    base, asca = runs / "base", runs / "asca"
+    assert extraction.main([str(base), str(asca), "--chars", "--length=64", "--offset=100"]) == 0
+
+    b = np.load(base / "extract" / "attention.npz")
+    T = 64
+    assert b["attention"].shape == (2, 2, T, T) and b["tokens"].shape == (T,)
+    val = np.fromfile(json.load(open(base / "config.json"))["data_dir"] + "/val.bin", dtype=np.uint8)
+    assert np.array_equal(b["tokens"], val[100:100 + T])
+    assert np.allclose(b["attention"].sum(-1), 1, atol=1e-5)
+    assert np.abs(np.triu(b["attention"], 1)).max() == 0  # causal: nothing above the diagonal
+    assert "keep_mask" not in b
+
+    a = np.load(asca / "extract" / "attention.npz")
+    keep, att = a["keep_mask"], a["attention"]
+    assert keep.shape == att.shape == (2, 2, T, T) and a["block_selection"].shape == (2, 2, 8, 8)
+    assert not np.triu(keep, 1).any()  # keep masks are causal
+    assert np.allclose(att.sum(-1), 1, atol=1e-5) and att[~keep].max() == 0  # skipped pairs get nothing
+    assert keep[:, :, np.arange(T), np.arange(T)].all()  # own position always kept
+    # the kept blocks are the model's own: run the checkpoint on the same window and compare
+    model, _ = model_from_checkpoint(str(asca / "ckpt.pt"))
+    with torch.no_grad():
+        model(torch.from_numpy(a["tokens"].astype(np.int64))[None])
+    for l, blk in enumerate(model.transformer.h):
+        assert np.array_equal(blk.attn._last[0][0].numpy(), a["block_selection"][l])
+    diag = model.diagnostics()
+    assert np.allclose(a["pair_sparsity"], np.array(diag["sparsity_per_head_per_layer"]), atol=1e-6)
+    assert a["pair_sparsity"].mean() > 0.3
+
+    for name in ("attention.png", "attention_chars.png", "bpc.png", "throughput.png"):
+        check_png(base / "plots" / name)
+        check_png(asca / "plots" / name)
+    for name in ("keep_masks.png", "sparsity_per_head.png", "sparsity_training.png"):
+        check_png(asca / "plots" / name)
+    assert not (base / "plots" / "keep_masks.png").exists()
+    for name in ("compare_val_bpc.png", "compare_sparsity.png"):
+        check_png(base / "plots" / name)
+
+    table = (base / "plots" / "comparison.md").read_text()
+    rows = [l for l in table.splitlines() if l.startswith("| base ") or l.startswith("| asca ")]
+    assert len(rows) == 2
+    for row, run in zip(rows, (base, asca)):
+        final = json.load(open(run / "final.json"))
+        assert f"{final['test_bpc']:.4f}" in row and f"{final['best_val_bpc']:.4f}" in row
+        assert f"{final['tokens']:,}" in row
+    fa, fb = json.load(open(asca / "final.json")), json.load(open(base / "final.json"))
+    assert f"{fa['test_bpc'] - fb['test_bpc']:+.4f}" in rows[1] and f"{fa['sparsity']:.3f}" in rows[1]
+
+
+def test_text_window_and_in_progress_run(runs, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"abcdefgh" * 40)
+    run = tmp_path / "partial"
+    run.mkdir()
+    # a run in progress: metrics only, last line half-written, no final.json, no checkpoint yet
+    rows = open(runs / "asca" / "metrics.jsonl").read().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n" + rows[2][:20])
+    (run / "config.json").write_text((runs / "asca" / "config.json").read_text())
+    assert extraction.main([str(run)]) == 0
+    check_png(run / "plots" / "bpc.png")
+    assert not (run / "extract").exists()
+    assert extraction.main([str(runs / "base"), "--text", str(text), "--offset=8", "--length=32"]) == 0
+    b = np.load(runs / "base" / "extract" / "attention.npz")
+    assert bytes(b["tokens"]) == (b"abcdefgh" * 4)
+
+
+@pytest.mark.parametrize("case,needle", [("notrun", "not a run directory"), ("missing", "not a directory"),
+                                         ("window", "outside"), ("long", "exceeds the model's block_size")])
+def test_errors_are_one_line(runs, tmp_path, case, needle):
+    args = {"notrun": [str(tmp_path)], "missing": [str(tmp_path / "nope")],
+            "window": [str(runs / "base"), "--offset=999999999"],
+            "long": [str(runs / "base"), "--length=65"]}[case]
+    r = run_script("extraction.py", *args)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
