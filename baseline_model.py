@@ -218,12 +218,7 @@ def model_from_config(cfg):
 def make_model(**overrides):
     """Build the baseline from the script's defaults plus overrides: make_model(n_layer=2, ...)."""
     import trainer
-    cfg = trainer.defaults_for(MODEL_DEFAULTS, out_dir="out/baseline")
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise TypeError(f"make_model: unknown keys {sorted(unknown)}")
-    cfg.update(overrides)
-    return model_from_config(cfg)
+    return trainer.make_model_from_defaults(MODEL_DEFAULTS, model_from_config, overrides)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Config resolution: script defaults, then each config/*.py file, then --key=value
     cfg = resolve(DEFAULTS, sys.argv[1:], types={"lr_decay_iters": int})
 
 Config files are plain Python assignments (as in nanoGPT), but only known keys may be
-assigned. Values are typed by their default: an int is accepted for a float, true/false/1/0
+assigned; `include("other.py")` pulls in another config file first (relative to this one). Values are typed by their default: an int is accepted for a float, true/false/1/0
 for a bool, strings need no quotes. A key whose default is None or "auto" takes the type
 given in `types` (or any Python literal). Every user error raises ConfigError with one line
 that names the key and the fix; scripts print it and exit(2) (see `resolve_or_exit`).
@@ -93,8 +93,20 @@ def load_config_file(path, defaults, types=None):
     with open(path) as f:
         src = f.read()
     ns = {}
+
+    def include(other):
+        """Run another config file (path relative to this one) into the same namespace, so one
+        config can build on another: include("train_enwik8.py") then override a few keys."""
+        other = os.path.join(os.path.dirname(path), other)
+        if not os.path.isfile(other):
+            raise ConfigError(f"{path} includes {other}, which does not exist")
+        with open(other) as f:
+            exec(compile(f.read(), other, "exec"), {"include": include}, ns)
+
     try:
-        exec(compile(src, path, "exec"), {}, ns)
+        exec(compile(src, path, "exec"), {"include": include}, ns)
+    except ConfigError:
+        raise
     except Exception as e:  # a broken config file is a user error: one line, with where
         raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
     out = {}

@@ -54,12 +54,21 @@ class TrainError(Exception):
     """A user-facing problem: one line, no traceback."""
 
 
-def defaults_for(model_defaults, out_dir, extra=None):
+def defaults_for(model_defaults, out_dir):
     cfg = dict(TRAIN_DEFAULTS)
     cfg.update(model_defaults)
-    cfg.update(extra or {})
     cfg["out_dir"] = out_dir
     return cfg
+
+
+def make_model_from_defaults(model_defaults, build_model, overrides):
+    """A script's make_model(**overrides): its defaults plus overrides; unknown keys are an error."""
+    cfg = defaults_for(model_defaults, out_dir="")
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise TypeError(f"make_model: unknown keys {sorted(unknown)}")
+    cfg.update(overrides)
+    return build_model(cfg)
 
 
 # ----------------------------------------------------------------------------- system setup

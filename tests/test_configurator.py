@@ -78,3 +78,40 @@ def test_script_prints_one_line_and_exits_2():
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "config error: unknown config key 'n_layr' on the command line; did you mean 'n_layer'?"
+
+
+def test_include_builds_on_another_file(tmp_path):
+    (tmp_path / "base.py").write_text("max_iters = 10\nlearning_rate = 0.5\n")
+    (tmp_path / "child.py").write_text("include('base.py')\nmax_iters = 20\n")
+    cfg = resolve(D, [str(tmp_path / "child.py")], T)
+    assert cfg["max_iters"] == 20 and cfg["learning_rate"] == 0.5
+    (tmp_path / "bad.py").write_text("include('missing.py')\n")
+    with pytest.raises(ConfigError, match="missing.py, which does not exist"):
+        resolve(D, [str(tmp_path / "bad.py")], T)
+    (tmp_path / "badkey.py").write_text("include('base.py')\nmax_iter = 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'max_iters'"):
+        resolve(D, [str(tmp_path / "badkey.py")], T)
+
+
+@pytest.mark.parametrize("script,cfg", [("baseline_model", "train_enwik8.py"), ("novel_model", "train_enwik8_novel.py"),
+                                        ("baseline_model", "train_enwik8_long.py"), ("novel_model", "train_enwik8_long.py"),
+                                        ("baseline_model", "train_excerpt_cpu.py"),
+                                        ("novel_model", "train_excerpt_cpu_novel.py"), ("novel_model", "train_tiny.py")])
+def test_shipped_configs_resolve_and_build(script, cfg):
+    import importlib
+    import trainer
+    mod = importlib.import_module(script)
+    c = resolve(trainer.defaults_for(mod.MODEL_DEFAULTS, "x"), [os.path.join(ROOT, "config", cfg)], trainer.TYPES)
+    if script == "novel_model":
+        from novel_model import ASCAConfig
+        if cfg == "train_tiny.py":
+            c["sparse_block_size"] = 8
+        ASCAConfig.from_dict(c).validate()
+    else:
+        from baseline_model import GPTConfig
+        GPTConfig.from_dict(c).validate()
+    twin = {"train_enwik8_novel.py": "train_enwik8.py", "train_excerpt_cpu_novel.py": "train_excerpt_cpu.py"}.get(cfg)
+    if twin:  # the ASCA configs differ from their baseline twins only in out_dir and ASCA keys
+        import baseline_model
+        b = resolve(trainer.defaults_for(baseline_model.MODEL_DEFAULTS, "x"), [os.path.join(ROOT, "config", twin)], trainer.TYPES)
+        assert {k: v for k, v in c.items() if k in b and k != "out_dir"} == {k: v for k, v in b.items() if k != "out_dir"}
