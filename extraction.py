@@ -227,7 +227,10 @@ def per_head_sparsity_plot(run, ex, path):
         return None
     per = np.array(per)
     L, H = per.shape
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * L * H), 3.5))
+    dist = run.last("kept_block_distance_per_head_per_layer")
+    fig, axes = plt.subplots(1, 2 if dist is not None else 1, figsize=(max(5, 0.5 * L * H) * (2 if dist is not None else 1), 3.5),
+                             squeeze=False)
+    ax = axes[0][0]
     x = np.arange(L)
     w = 0.8 / H
     for h in range(H):
@@ -242,6 +245,15 @@ def per_head_sparsity_plot(run, ex, path):
         ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target}")
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(f"sparsity per layer and head, {where}; black ticks: skipped-block fraction\n{run.label()}", fontsize=8)
+    if dist is not None:  # the budget is the same for every head; how far back each head looks is not
+        ax2 = axes[0][1]
+        dist = np.array(dist)
+        for h in range(H):
+            ax2.bar(x + h * w, dist[:, h], w, label=f"head {h}")
+        ax2.set_xticks(x + 0.4 - w / 2, [f"layer {l}" for l in range(L)])
+        ax2.set_ylabel("mean distance of kept past blocks (blocks)")
+        ax2.legend(fontsize=6, ncol=2)
+        ax2.set_title("which blocks each head keeps: mean distance back", fontsize=8)
     return save(fig, path)
 
 

@@ -343,3 +343,14 @@ def test_cuda_compiled_training_run(tmp_path, script):
     assert final["test_bpc"] < 6.0 and final["env"]["dtype"] in ("bfloat16", "float16")
     if script == "novel_model.py":
         assert abs(final["sparsity"] - 0.5) <= 0.02
+
+
+def test_benchmark_script_runs_and_prints_the_table():
+    r = run_script("bench_attention.py", "--quick")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| 512 |")]
+    assert len(rows) == 3  # two attention rows (0.5, 0.75) and one whole-step row
+    for row, target in zip(rows[:2], (0.5, 0.75)):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert abs(float(cells[3]) - target) <= 0.02 and float(cells[4]) > 0  # measured sparsity, skipped blocks
+        assert float(cells[5]) > 0 and float(cells[6]) > 0
