@@ -33,3 +33,12 @@ def run_script(script, *args, env_extra=None, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
+
+
+def train_in_process(module, args, build_model=None):
+    """Run a training script's main in this process (module: baseline_model or novel_model), on the
+    tiny config plus args; build_model replaces the module's model builder."""
+    import trainer
+    return trainer.main([TINY, *args], kind=module.MODEL_KIND, model_defaults=module.MODEL_DEFAULTS,
+                        build_model=build_model or module.model_from_config, config_cls=getattr(module, "ASCAConfig", None)
+                        or module.GPTConfig, out_dir="out/test", validate=getattr(module, "validate", None))

@@ -354,3 +354,53 @@ def test_benchmark_script_runs_and_prints_the_table():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert abs(float(cells[3]) - target) <= 0.02 and float(cells[4]) > 0  # measured sparsity, skipped blocks
         assert float(cells[5]) > 0 and float(cells[6]) > 0
+
+
+def test_exact_resume_with_sparsity_schedule(tmp_path):
+    from helpers import train_in_process
+    data = make_dataset(tmp_path / "d")
+    common = [f"--data_dir={data}", "--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5", "--final_test=False",
+              "--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmup_iters=15"]
+    assert train_in_process(nm, common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=20"]) == 0
+    assert train_in_process(nm, common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=10"]) == 0
+    assert train_in_process(nm, common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=20", "--init_from=resume"]) == 0
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any("predictor" in k for k in a)
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_as_the_schedule_moves(tmp_path):
+    """torch.compile on CPU (reference path): the sparsity changes every step of the warm-up, yet the
+    keep counts live in a buffer, so the model compiles once for training and once for eval."""
+    from torch._dynamo.utils import counters
+    from helpers import train_in_process
+    torch._dynamo.reset()
+    counters.clear()
+    data = make_dataset(tmp_path / "d")
+    assert train_in_process(nm, [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--compile=True",
+                                 "--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmup_iters=12",
+                                 "--max_iters=16", "--eval_interval=8", "--final_test=False"]) == 0
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    rows = [json.loads(l) for l in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [round(r["sparsity_target_now"], 3) for r in rows] == [0.0, round(0.5 * 8 / 12, 3), 0.5]
+    assert abs(rows[-1]["sparsity"] - 0.5) <= 0.02
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_asca(tmp_path):
+    import subprocess
+    import sys
+    from helpers import ROOT
+    data = make_dataset(tmp_path / "d")
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "novel_model.py", TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=6",
+                        "--eval_interval=3", "--gradient_accumulation_steps=2", "--sparse_block_size=8",
+                        "--target_sparsity=0.5", "--sparsity_warmup_iters=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    final = json.load(open(out / "final.json"))
+    assert final["rank_param_checksums"][0] == final["rank_param_checksums"][1]
+    assert abs(final["sparsity"] - 0.5) <= 0.02

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import baseline_model
 import trainer
 from baseline_model import GPT, GPTConfig, make_model
-from helpers import ROOT, TINY, make_dataset, run_script
+from helpers import ROOT, TINY, make_dataset, run_script, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,8 @@ def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
-def train(args, **kw):
-    return trainer.main([TINY, *args], kind="baseline", model_defaults=baseline_model.MODEL_DEFAULTS,
-                        build_model=kw.get("build_model", baseline_model.model_from_config),
-                        config_cls=GPTConfig, out_dir="out/test")
+def train(args, build_model=None):
+    return train_in_process(baseline_model, args, build_model)
 
 
 def read_jsonl(path):
