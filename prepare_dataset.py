@@ -236,6 +236,9 @@ def prepare(args):
                                                                 else None),
                      retries=args.retries, backoff_s=args.backoff)
         data = read_input(zip_path)
+        if args.url == ENWIK8_URL and not args.sha256 and len(data) != ENWIK8_SIZE:
+            raise DataError(f"{zip_path} unzips to {len(data):,} bytes, enwik8 has {ENWIK8_SIZE:,}; "
+                            f"delete it and run again")
     check_canonical(data)
     meta = write_splits(data, args.out_dir, source)
     s = meta["splits"]

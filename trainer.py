@@ -282,7 +282,10 @@ def model_from_checkpoint(path, device="cpu"):
     if kind not in MODEL_MODULES:
         raise TrainError(f"{path} has unknown model_kind {kind!r}")
     module = importlib.import_module(MODEL_MODULES[kind])
-    model = module.model_from_config(ckpt["model_args"])
+    args = dict(ckpt["model_args"])
+    if "attn_impl" in args:  # a GPU run's 'flex' must not follow its checkpoint onto a CPU
+        args["attn_impl"] = "auto"
+    model = module.model_from_config(args)
     model.load_state_dict(ckpt["model"])
     model.set_step(ckpt.get("iter_num", 0))
     return model.to(device).eval(), ckpt
@@ -310,7 +313,7 @@ def main(argv, kind, model_defaults, build_model, config_cls, out_dir, validate=
     cfg = configurator.resolve_or_exit(defaults_for(model_defaults, out_dir), argv, TYPES)
     try:
         return run(cfg, kind, build_model, config_cls, validate=validate)
-    except (TrainError, DataError, ValueError) as e:
+    except (TrainError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -343,8 +346,12 @@ def run(cfg, kind, build_model, config_cls, validate=None):
     cfg = finalize_config(cfg, rt)
     model_args = {k: cfg[k] for k in config_cls.__dataclass_fields__ if k in cfg}
     model_args["vocab_size"] = 256
-    if validate is not None:
-        validate(cfg, rt)  # model-specific start-up checks (one-line errors)
+    try:  # impossible settings are one-line errors at start-up, not crashes mid-run
+        config_cls.from_dict(cfg).validate()
+        if validate is not None:
+            validate(cfg, rt)  # model-specific checks that need the device
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     ds = ByteDataset(cfg["data_dir"])
     ds.check_block_size(cfg["block_size"])
     rt.init_distributed()
@@ -401,13 +408,13 @@ def _run(cfg, kind, build_model, config_cls, model_args, rt, ds):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") is not None:
             rt.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"])
         gens = ckpt["data_generator"]
         if len(gens) != rt.world_size:
             say(f"note: checkpoint was written with {len(gens)} ranks, now {rt.world_size}: "
-                f"ranks beyond the saved ones reseed their data stream")
+                f"ranks beyond the saved ones keep their fresh seeds")
         if rt.rank < len(gens):
             gen.set_state(gens[rt.rank])
+            set_rng_states(ckpt["rng"][rt.rank])
         say(f"resumed from {ckpt_path} at iter {iter_num} (best val {best_val:.4f} bpc at iter {best_iter})")
     ckpt = None  # free memory
     train_model = eval_model
@@ -438,17 +445,18 @@ def _run(cfg, kind, build_model, config_cls, model_args, rt, ds):
                              f"{out_dir} was kept; lower learning_rate or warmup more, and resume or restart")
 
     def save(path_best=False):
-        gens = [gen.get_state()]
+        per_rank = [(gen.get_state(), rng_states())]  # every rank's data stream and RNGs
         if rt.ddp:
             import torch.distributed as dist
-            gens = [None] * rt.world_size
-            dist.all_gather_object(gens, gen.get_state(), group=rt.control_group)
+            per_rank = [None] * rt.world_size
+            dist.all_gather_object(per_rank, (gen.get_state(), rng_states()), group=rt.control_group)
         if not rt.master:
             return
         ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
               "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None,
               "iter_num": iter_num, "best_val_bpc": best_val, "best_iter": best_iter, "config": cfg,
-              "model_args": model_args, "model_kind": kind, "rng": rng_states(), "data_generator": gens,
+              "model_args": model_args, "model_kind": kind, "rng": [r for _, r in per_rank],
+              "data_generator": [g for g, _ in per_rank],
               "train_time_s": train_time, "tokens": tokens_seen, "env": env}
         atomic_torch_save(ck, ckpt_path)
         if path_best:

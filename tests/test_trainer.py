@@ -115,7 +115,7 @@ def test_training_run_writes_outputs_and_learns(tmp_path, data_dir):
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["model_kind"] == "baseline" and ck["iter_num"] == 60
     assert not any(k.startswith("_orig_mod") for k in ck["model"])
-    assert {"python", "numpy", "torch"} <= set(ck["rng"]) and len(ck["data_generator"]) == 1
+    assert {"python", "numpy", "torch"} <= set(ck["rng"][0]) and len(ck["data_generator"]) == len(ck["rng"]) == 1
     best = torch.load(out / "best.pt", weights_only=False)
     assert best["iter_num"] == final["best_iter"]
     assert min(r["val_bpc"] for r in rows) == pytest.approx(final["best_val_bpc"])
@@ -267,6 +267,6 @@ def test_ddp_two_ranks_on_cpu(tmp_path, data_dir):
     assert len(sums) == 2 and sums[0] == sums[1]
     assert final["env"]["world_size"] == 2 and final["tokens"] == 6 * 2 * 4 * 64
     ck = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ck["iter_num"] == 6 and len(ck["data_generator"]) == 2
+    assert ck["iter_num"] == 6 and len(ck["data_generator"]) == len(ck["rng"]) == 2
     assert not torch.equal(ck["data_generator"][0], ck["data_generator"][1])  # ranks draw different windows
     assert math.isfinite(final["test_bpc"])
