@@ -205,15 +205,22 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         acc = torch.promote_types(scores.dtype, torch.float32)
         return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
 
-    # --- attention paths
-    def attend(self, q, k, v):
-        B, H, T0, hs = q.shape
-        pad = (-T0) % self.S
-        if pad:  # pad to whole blocks; padded keys are in every real query's future, so never seen
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    def plan(self, q, k):
+        """Everything the kernels need: scores, order, n_past, selected blocks and the gate bias."""
         scores, order, n_past = self.select(q, k)
         selected = self.block_selection(order, n_past)
-        bias = self.gate_bias(scores, selected)
+        return scores, order, n_past, selected, self.gate_bias(scores, selected)
+
+    def pad_to_blocks(self, *ts):
+        """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future."""
+        pad = (-ts[0].shape[2]) % self.S
+        return [F.pad(t, (0, 0, 0, pad)) for t in ts] if pad else list(ts)
+
+    # --- attention paths
+    def attend(self, q, k, v):
+        T0 = q.shape[2]
+        q, k, v = self.pad_to_blocks(q, k, v)
+        scores, order, n_past, selected, bias = self.plan(q, k)
         impl = self.resolved_impl(q.device)
         if impl == "flex":
             y = self.attend_flex(q, k, v, order, n_past, selected, bias)
@@ -246,12 +253,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         scores for layer input x (B, T, C), as the reference path computes them."""
         q, k, _ = self.qkv(x)
         T0 = q.shape[2]
-        pad = (-T0) % self.S
-        if pad:
-            q, k = (F.pad(t, (0, 0, 0, pad)) for t in (q, k))
-        scores, order, n_past = self.select(q, k)
-        selected = self.block_selection(order, n_past)
-        mask, probs = self.reference_probs(q, k, selected, self.gate_bias(scores, selected))
+        q, k = self.pad_to_blocks(q, k)
+        scores, _, _, selected, bias = self.plan(q, k)
+        mask, probs = self.reference_probs(q, k, selected, bias)
         return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
                 "block_selection": selected, "gate_scores": scores.float()}
 
