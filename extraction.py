@@ -269,12 +269,7 @@ def sparsity_training_plot(run, path):
         ax.plot([r["iter"] for r in rows], [r["sparsity_per_layer"][l] for r in rows], lw=1, alpha=0.7, label=f"layer {l}")
     _, blk = run.series("block_sparsity")
     ax.plot(its, blk, "k:", lw=1.5, label="skipped-block fraction")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=6)
-    ax.set_title(f"sparsity over training\n{run.label()}", fontsize=8)
-    return save(fig, path)
+    return finish_over_iterations(fig, ax, path, "sparsity", f"sparsity over training\n{run.label()}", (0, 1))
 
 
 def bpc_plot(run, path):
@@ -303,10 +298,18 @@ def throughput_plot(run, path):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(its, tps, "o-", ms=3)
+    return finish_over_iterations(fig, ax, path, "training tokens (bytes) / s",
+                                  f"throughput (excl. eval and compile)\n{run.label()}", (0, None), legend=False)
+
+
+def finish_over_iterations(fig, ax, path, ylabel, title, ylim, legend=True):
+    """Labels, limits, legend and title of a one-panel plot against training iterations; saves it."""
     ax.set_xlabel("iteration")
-    ax.set_ylabel("training tokens (bytes) / s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"throughput (excl. eval and compile)\n{run.label()}", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    if legend:
+        ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=8)
     return save(fig, path)
 
 
@@ -330,12 +333,8 @@ def comparison(runs, out_dir):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for run in sparse:
             ax.plot(*run.series("sparsity"), "o-", ms=3, label=run.label())
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("pair sparsity")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=6)
-        ax.set_title("sparsity over training", fontsize=9)
-        written.append(save(fig, os.path.join(out_dir, "compare_sparsity.png")))
+        written.append(finish_over_iterations(fig, ax, os.path.join(out_dir, "compare_sparsity.png"),
+                                              "pair sparsity", "sparsity over training", (0, 1)))
     written.append(comparison_table(runs, os.path.join(out_dir, "comparison.md")))
     return written
 
