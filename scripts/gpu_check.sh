@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run: the CUDA tests (flex vs reference forward/backward, causality on the flex path,
 # compiled training of both models), then the benchmark table (printed last).
-#   bash scripts/gpu_check.sh            # full table, a few minutes on an H100/H200
+#   bash scripts/gpu_check.sh            # full table; not yet timed (compiles ~4 attention + 4 whole-model graphs)
+#   bash scripts/gpu_check.sh --seq 4096 8192 --step_seq 1024   # a shorter run if device time is short
 #   bash scripts/gpu_check.sh --quick    # smoke run
 set -uo pipefail
 cd "$(dirname "$0")/.."
