@@ -257,12 +257,20 @@ def per_head_sparsity_plot(run, ex, path):
     return save(fig, path)
 
 
-def sparsity_training_plot(run, path):
-    plt = plt_module()
-    its, vals = run.series("sparsity")
+def series_figure(run, key):
+    """(fig, ax, iterations, values) for a one-panel plot of a metrics key, or None if it was never logged."""
+    its, vals = run.series(key)
     if not its:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt_module().subplots(figsize=(6, 3.5))
+    return fig, ax, its, vals
+
+
+def sparsity_training_plot(run, path):
+    made = series_figure(run, "sparsity")
+    if made is None:
+        return None
+    fig, ax, its, vals = made
     ax.plot(its, vals, "k-", lw=2, label="mean pair sparsity")
     rows = [r for r in run.metrics if r.get("sparsity_per_layer")]
     for l in range(len(rows[0]["sparsity_per_layer"]) if rows else 0):
@@ -292,11 +300,10 @@ def bpc_plot(run, path):
 
 
 def throughput_plot(run, path):
-    plt = plt_module()
-    its, tps = run.series("tokens_per_s")
-    if not its:
+    made = series_figure(run, "tokens_per_s")
+    if made is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax, its, tps = made
     ax.plot(its, tps, "o-", ms=3)
     return finish_over_iterations(fig, ax, path, "training tokens (bytes) / s",
                                   f"throughput (excl. eval and compile)\n{run.label()}", (0, None), legend=False)
