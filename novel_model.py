@@ -37,7 +37,7 @@ ATTN_IMPLS = ("auto", "reference", "flex")
 
 @dataclass
 class ASCAConfig(GPTConfig):
-    sparse_block_size: int = 64  # S: key blocks and query tiles, in tokens
+    sparse_block_size: int = 128  # S: key blocks and query tiles, in tokens (128: see flex_backward_problem)
     target_sparsity: float = 0.5  # fraction of causal query-key pairs skipped after warm-up
     sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
     keep_first_block: bool = True  # block 0 always kept (attention sink)
@@ -74,6 +74,14 @@ def _skippable(nb, keep_first):
 def max_sparsity(T, S, keep_first):
     nb = -(-T // S)
     return _skippable(nb, keep_first).sum().item() * S * S / (T * (T + 1) / 2)
+
+
+def padded_length(T, S, bucket_max=None):
+    """T rounded up to whole blocks of S; with bucket_max, to S * 2^k blocks (capped at bucket_max)."""
+    Tp = -(-T // S) * S
+    if bucket_max is not None and Tp < bucket_max:
+        Tp = min(bucket_max, S * (1 << (Tp // S - 1).bit_length()))
+    return Tp
 
 
 def keep_counts(nb, S, T, sparsity, keep_first):
@@ -211,17 +219,23 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         selected = self.block_selection(order, n_past)
         return scores, order, n_past, selected, self.gate_bias(scores, selected)
 
-    def pad_to_blocks(self, *ts):
-        """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future."""
-        pad = (-ts[0].shape[2]) % self.S
-        return [F.pad(t, (0, 0, 0, pad)) for t in ts] if pad else list(ts)
+    def pad_to_blocks(self, *ts, bucket=False):
+        """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future.
+
+        bucket=True (flex path) pads further, to a power-of-two number of blocks (at most block_size),
+        so the compiled kernel (static shapes) sees about log2(block_size / S) lengths, not one per
+        sampled byte: past torch's recompile limit (8) it would fall back to slow eager attention.
+        Padding never changes a real position's output: tile b's choice reads tiles <= b only."""
+        T = ts[0].shape[2]
+        Tp = padded_length(T, self.S, self.block_size if bucket else None)
+        return [F.pad(t, (0, 0, 0, Tp - T)) for t in ts] if Tp > T else list(ts)
 
     # --- attention paths
     def attend(self, q, k, v):
         T0 = q.shape[2]
-        q, k, v = self.pad_to_blocks(q, k, v)
-        scores, order, n_past, selected, bias = self.plan(q, k)
         impl = self.resolved_impl(q.device)
+        q, k, v = self.pad_to_blocks(q, k, v, bucket=impl == "flex")
+        scores, order, n_past, selected, bias = self.plan(q, k)
         if impl == "flex":
             y = self.attend_flex(q, k, v, order, n_past, selected, bias)
         else:
@@ -262,8 +276,13 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def attend_flex(self, q, k, v, order, n_past, selected, bias, compiled=True):
         """FlexAttention over the selected blocks only: BlockMask built from the block indices.
 
-        Partial (masked) blocks: the own block. Full blocks: the kept past blocks. The mask_mod states
-        the whole selection because uncompiled flex_attention applies only the mask_mod.
+        Partial (masked) blocks: the own block. Full blocks: the kept past blocks. A compiled kernel
+        reads these lists and applies mask_mod to partial blocks only, so there causality is the whole
+        mask. Uncompiled flex_attention applies only the mask_mod and ignores the lists, so there the
+        mask_mod must state the selection. Inside a torch.compile'd model we pass the causal-only
+        mask_mod: the selection is stated once (the lists), and inductor's CPU flex template computes
+        wrong attention when mask_mod reads a tensor made inside the same graph (torch 2.13:
+        scripts/repro_flex_cpu_captured_mask.py; the CUDA lowering is checked by the CUDA tests).
         """
         from torch.nn.attention.flex_attention import BlockMask
         if self.training and self.dropout > 0:
@@ -275,17 +294,22 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=q.device)
         full_num = n_past.to(torch.int32).expand(B, H, nb).contiguous()
         full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (own block was first)
+        traced = torch.compiler.is_compiling()  # being compiled into a whole-model graph
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def causal_mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        def selection_mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx // S, kv_idx // S]
 
         block_mask = BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(),
-                                              BLOCK_SIZE=S, mask_mod=mask_mod, seq_lengths=(T, T))
+                                              BLOCK_SIZE=S, mask_mod=causal_mask_mod if traced else selection_mask_mod,
+                                              seq_lengths=(T, T))
         return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                   kernel_options=flex_kernel_options(S, q.device.type))
+                                           kernel_options=flex_kernel_options(S, q.device.type))
 
     # --- diagnostics and FLOPs (the trainer logs whatever this returns)
     def diagnostics(self):
@@ -296,7 +320,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             return {}
         selected, n_past, T, bias = self._last
         S = self.S
-        nb = selected.shape[-1]
+        nb = -(-T // S)  # blocks holding real tokens (the flex path may pad further)
+        selected, bias = selected[..., :nb, :nb], bias[..., :nb, :nb]
         sel = selected.float()
         lens = torch.full((nb,), float(S), device=sel.device)
         lens[-1] = T - S * (nb - 1)  # real tokens in each block (the last may be padded)
@@ -338,6 +363,31 @@ def flex_kernel_options(S, device_type="cuda"):
     n = min(S, 64)
     return {"fwd_BLOCK_M": n, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": min(32, n), "bwd_BLOCK_N1": n,
             "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": min(32, n)}
+
+
+def flex_backward_problem(S, head_dim, dtype):
+    """None if FlexAttention's backward can compile for S x S mask blocks on this CUDA device, else why.
+
+    torch before 2.14.1 checks the mask block size against inductor's DEFAULT backward tiles before
+    any bwd_* kernel option is applied (pytorch issue 176025; torch 2.11 and 2.13
+    _inductor/kernel/flex/flex_attention.py, the `for conf in configs` loop of the backward lowering).
+    On an H100/H200 in bf16 with head dim 64-128 the only default is (64, 128, 128, 64), so S=64 leaves
+    no candidate and compilation ends in NoValidChoicesError. We ask inductor for the same list."""
+    from torch.torch_version import TorchVersion
+    if TorchVersion(torch.__version__.split("+")[0]) >= "2.14.1":
+        return None
+    try:
+        from torch._inductor.choices import InductorChoices
+        configs = InductorChoices().get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
+        tiles = [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
+    except Exception:  # private API moved: assume the sm90 default, the strictest we know
+        tiles = [(64, 128, 128, 64)]
+    if any(all(S % t == 0 for t in tile) for tile in tiles):
+        return None
+    need = min(max(tile) for tile in tiles)
+    return (f"sparse_block_size={S} cannot compile FlexAttention's backward with torch {torch.__version__} on this GPU "
+            f"(its backward tiles {sorted(set(tiles))} must divide S; pytorch issue 176025, fixed in 2.14.1): "
+            f"use sparse_block_size={need} (or a multiple), or attn_impl='reference'")
 
 
 _FLEX_COMPILED = None
@@ -383,6 +433,10 @@ def validate(cfg, rt):
                              f"got {cfg['sparse_block_size']}")
     if impl in ("flex", "auto") and rt.device_type == "cuda" and cfg["dropout"] > 0:
         raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
+    if impl in ("flex", "auto") and rt.device_type == "cuda" and not cfg["eval_only"]:
+        why = flex_backward_problem(cfg["sparse_block_size"], cfg["n_embd"] // cfg["n_head"], rt.ptdtype)
+        if why:
+            raise ValueError(why)
 
 
 if __name__ == "__main__":
