@@ -3,7 +3,14 @@ Benchmark: ASCA attention (predictor + selection + BlockMask + kernel) against d
 attention, forward + backward, and a whole training step of both models. Prints a table last.
 
     python bench_attention.py                 # CUDA: the full table (a few minutes)
+    python bench_attention.py --seq 8192 --sparsity 0.75 --step_seq 8192   # one row of each table
     python bench_attention.py --quick         # small sizes; on CPU it only checks the script runs
+    python bench_attention.py --out DIR       # also write DIR/bench.json and DIR/bench.md
+
+Rows print as they are measured (a failed row prints its error and the rest go on); the tables last.
+A target out of reach for (T, S) is skipped (novel_model.max_sparsity). --gate_grad also times the
+attention with the gate bias detached: the cost of its gradient (fp32 atomics inside FlexAttention).
+--profile T prints the top CUDA kernels of one ASCA forward+backward at that T (where the time goes).
 
 Timings: median of --iters runs after --warmup runs (compile and autotuning excluded), CUDA events.
 B * T = --tokens (65,536 by default), 8 heads, head dim 64, bf16 on CUDA.
@@ -61,18 +68,40 @@ def bench_attention(T, sparsities, args, device, dtype):
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
+    top = novel_model.max_sparsity(T, args.sparse_block_size, True)
+    gate_bias = attn.gate_bias
     for sparsity in sparsities:
+        if sparsity > top:
+            print(f"T={T} target {sparsity}: out of reach with S={args.sparse_block_size} (max {top:.3f}), skipped",
+                  flush=True)
+            continue
         attn.target = sparsity
         attn.set_step(0)
+        reset_peak(cuda)
         t_sparse = timeit(sparse, args.warmup, args.iters, cuda)
         d = attn.diagnostics()
-        rows.append({"T": T, "B": B, "target": sparsity, "pair_sparsity": d["sparsity"],
-                     "skipped_blocks": d["block_sparsity"], "dense_ms": t_dense, "asca_ms": t_sparse,
-                     "ratio": t_sparse / t_dense})
+        row = {"T": T, "B": B, "S": args.sparse_block_size, "target": sparsity, "pair_sparsity": d["sparsity"],
+               "skipped_blocks": d["block_sparsity"], "dense_ms": t_dense, "asca_ms": t_sparse,
+               "ratio": t_sparse / t_dense, "peak_mib": peak_mib(cuda), "detached_gate_ms": None}
+        if args.gate_grad:
+            attn.gate_bias = lambda scores, sel: gate_bias(scores, sel).detach()
+            row["detached_gate_ms"] = timeit(sparse, args.warmup, args.iters, cuda)
+            attn.gate_bias = gate_bias
+        print("row", row, flush=True)
+        rows.append(row)
     return rows
 
 
-def bench_step(T, args, device, dtype, kind):
+def reset_peak(cuda):
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(cuda):
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+
+
+def bench_step(T, args, device, dtype, kind, sparsity=None):
     B = max(1, args.tokens // T)
     cuda = device == "cuda"
     common = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.heads * args.head_dim, block_size=T)
@@ -80,7 +109,7 @@ def bench_step(T, args, device, dtype, kind):
         model = baseline_model.make_model(**common)
     else:
         model = novel_model.make_model(**common, sparse_block_size=args.sparse_block_size,
-                                       target_sparsity=args.step_sparsity, sparsity_warmup_iters=0,
+                                       target_sparsity=sparsity, sparsity_warmup_iters=0,
                                        attn_impl="flex" if cuda else "reference")
     model.to(device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
@@ -97,64 +126,117 @@ def bench_step(T, args, device, dtype, kind):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timeit(step, args.warmup, args.iters, cuda)
+    reset_peak(cuda)
+    return timeit(step, args.warmup, args.iters, cuda), peak_mib(cuda)
+
+
+def profile_attention(T, args, device, dtype):
+    """Top kernels of one ASCA attention forward+backward at T (after warm-up): predictor, selection,
+    BlockMask build and the flex kernels each show up by name."""
+    from torch.profiler import ProfilerActivity, profile
+    B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
+    cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
+                                 target_sparsity=min(0.75, novel_model.max_sparsity(T, args.sparse_block_size, True)),
+                                 sparsity_warmup_iters=0, attn_impl="flex" if device == "cuda" else "reference")
+    attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
+    attend = torch.compile(attn.attend) if device == "cuda" else attn.attend
+    q, k, v = (torch.randn(B, H, T, hs, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    for _ in range(3):
+        attend(q, k, v).sum().backward()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            attend(q, k, v).sum().backward()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (and the only mode that makes sense on CPU)")
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75])
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--step_seq", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--step_sparsity", type=float, default=0.75)
     p.add_argument("--tokens", type=int, default=65536, help="B * T")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=6, help="layers of the whole-step models")
-    p.add_argument("--sparse_block_size", type=int, default=64)
+    p.add_argument("--sparse_block_size", type=int, default=128,
+                   help="128: FlexAttention's backward on H100/H200 needs S %% 128 == 0 before torch 2.14.1")
+    p.add_argument("--gate_grad", action="store_true", help="also time with the gate bias detached")
+    p.add_argument("--profile", type=int, default=None, metavar="T", help="profile one ASCA attention at T")
+    p.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    if p.parse_args().quick:  # small defaults; sizes given on the command line still win
+        p.set_defaults(seq=[512], step_seq=[512], tokens=1024, warmup=1, iters=2, layers=2, heads=2, head_dim=32,
+                       sparse_block_size=32)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.quick:
-        args.seq, args.step_seq, args.tokens, args.warmup, args.iters, args.layers = [512], [512], 1024, 1, 2, 2
-        args.heads, args.head_dim, args.sparse_block_size = 2, 32, 32
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (reference path, not a performance number)"
-    rows = []
+    print(f"{name}, torch {torch.__version__}; B*T={args.tokens}, {args.heads} heads x {args.head_dim}, "
+          f"S={args.sparse_block_size}", flush=True)
+    rows, steps, errors = [], [], []
     for T in args.seq:
         try:
             rows += bench_attention(T, args.sparsity, args, device, dtype)
-        except torch.OutOfMemoryError:
-            print(f"T={T}: out of memory, skipped")
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    steps = []
-    for T in args.step_seq:
-        try:
-            tb = bench_step(T, args, device, dtype, "baseline")
-            ta = bench_step(T, args, device, dtype, "asca")
-            steps.append((T, tb, ta))
-        except torch.OutOfMemoryError:
-            print(f"step T={T}: out of memory, skipped")
+        except Exception as e:  # one failed size must not cost the whole table
+            errors.append(f"attention T={T}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            print(errors[-1], flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
+    for T in args.step_seq:
+        sp = min(args.step_sparsity, novel_model.max_sparsity(T, args.sparse_block_size, True))
+        try:
+            tb, mb = bench_step(T, args, device, dtype, "baseline")
+            ta, ma = bench_step(T, args, device, dtype, "asca", sp)
+            steps.append({"T": T, "target": sp, "baseline_ms": tb, "asca_ms": ta, "ratio": ta / tb,
+                          "baseline_peak_mib": mb, "asca_peak_mib": ma})
+            print("step", steps[-1], flush=True)
+        except Exception as e:
+            errors.append(f"step T={T}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            print(errors[-1], flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.profile:
+        try:
+            profile_attention(args.profile, args, device, dtype)
+        except Exception as e:
+            errors.append(f"profile T={args.profile}: {type(e).__name__}: {e}")
+            print(errors[-1], flush=True)
 
-    print(f"\n{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
-          f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}")
-    print("attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)")
-    print("| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA |")
-    print("|---|---|---|---|---|---|---|---|")
+    mem = lambda m: f"{m:,.0f}" if m is not None else "-"
+    lines = [f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
+             f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}",
+             "attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)",
+             "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
-              f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x |")
-    print(f"\nwhole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
-          f"ASCA target {args.step_sparsity})")
-    print("| T | baseline ms | ASCA ms | ASCA/baseline |")
-    print("|---|---|---|---|")
-    for T, tb, ta in steps:
-        print(f"| {T} | {tb:.2f} | {ta:.2f} | {ta / tb:.2f}x |")
+        det = f"{r['detached_gate_ms']:.2f}" if r["detached_gate_ms"] is not None else "-"
+        lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
+                     f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {det} | {mem(r['peak_mib'])} |")
+    lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
+                  f"ASCA at the target shown)",
+              "| T | ASCA target | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in steps:
+        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
+                     f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
+    lines += [f"failed: {e}" for e in errors]
+    print("\n" + "\n".join(lines), flush=True)
+    if args.out:
+        import json
+        import os
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "attention": rows,
+                       "steps": steps, "errors": errors}, f, indent=1)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -416,6 +416,20 @@ def test_benchmark_script_runs_and_prints_the_table():
         assert float(cells[5]) > 0 and float(cells[6]) > 0
 
 
+def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
+    """A size that fails (here T=500, not a multiple of S) prints its error; the other rows still come,
+    the exit code says something failed, and bench.json holds the printed numbers."""
+    r = run_script("bench_attention.py", "--quick", "--seq", "500", "512", "--sparsity", "0.5", "0.99",
+                   "--out", str(tmp_path))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "failed: attention T=500: ValueError" in r.stdout and "out of reach" in r.stdout
+    got = json.load(open(tmp_path / "bench.json"))
+    assert [row["T"] for row in got["attention"]] == [512] and len(got["steps"]) == 1
+    row = got["attention"][0]
+    assert f"| {row['asca_ms']:.2f} | {row['ratio']:.2f}x |" in r.stdout
+    assert (tmp_path / "bench.md").read_text().splitlines()[-1].startswith("failed: attention T=500")
+
+
 def test_exact_resume_with_sparsity_schedule(tmp_path):
     from helpers import train_in_process
     data = make_dataset(tmp_path / "d")
