@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -34,6 +35,14 @@ ENWIK8_SIZE = 100_000_000
 ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"
 MIN_BYTES = 1000  # below this a 5% val/test split is meaningless
 SPLITS = ("train", "val", "test")
+TOOL = "prepare_dataset.py"
+DATASET_FILES = ("train.bin", "val.bin", "test.bin", "meta.json", "meta.pkl")  # another tool's too
+ZIP_MAGIC = b"PK\x03\x04"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+# Shipped with the repository (assets/README.md: source and licence), so the main job runs offline.
+BUNDLED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "enwik8_excerpt.txt.xz")
+BUNDLED_SHA256 = "4971a0966fac948a8c84e4926fc64ee6ffcfab0b1481baa9ad34cb70f825d47e"  # of the .xz file
+BUNDLED_RAW_SHA256 = "3ae49930b603e7b98128e45789d586aa093b83769fcaf4a0e6da493395444c1c"  # of the text inside
 
 
 class DataError(Exception):
@@ -59,22 +68,29 @@ def sha256_of(data_or_path, chunk=1 << 22):
     return h.hexdigest()
 
 
+def _write_synced(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_write(path, data):
     """Write to a temp name next to `path`, fsync, then rename: never a half file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_splits(data, out_dir, source):
-    """Split `data` (bytes) into out_dir/{train,val,test}.bin and write meta.json last."""
+def write_splits(data, out_dir, source, input_sha256=None):
+    """Split `data` (bytes or a uint8 buffer) into out_dir/{train,val,test}.bin and meta.json.
+
+    Every file is first written in full under a temp name; only then are they renamed into place
+    (meta.json last). A failure on the way (disk full, Ctrl-C) leaves the previous dataset complete."""
     n = len(data)
     if n == 0:
         raise DataError(f"the input {source} is empty: nothing to split")
@@ -83,23 +99,33 @@ def write_splits(data, out_dir, source):
                         f"for a 90/5/5 split")
     n_train, n_val, n_test = split_sizes(n)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    meta = {"vocab_size": 256, "dtype": "uint8", "source": source, "total_bytes": n,
+            "input_sha256": input_sha256, "split_rule": "val = test = n // 20, train = rest, in file order",
+            "tool": f"{TOOL} {__version__}", "splits": {}}
+    view = memoryview(data)
+    meta_path = os.path.join(out_dir, "meta.json")
+    staged = {}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        meta_path = os.path.join(out_dir, "meta.json")
-        if os.path.exists(meta_path):  # the directory is no longer complete from here on
-            os.remove(meta_path)
-        meta = {"vocab_size": 256, "dtype": "uint8", "source": source, "total_bytes": n,
-                "split_rule": "val = test = n // 20, train = rest, in file order",
-                "tool": f"prepare_dataset.py {__version__}", "splits": {}}
-        view = memoryview(data)
         for name in SPLITS:
             a, b = bounds[name]
-            _atomic_write(os.path.join(out_dir, f"{name}.bin"), view[a:b])
+            staged[name] = os.path.join(out_dir, f"{name}.bin.tmp.{os.getpid()}")
+            _write_synced(staged[name], view[a:b])
             meta["splits"][name] = {"bytes": b - a, "sha256": sha256_of(view[a:b]), "offset": a}
-        _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        staged["meta"] = f"{meta_path}.tmp.{os.getpid()}"
+        _write_synced(staged["meta"], (json.dumps(meta, indent=2) + "\n").encode())
+        if os.path.exists(meta_path):  # incomplete from here until the last rename
+            os.remove(meta_path)
+        for name in SPLITS:
+            os.replace(staged.pop(name), os.path.join(out_dir, f"{name}.bin"))
+        os.replace(staged.pop("meta"), meta_path)
     except OSError as e:
         raise DataError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}; "
-                        f"choose a writable directory") from None
+                        f"choose a writable directory with space for {n:,} bytes") from None
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return meta
 
 
@@ -116,6 +142,19 @@ def is_complete(out_dir):
         return meta
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def written_by_us(out_dir):
+    """True if out_dir holds no dataset files, or its meta.json was written by this tool."""
+    present = [f for f in DATASET_FILES if os.path.lexists(os.path.join(out_dir, f))]
+    if not present:
+        return True
+    try:
+        with open(os.path.join(out_dir, "meta.json")) as f:
+            meta = json.load(f)
+        return isinstance(meta, dict) and str(meta.get("tool", "")).startswith(TOOL)
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------- download
@@ -179,70 +218,176 @@ def download(url, dest, sha256=None, retries=5, backoff_s=1.0, timeout_s=30.0):
 
 # ----------------------------------------------------------------------------- input
 
-def read_input(path):
-    """The bytes of `path`: the single member of a zip, or the raw file."""
-    if not os.path.isfile(path):
-        raise DataError(f"--input {path} does not exist or is not a file")
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                members = [m for m in z.infolist() if not m.is_dir()]
-                if len(members) != 1:
-                    names = ", ".join(m.filename for m in members[:5]) or "none"
-                    raise DataError(f"the zip {path} must hold exactly one file, it holds "
-                                    f"{len(members)} ({names}); unzip it and pass the file with --input")
-                return z.read(members[0])
-        except zipfile.BadZipFile as e:
-            raise DataError(f"the zip {path} is corrupt ({e}); download it again") from None
+def looks_like_zip(path):
     with open(path, "rb") as f:
-        return f.read()
+        head = f.read(4)
+    return head == ZIP_MAGIC or path.lower().endswith(".zip")
+
+
+def looks_like_xz(path):
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head == XZ_MAGIC or path.lower().endswith(".xz")
+
+
+def _unpack_xz(path, scratch_dir):
+    """Stream-decompress an .xz file to a temp file in scratch_dir (the bundled excerpt is one)."""
+    import lzma
+    tmp = os.path.join(scratch_dir, f".input.tmp.{os.getpid()}")
+    try:
+        os.makedirs(scratch_dir, exist_ok=True)
+        with lzma.open(path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    except (lzma.LZMAError, EOFError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"{path} is not a valid .xz file ({e}); it may be truncated: get it again") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if os.path.getsize(tmp) == 0:
+        os.remove(tmp)
+        return b"", None
+    return np.memmap(tmp, dtype=np.uint8, mode="r"), tmp
+
+
+def open_input(path, scratch_dir):
+    """(uint8 buffer of the input's bytes, temp file to delete or None).
+
+    A zip (by name or by its first bytes) must be a valid zip holding one file: its member is streamed
+    to a temp file in scratch_dir (CRC checked as it is read, never held whole in memory) and mapped.
+    Any other file is mapped as it is."""
+    if not os.path.isfile(path):
+        raise DataError(f"input {path} does not exist or is not a file")
+    if os.path.getsize(path) == 0:
+        return b"", None
+    if looks_like_xz(path):
+        return _unpack_xz(path, scratch_dir)
+    if not looks_like_zip(path):
+        return np.memmap(path, dtype=np.uint8, mode="r"), None
+    tmp = os.path.join(scratch_dir, f".input.tmp.{os.getpid()}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [m for m in z.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                names = ", ".join(m.filename for m in members[:5]) or "none"
+                raise DataError(f"the zip {path} must hold exactly one file, it holds "
+                                f"{len(members)} ({names}); unzip it and pass the file with --input")
+            os.makedirs(scratch_dir, exist_ok=True)
+            with z.open(members[0]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)  # raises BadZipFile on a CRC mismatch
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"{path} is not a valid zip ({type(e).__name__}: {e}); it may be truncated: "
+                        f"download it again (a raw file must not be named .zip)") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if os.path.getsize(tmp) == 0:
+        os.remove(tmp)
+        return b"", None
+    return np.memmap(tmp, dtype=np.uint8, mode="r"), tmp
+
+
+def read_input(path):
+    """The bytes of `path` (the single member of a zip, or the raw file), read into memory."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        data, _ = open_input(path, d)
+        return bytes(data)
 
 
 def check_canonical(data):
     """If `data` has enwik8's size it must be enwik8: check its md5."""
     if len(data) == ENWIK8_SIZE:
-        got = hashlib.md5(data).hexdigest()
+        got = hashlib.md5(memoryview(data)).hexdigest()
         if got != ENWIK8_MD5:
             raise DataError(f"this looks like enwik8 ({ENWIK8_SIZE} bytes) but its md5 is {got}, "
                             f"expected {ENWIK8_MD5}; the file is corrupt, get it again")
 
 
+def download_name(url):
+    """The file name a URL downloads to (inside --out_dir), or a one-line error."""
+    from urllib.parse import urlparse
+    name = os.path.basename(urlparse(url).path)
+    if not name or name in (".", ".."):
+        raise DataError(f"--url {url} does not name a file (it ends in '/'); give the file's URL, "
+                        f"such as {ENWIK8_URL}")
+    return name
+
+
 def prepare(args):
+    out_dir = args.out_dir
+    if out_dir is None:
+        out_dir = args.out_dir = "data/excerpt" if args.bundled else "data/enwik8"
+    if not out_dir.strip():
+        raise DataError("--out_dir is empty; give a directory, such as data/enwik8")
+    if args.bundled:
+        if args.input:
+            raise DataError("--bundled and --input both name an input; give one")
+        args.input = BUNDLED_PATH
     if args.input:
         if not os.path.isfile(args.input):
             raise DataError(f"--input {args.input} does not exist or is not a file")
         source = os.path.abspath(args.input)
     else:
         source = args.url
-    done = None if args.force else is_complete(args.out_dir)
-    if done is not None:
-        if done.get("source") == source:
-            print(f"{args.out_dir} is already prepared from {source} (checksums match); "
+        name = download_name(args.url)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    done = is_complete(out_dir)
+    if not args.force:
+        if not written_by_us(out_dir):
+            found = ", ".join(f for f in DATASET_FILES if os.path.lexists(os.path.join(out_dir, f)))
+            raise DataError(f"{out_dir} holds dataset files this tool did not write ({found}); "
+                            f"use --force to replace them, or another --out_dir")
+        if done is not None and done.get("source") != source:
+            raise DataError(f"{out_dir} already holds a dataset made from {done.get('source')}; "
+                            f"use --force to replace it, or another --out_dir")
+    if args.input:
+        input_path = args.input
+        input_sha = sha256_of(input_path)
+        want = (args.sha256 or (ENWIK8_ZIP_SHA256 if os.path.getsize(input_path) == ENWIK8_ZIP_SIZE else "")).lower()
+        if args.bundled and not args.sha256:
+            want = BUNDLED_SHA256
+        if want and input_sha != want:
+            raise DataError(f"checksum mismatch for {input_path}: expected sha256 {want}, got {input_sha}")
+    else:
+        input_path = os.path.join(out_dir, name)
+        want = (args.sha256 or (ENWIK8_ZIP_SHA256 if args.url == ENWIK8_URL else "")).lower() or None
+        if done is not None and not args.force and done.get("source") == source and not os.path.exists(input_path):
+            print(f"{out_dir} is already prepared from {source} (its download has been removed since); "
+                  f"nothing to do (use --force to download and redo it)")
+            return done
+        if not (os.path.exists(input_path) and (want is None or sha256_of(input_path) == want)):
+            download(args.url, input_path, sha256=want, retries=args.retries, backoff_s=args.backoff)
+        input_sha = sha256_of(input_path)
+    if done is not None and not args.force and done.get("source") == source:
+        if done.get("input_sha256") == input_sha:
+            print(f"{out_dir} is already prepared from {source} (input and splits match their checksums); "
                   f"nothing to do (use --force to redo it)")
             return done
-        raise DataError(f"{args.out_dir} already holds a dataset made from {done.get('source')}; "
-                        f"use --force to replace it, or another --out_dir")
-    if args.input:
-        if args.sha256 or os.path.getsize(args.input) == ENWIK8_ZIP_SIZE:
-            want = (args.sha256 or ENWIK8_ZIP_SHA256).lower()
-            got = sha256_of(args.input)
-            if got != want:
-                raise DataError(f"checksum mismatch for {args.input}: expected sha256 {want}, got {got}")
-        data = read_input(args.input)
-    else:
-        zip_path = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), os.path.basename(args.url))
-        if not (os.path.exists(zip_path) and (args.sha256 or ENWIK8_ZIP_SHA256).lower() == sha256_of(zip_path)):
-            download(args.url, zip_path, sha256=args.sha256 or (ENWIK8_ZIP_SHA256 if args.url == ENWIK8_URL
-                                                                else None),
-                     retries=args.retries, backoff_s=args.backoff)
-        data = read_input(zip_path)
-        if args.url == ENWIK8_URL and not args.sha256 and len(data) != ENWIK8_SIZE:
-            raise DataError(f"{zip_path} unzips to {len(data):,} bytes, enwik8 has {ENWIK8_SIZE:,}; "
+        print(f"{source} changed since {out_dir} was prepared (input sha256 {input_sha[:12]}..., recorded "
+              f"{str(done.get('input_sha256'))[:12]}...): splitting it again")
+    data, tmp = open_input(input_path, out_dir)
+    try:
+        if not args.input and args.url == ENWIK8_URL and not args.sha256 and len(data) != ENWIK8_SIZE:
+            raise DataError(f"{input_path} unzips to {len(data):,} bytes, enwik8 has {ENWIK8_SIZE:,}; "
                             f"delete it and run again")
-    check_canonical(data)
-    meta = write_splits(data, args.out_dir, source)
+        check_canonical(data)
+        if args.bundled and hashlib.sha256(memoryview(data)).hexdigest() != BUNDLED_RAW_SHA256:
+            raise DataError(f"{input_path} unpacks to text whose sha256 is not the recorded {BUNDLED_RAW_SHA256}; "
+                            f"restore it with `git checkout -- assets/`")
+        meta = write_splits(data, out_dir, source, input_sha)
+    finally:
+        del data
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
     s = meta["splits"]
-    print(f"wrote {args.out_dir}: train {s['train']['bytes']:,} / val {s['val']['bytes']:,} / "
+    print(f"wrote {out_dir}: train {s['train']['bytes']:,} / val {s['val']['bytes']:,} / "
           f"test {s['test']['bytes']:,} bytes")
     return meta
 
@@ -253,12 +398,15 @@ def build_parser():
                     "90/5/5 into OUT_DIR/{train,val,test}.bin + meta.json.",
         epilog="Offline: copy enwik8.zip here and run `python prepare_dataset.py --input enwik8.zip`. "
                "Any text or binary file works the same way: --input FILE --out_dir data/NAME.")
-    p.add_argument("--out_dir", default="data/enwik8", help="where the splits go (default: data/enwik8)")
+    p.add_argument("--out_dir", default=None, help="where the splits go (default: data/enwik8, or "
+                   "data/excerpt with --bundled)")
     p.add_argument("--input", metavar="PATH", help="use this local file (raw bytes, or a zip holding one "
                    "file) instead of downloading")
     p.add_argument("--url", default=ENWIK8_URL, help=f"download source (default: {ENWIK8_URL})")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the download or of --input "
                    "(default: enwik8.zip's, enforced for the default URL and for inputs of its size)")
+    p.add_argument("--bundled", action="store_true", help="use the enwik8 excerpt shipped in assets/ "
+                   "(5,020,103 bytes of enwik8 text, xz-compressed; offline); try --out_dir data/excerpt")
     p.add_argument("--force", action="store_true", help="redo even if OUT_DIR is already complete")
     p.add_argument("--retries", type=int, default=5, help="download attempts before giving up (default 5)")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled "
@@ -296,6 +444,9 @@ class ByteDataset:
                 self.meta = json.load(f)
         except ValueError as e:
             raise DataError(f"{meta_path} is not valid JSON ({e}); {hint}") from None
+        if not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path} holds a JSON {type(self.meta).__name__}, not an object such as "
+                            f'{{"vocab_size": 256, "dtype": "uint8"}}; {hint}')
         if self.meta.get("vocab_size") != 256 or self.meta.get("dtype") != "uint8":
             raise DataError(f"{meta_path} says vocab_size={self.meta.get('vocab_size')} "
                             f"dtype={self.meta.get('dtype')}; this code reads raw bytes "

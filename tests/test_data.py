@@ -103,8 +103,8 @@ def test_download_from_local_server(tmp_path, truncate_first):
         assert srv.requests[0] is None and srv.requests[1].startswith("bytes=")
         resumed_at = int(srv.requests[1][6:-1])
         assert 0 < resumed_at <= len(blob) // 2
-    assert (tmp_path / "data" / "enwik8.zip").read_bytes() == blob
-    assert not (tmp_path / "data" / "enwik8.zip.part").exists()
+    assert (out / "enwik8.zip").read_bytes() == blob  # inside --out_dir: nothing written beside it
+    assert not (out / "enwik8.zip.part").exists() and sorted(os.listdir(tmp_path / "data")) == ["enwik8"]
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, capsys):
@@ -271,3 +271,125 @@ def test_real_excerpt(tmp_path):
     check_splits(tmp_path, data)
     ds = ByteDataset(str(tmp_path))
     assert bytes(ds.splits["test"][:]) == data[-(len(data) // 20):]
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+def test_bundled_excerpt_builds_from_the_repository_alone(tmp_path):
+    """The shipped excerpt (assets/) prepares offline, without ../shared, into splits whose bytes match
+    the sha256 recorded for the text inside."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_dataset.py"), "--bundled"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "data" / "excerpt"
+    text = b"".join((out / f"{n}.bin").read_bytes() for n in ("train", "val", "test"))
+    assert hashlib.sha256(text).hexdigest() == pd.BUNDLED_RAW_SHA256 and len(text) == 5_020_103
+    assert text.count(b"[[") > 10_000  # wiki markup, not random bytes
+    check_splits(out, text)
+    assert os.path.getsize(pd.BUNDLED_PATH) <= 2 * 2 ** 20
+    assert sorted(os.listdir(out)) == ["meta.json", "test.bin", "train.bin", "val.bin"]  # no temp left
+
+
+def test_download_stays_inside_out_dir(tmp_path):
+    """--url .../small.txt --out_dir X/data once saved the download as X/small.txt, over a user's file."""
+    data = make_source(20_000, seed=5)
+    (tmp_path / "small.txt").write_bytes(b"the user's own file")
+    srv = Server(data)
+    srv.url = srv.url.replace("enwik8.zip", "small.txt")
+    try:
+        assert pd.main(["--url", srv.url, "--out_dir", str(tmp_path / "data"), "--backoff", "0.01"]) == 0
+    finally:
+        srv.close()
+    assert (tmp_path / "small.txt").read_bytes() == b"the user's own file"
+    check_splits(tmp_path / "data", data)
+
+
+def test_foreign_dataset_dir_is_not_replaced_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, content in (("train.bin", b"theirs-train"), ("val.bin", b"theirs-val"), ("meta.pkl", b"pkl")):
+        (out / name).write_bytes(content)
+    src = tmp_path / "in.txt"
+    src.write_bytes(make_source(20_000))
+    assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "did not write" in err and "--force" in err and "meta.pkl" in err
+    assert (out / "train.bin").read_bytes() == b"theirs-train" and not (out / "meta.json").exists()
+    assert pd.main(["--input", str(src), "--out_dir", str(out), "--force"]) == 0
+    check_splits(out, src.read_bytes())
+
+
+def test_force_onto_a_full_disk_keeps_the_old_dataset(tmp_path, monkeypatch, capsys):
+    import errno
+    old, new = make_source(20_000, seed=1), make_source(30_000, seed=2)
+    (tmp_path / "a.txt").write_bytes(old)
+    (tmp_path / "b.txt").write_bytes(new)
+    out = tmp_path / "out"
+    assert pd.main(["--input", str(tmp_path / "a.txt"), "--out_dir", str(out)]) == 0
+    real = pd._write_synced
+
+    def full(path, data):
+        if "val.bin" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(pd, "_write_synced", full)
+    assert pd.main(["--input", str(tmp_path / "b.txt"), "--out_dir", str(out), "--force"]) == 1
+    assert "No space left" in capsys.readouterr().err
+    check_splits(out, old)  # the old dataset is complete and still loads
+    ByteDataset(str(out))
+    assert sorted(os.listdir(out)) == ["meta.json", "test.bin", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not_a_zip"])
+def test_broken_zip_is_an_error_not_raw_bytes(tmp_path, kind, capsys):
+    blob = make_zip(make_source(20_000))
+    src = tmp_path / "in.zip"
+    src.write_bytes(blob[: len(blob) // 2] if kind == "truncated" else b"plain text, " * 500)
+    assert pd.main(["--input", str(src), "--out_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "not a valid zip" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "train.bin").exists() and not list(tmp_path.rglob(".input.tmp.*"))
+
+
+def test_zip_with_bad_crc_is_refused(tmp_path, capsys):
+    data = make_source(20_000)
+    blob = bytearray(make_zip(data))
+    i = bytes(blob).index(data[:64])
+    blob[i + 100] ^= 0xFF  # flip one byte of the stored member: its CRC no longer matches
+    src = tmp_path / "in.zip"
+    src.write_bytes(bytes(blob))
+    assert pd.main(["--input", str(src), "--out_dir", str(tmp_path / "out")]) == 1
+    assert "not a valid zip" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_changed_input_is_split_again(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_bytes(make_source(20_000, seed=1))
+    out = tmp_path / "out"
+    assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 0
+    src.write_bytes(make_source(20_000, seed=9))  # same name, same size, other bytes
+    capsys.readouterr()
+    assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 0
+    assert "changed" in capsys.readouterr().out
+    check_splits(out, src.read_bytes())
+    assert json.load(open(out / "meta.json"))["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--out_dir="], "--out_dir is empty"),
+    (["--url", "http://127.0.0.1:9/dir/"], "does not name a file"),
+])
+def test_more_bad_arguments_are_one_line_errors(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_dataset.py"), *args],
+                       capture_output=True, text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_meta_json_that_is_not_an_object(tmp_path):
+    pd.write_splits(make_source(5000), str(tmp_path), "t")
+    (tmp_path / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="not an object"):
+        ByteDataset(str(tmp_path))
