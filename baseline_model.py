@@ -44,6 +44,9 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def check_device(self, device_type, dtype, training):
+        """Raise ValueError (one line) if this config cannot run on the device; the dense GPT runs anywhere."""
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through SDPA (flash attention on CUDA)."""
@@ -130,9 +133,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for m in self.modules():  # modules with their own init (the sparsity predictor) get it last
-            if m is not self and hasattr(m, "reset_parameters_after_gpt_init"):
-                m.reset_parameters_after_gpt_init()
 
     @staticmethod
     def _init_weights(module):
@@ -161,7 +161,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style)
+    # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style).
+    # A module that needs an auxiliary loss would expose it the same way; none does yet.
     def attention_modules(self):
         return [b.attn for b in self.transformer.h]
 
@@ -170,12 +171,6 @@ class GPT(nn.Module):
         for a in self.attention_modules():
             if hasattr(a, "set_step"):
                 a.set_step(iter_num)
-
-    def aux_loss(self):
-        """Sum of the attention modules' auxiliary losses from the last forward (0 if none)."""
-        losses = [a.aux_loss() for a in self.attention_modules() if hasattr(a, "aux_loss")]
-        losses = [l for l in losses if l is not None]
-        return sum(losses) if losses else None
 
     def diagnostics(self):
         """Flat dict of the attention modules' diagnostics from the last forward (empty for dense)."""
@@ -204,24 +199,46 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
-# ----------------------------------------------------------------------------- script
+# ----------------------------------------------------------------------------- registry
 
-MODEL_KIND = "baseline"
-MODEL_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.name != "vocab_size"}
+@dataclass(frozen=True)
+class ModelKind:
+    """What the trainer, sample.py and extraction.py need to know about a model: its config class and
+    attention class (so they build it from a config or a checkpoint's model_args), and its script."""
+    name: str
+    config_cls: type
+    attn_cls: type
+    script: str
+    out_dir: str  # default out_dir of its script
+
+    def defaults(self):
+        return {f.name: f.default for f in fields(self.config_cls) if f.name != "vocab_size"}
+
+    def build(self, cfg):
+        """The model for a dict holding (at least) this kind's config keys; others are ignored."""
+        return GPT(self.config_cls.from_dict(cfg), attn_cls=self.attn_cls)
+
+    def make_model(self, **overrides):
+        """This kind's defaults plus model-config overrides; an unknown key is a TypeError."""
+        cfg = self.defaults()
+        unknown = sorted(set(overrides) - set(cfg))
+        if unknown:
+            raise TypeError(f"make_model: unknown keys {unknown}; known: {', '.join(sorted(cfg))}")
+        cfg.update(overrides)
+        return self.build(cfg)
 
 
-def model_from_config(cfg):
-    """The model for a resolved config dict (or a checkpoint's model_args)."""
-    return GPT(GPTConfig.from_dict(cfg))
+MODELS = {}  # model_kind -> ModelKind; novel_model.py adds "asca" when imported
 
 
-def make_model(**overrides):
-    """Build the baseline from the script's defaults plus overrides: make_model(n_layer=2, ...)."""
+def register(kind):
+    MODELS[kind.name] = kind
+    return kind
+
+
+BASELINE = register(ModelKind("baseline", GPTConfig, CausalSelfAttention, "baseline_model.py", "out/baseline"))
+make_model = BASELINE.make_model
+
+if __name__ == "__main__":  # python baseline_model.py [config/X.py ...] [--key=value ...]
     import trainer
-    return trainer.make_model_from_defaults(MODEL_DEFAULTS, model_from_config, overrides)
-
-
-if __name__ == "__main__":
-    import trainer
-    sys.exit(trainer.main(sys.argv[1:], kind=MODEL_KIND, model_defaults=MODEL_DEFAULTS,
-                          build_model=model_from_config, config_cls=GPTConfig, out_dir="out/baseline"))
+    sys.exit(trainer.main(sys.argv[1:], "baseline"))

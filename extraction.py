@@ -56,7 +56,12 @@ class Run:
                         self.metrics.append(json.loads(line))
                     except ValueError:
                         pass
-        self.kind = (self.final or {}).get("model_kind") or ("asca" if "target_sparsity" in self.config else "baseline")
+        self.stale_final = None
+        if self.final and self.metrics and self.final.get("iters", -1) < self.metrics[-1].get("iter", -1):
+            # final.json of an earlier finish, and the run went on (resumed): its numbers are not the latest
+            self.stale_final, self.final = self.final, None
+        self.kind = (self.final or self.stale_final or {}).get("model_kind") or (
+            "asca" if "target_sparsity" in self.config else "baseline")
         self.plots = os.path.join(path, "plots")
 
     def _json(self, name):
@@ -68,6 +73,19 @@ class Run:
                 return json.load(f)
         except ValueError as e:
             raise ExtractError(f"{p} is not valid JSON ({e})") from None
+
+    def test_set(self):
+        """What the test bpc was measured on: the test split's sha256 (from the data's meta.json), else the
+        data_dir; plus the protocol (block_size, eval_stride). Runs compare only if these are equal."""
+        data_dir = (self.final or {}).get("data_dir") or self.config.get("data_dir")
+        sha = None
+        try:
+            with open(os.path.join(data_dir, "meta.json")) as f:
+                sha = json.load(f)["splits"]["test"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return (sha[:12] if sha else data_dir, self.last("block_size") or self.config.get("block_size"),
+                self.last("eval_stride") or self.config.get("eval_stride"))
 
     def label(self):
         c = self.config
@@ -120,7 +138,7 @@ def window_bytes(run, args, block_size):
 def extract(run, args):
     """Run the checkpoint on the window and save attention.npz; returns the arrays (or None)."""
     import torch
-    from trainer import TrainError, model_from_checkpoint
+    from checkpoint import CheckpointError, model_from_checkpoint
     name = "best.pt" if args.best else "ckpt.pt"
     path = os.path.join(run.path, name)
     if not os.path.exists(path):
@@ -128,7 +146,7 @@ def extract(run, args):
         return None
     try:
         model, ckpt = model_from_checkpoint(path, "cpu")  # map_location=cpu: GPU checkpoints load anywhere
-    except TrainError as e:
+    except CheckpointError as e:
         raise ExtractError(str(e)) from None
     tokens, source = window_bytes(run, args, model.config.block_size)
     inputs = {}
@@ -355,20 +373,32 @@ def comparison_table(runs, path):
     lines = ["# Run comparison", "",
              f"Differences are to the dense baseline `{base.name}`." if base else "No finished dense baseline among these runs.",
              "", "| run | model | layers x d x heads | T | params | tokens | train time s | tokens/s | best val bpc | "
-                 "test bpc | sparsity | test bpc - baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "test bpc | sparsity | test set (sha256, T, stride) | test bpc - baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mixed = []
     for r in runs:
         c = r.config
         test = r.last("test_bpc")
-        diff = fmt(test - base.last("test_bpc"), "+.4f") if (base and test is not None) else "n/a"
+        same = base is None or r.test_set() == base.test_set()
+        if not same:
+            mixed.append(r.name)
+        diff = ("not comparable: other test set or protocol" if not same else
+                fmt(test - base.last("test_bpc"), "+.4f") if (base and test is not None) else "n/a")
         kind = r.kind if r.kind != "asca" else f"asca (S={c.get('sparse_block_size')}, target {c.get('target_sparsity')})"
         lines.append(f"| {r.name} | {kind} | {c.get('n_layer')} x {c.get('n_embd')} x {c.get('n_head')} | "
                      f"{c.get('block_size')} | {fmt(r.last('n_params'), ',')} | {fmt(r.last('tokens'), ',')} | "
                      f"{fmt(r.last('train_time_s') or r.last('elapsed_s'), '.1f')} | {fmt(r.last('tokens_per_s'), ',.0f')} | "
                      f"{fmt(r.last('best_val_bpc') or min((m['val_bpc'] for m in r.metrics if m.get('val_bpc')), default=None), '.4f')} | "
-                     f"{fmt(test, '.4f')} | {fmt(r.last('sparsity'), '.3f')} | {diff} |")
+                     f"{fmt(test, '.4f')} | {fmt(r.last('sparsity'), '.3f')} | {', '.join(map(str, r.test_set()))} | {diff} |")
+    if mixed:
+        lines[2:2] = [f"**Warning: {', '.join(mixed)} measured test bpc on another test set or protocol than "
+                      f"`{base.name}`; their differences are not computed.**", ""]
+    stale = [r.name for r in runs if r.stale_final]
     lines += ["", "tokens/s and train time exclude evaluation and compile/warm-up; sparsity is the measured fraction "
                   "of causal query-key pairs skipped. Runs without final.json show their latest metrics."]
+    if stale:
+        lines.append(f"{', '.join(stale)}: final.json is older than metrics.jsonl (the run was resumed after it "
+                     f"finished); its latest metrics are shown, and test bpc only once it finishes again.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -423,6 +453,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        for name, low in (("length", 1), ("chars_len", 1), ("offset", 0), ("head", 0), ("layer", 0)):
+            v = getattr(args, name)
+            if v is not None and v < low:
+                raise ExtractError(f"--{name} must be at least {low}, got {v}")
         runs = [Run(p) for p in args.runs]
         for run in runs:
             for path in process(run, args):

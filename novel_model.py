@@ -24,13 +24,13 @@ tile if any query in the Q tile needs it (DESIGN.md section 5).
 """
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baseline_model import GPT, CausalSelfAttention, GPTConfig
+from baseline_model import CausalSelfAttention, GPTConfig, ModelKind, register
 
 ATTN_IMPLS = ("auto", "reference", "flex")
 
@@ -62,6 +62,22 @@ class ASCAConfig(GPTConfig):
             raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} must be one of {', '.join(ATTN_IMPLS)}")
+
+    def check_device(self, device_type, dtype, training):
+        """Start-up checks that need the device: a path this device lacks is a one-line ValueError."""
+        if self.attn_impl == "flex":
+            if device_type != "cuda":
+                raise ValueError(f"attn_impl='flex' needs a CUDA device (this run uses {device_type}); "
+                                 f"use attn_impl='reference' or 'auto'")
+            if self.sparse_block_size % 16:
+                raise ValueError(f"attn_impl='flex' needs sparse_block_size to be a multiple of 16, "
+                                 f"got {self.sparse_block_size}")
+        if self.attn_impl in ("flex", "auto") and device_type == "cuda":
+            if self.dropout > 0:
+                raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
+            why = flex_backward_problem(self.sparse_block_size, self.n_embd // self.n_head, dtype) if training else None
+            if why:
+                raise ValueError(why)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -117,9 +133,10 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
         self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks)))  # index: b - j - 1
         self.offset = nn.Parameter(torch.empty(n_head))
-        self.reset_parameters_after_gpt_init()
+        self.reset_parameters()
 
-    def reset_parameters_after_gpt_init(self):
+    def reset_parameters(self):
+        # nn.Parameters, not Linear/Embedding: GPT._init_weights leaves them to this
         for w in (self.wq1, self.wq2, self.wk):
             nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
         nn.init.zeros_(self.dist_bias)
@@ -405,42 +422,11 @@ def flex_attention_fn(compiled=True):
     return _FLEX_COMPILED
 
 
-# ----------------------------------------------------------------------------- script
+# ----------------------------------------------------------------------------- registry
 
-MODEL_KIND = "asca"
-MODEL_DEFAULTS = {f.name: f.default for f in fields(ASCAConfig) if f.name != "vocab_size"}
+ASCA = register(ModelKind("asca", ASCAConfig, AdaptiveSparseCausalSelfAttention, "novel_model.py", "out/novel"))
+make_model = ASCA.make_model
 
-
-def model_from_config(cfg):
-    return GPT(ASCAConfig.from_dict(cfg), attn_cls=AdaptiveSparseCausalSelfAttention)
-
-
-def make_model(**overrides):
-    """Build the ASCA model from the script's defaults plus overrides."""
+if __name__ == "__main__":  # python novel_model.py [config/X.py ...] [--key=value ...]
     import trainer
-    return trainer.make_model_from_defaults(MODEL_DEFAULTS, model_from_config, overrides)
-
-
-def validate(cfg, rt):
-    """Start-up checks needing the device: a path this device lacks is a one-line error."""
-    impl = cfg["attn_impl"]
-    if impl == "flex":
-        if rt.device_type != "cuda":
-            raise ValueError(f"attn_impl='flex' needs a CUDA device (this run uses {rt.device}); "
-                             f"use attn_impl='reference' or 'auto'")
-        if cfg["sparse_block_size"] % 16:
-            raise ValueError(f"attn_impl='flex' needs sparse_block_size to be a multiple of 16, "
-                             f"got {cfg['sparse_block_size']}")
-    if impl in ("flex", "auto") and rt.device_type == "cuda" and cfg["dropout"] > 0:
-        raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
-    if impl in ("flex", "auto") and rt.device_type == "cuda" and not cfg["eval_only"]:
-        why = flex_backward_problem(cfg["sparse_block_size"], cfg["n_embd"] // cfg["n_head"], rt.ptdtype)
-        if why:
-            raise ValueError(why)
-
-
-if __name__ == "__main__":
-    import trainer
-    sys.exit(trainer.main(sys.argv[1:], kind=MODEL_KIND, model_defaults=MODEL_DEFAULTS,
-                          build_model=model_from_config, config_cls=ASCAConfig, out_dir="out/novel",
-                          validate=validate))
+    sys.exit(trainer.main(sys.argv[1:], "asca"))

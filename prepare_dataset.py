@@ -460,28 +460,18 @@ class ByteDataset:
                 raise DataError(f"{path} has fewer than 2 bytes; {hint}")
             self.splits[name] = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def __len__(self):
-        return sum(len(s) for s in self.splits.values())
-
     def check_block_size(self, block_size):
         for name, data in self.splits.items():
             if len(data) <= block_size:
                 raise DataError(f"the {name} split of {self.data_dir} has {len(data)} bytes, not more "
                                 f"than block_size={block_size}; use a smaller block_size or more data")
 
-    @staticmethod
-    def _stack(data, starts, block_size):
-        import torch  # lazy: the command-line tool does not need torch
-        x = np.stack([data[s:s + block_size] for s in starts]).astype(np.int64)
-        y = np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
     def get_batch(self, split, batch_size, block_size, generator):
         """(x, y), int64 (B, T) CPU tensors at random offsets drawn from `generator`; y = x shifted by 1."""
         data = self.splits[split]
         import torch
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-        return self._stack(data, starts, block_size)
+        return stack_windows(data, starts, block_size)
 
     def val_windows(self, block_size, n_windows, split="val"):
         """A fixed, evenly spaced set of window offsets: the same every eval, so curves compare."""
@@ -491,18 +481,13 @@ class ByteDataset:
             return [0]
         return sorted(set(int(round(i * last / (n_windows - 1))) for i in range(n_windows)))
 
-    def window_batches(self, starts, batch_size, block_size, split="val"):
-        data = self.splits[split]
-        for i in range(0, len(starts), batch_size):
-            yield self._stack(data, starts[i:i + batch_size], block_size)
 
-    def test_windows(self, block_size, stride, split="test"):
-        """Sliding windows that score every position 1..n-1 of `split` exactly once.
-
-        Yields (start, n_score): the window covers targets data[start+1 : start+1+block_size]
-        (clipped at the end) and scores only its last n_score targets; the first window scores all.
-        """
-        return sliding_windows(len(self.splits[split]), block_size, stride)
+def stack_windows(data, starts, length):
+    """(x, y) int64 (len(starts), length) CPU tensors: x = data[s : s+length], y = the next bytes."""
+    import torch  # lazy: the command-line tool does not need torch
+    x = np.stack([data[s:s + length] for s in starts]).astype(np.int64)
+    y = np.stack([data[s + 1:s + 1 + length] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def sliding_windows(n, block_size, stride):

@@ -4,18 +4,19 @@ Generate bytes from a trained run (baseline or ASCA; the checkpoint says which).
     python sample.py --out_dir=out/baseline --start="The " --num_bytes=500 --temperature=0.8 --top_k=40
 """
 import argparse
+import math
 import sys
 
 import torch
 
-from trainer import TrainError, model_from_checkpoint
+from checkpoint import CheckpointError, model_from_checkpoint
 
 
 @torch.no_grad()
 def generate(model, prompt: bytes, num_bytes, temperature=1.0, top_k=None, generator=None, device="cpu"):
     """Autoregressive sampling; the context is cropped to the model's block_size."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     block = model.config.block_size
     idx = torch.tensor([list(prompt) or [10]], dtype=torch.long, device=device)  # empty prompt: start at "\n"
     for _ in range(num_bytes):
@@ -43,8 +44,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     try:
-        if a.temperature <= 0:
-            raise TrainError(f"--temperature must be > 0, got {a.temperature}")
+        check_args(a)
         prompt = open(a.start[5:], "rb").read() if a.start.startswith("FILE:") else a.start.encode("utf-8")
         model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
         g = torch.Generator(device=a.device).manual_seed(a.seed)
@@ -53,10 +53,34 @@ def main(argv=None):
             print((prompt + out).decode("utf-8", errors="replace"))
             if i + 1 < a.num_samples:
                 print("-" * 40)
-    except (TrainError, OSError) as e:
+    except (CheckpointError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
+
+
+class SampleError(Exception):
+    pass
+
+
+def check_args(a):
+    """One-line errors for impossible arguments, before anything loads."""
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        raise SampleError(f"--temperature must be a finite number > 0, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise SampleError(f"--top_k must be at least 1 (or left out), got {a.top_k}")
+    for name in ("num_bytes", "num_samples"):
+        if getattr(a, name) < (0 if name == "num_bytes" else 1):
+            raise SampleError(f"--{name} must be >= {0 if name == 'num_bytes' else 1}, got {getattr(a, name)}")
+    if a.seed < 0:
+        raise SampleError(f"--seed must be >= 0, got {a.seed}")
+    if a.device.lower() != a.device or not (a.device in ("cpu", "cuda") or a.device.startswith("cuda:")):
+        raise SampleError(f"--device={a.device} is not one of cpu, cuda, cuda:N (lower case)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError(f"--device={a.device} but CUDA is not available here; use --device=cpu")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """
-The one training loop both scripts share (baseline_model.py and novel_model.py differ only by
-their model and keys). It owns: device/dtype/compile resolution, DDP, the data stream, AdamW with
-warmup + cosine, evaluation in bits per byte, checkpoints (atomic, exact resume), time budgets,
-signals, NaN stops, metrics.jsonl / final.json, and --eval_only.
+The one training loop both scripts share: `python baseline_model.py ...` and `python novel_model.py ...`
+both call main(argv, kind) here, and differ only by the model kind (baseline_model.MODELS).
 
-Attention modules that own extra behaviour (schedules, aux losses, diagnostics) expose it through
-GPT.set_step / GPT.aux_loss / GPT.diagnostics; this loop only calls and logs them.
+Read it top to bottom: configuration (defaults <- config files <- --key=value; a resumed run keeps its
+checkpoint's settings unless overridden on the command line), the runtime (device, dtype, compile, DDP),
+evaluation in bits per byte, then the Trainer: build, resume, one optimizer step, evaluate and
+checkpoint, finish. Attention modules that own behaviour (ASCA's sparsity schedule and diagnostics)
+expose it through GPT.set_step / GPT.diagnostics; the loop only calls and logs them.
 """
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -18,17 +18,19 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import configurator
-from prepare_dataset import ByteDataset, DataError, sliding_windows
+from baseline_model import MODELS
+from checkpoint import CheckpointError
+from prepare_dataset import ByteDataset, DataError, sliding_windows, stack_windows
 
 LN2 = math.log(2)
-MODEL_MODULES = {"baseline": "baseline_model", "asca": "novel_model"}  # model_kind -> script module
-
 TRAIN_DEFAULTS = dict(
     # I/O
     out_dir="out/run", data_dir="data/enwik8", init_from="scratch",  # 'scratch' or 'resume'
@@ -44,6 +46,10 @@ TRAIN_DEFAULTS = dict(
     device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,
 )
 TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str)
+# On resume these come from this command, everything else from the checkpoint unless given as --key=value.
+THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress", "attn_impl")
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
+SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
 
 # Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -54,24 +60,110 @@ class TrainError(Exception):
     """A user-facing problem: one line, no traceback."""
 
 
-def defaults_for(model_defaults, out_dir):
+def defaults_for(kind):
+    """Every key a script accepts, with its default: the loop's, then the model kind's."""
     cfg = dict(TRAIN_DEFAULTS)
-    cfg.update(model_defaults)
-    cfg["out_dir"] = out_dir
+    cfg.update(MODELS[kind].defaults())
+    cfg["out_dir"] = MODELS[kind].out_dir
     return cfg
 
 
-def make_model_from_defaults(model_defaults, build_model, overrides):
-    """A script's make_model(**overrides): its defaults plus overrides; unknown keys are an error."""
-    cfg = defaults_for(model_defaults, out_dir="")
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise TypeError(f"make_model: unknown keys {sorted(unknown)}")
-    cfg.update(overrides)
-    return build_model(cfg)
+# ----------------------------------------------------------------------------- configuration
+
+def explicit_keys(argv):
+    """Keys given as --key=value on the command line (they override a resumed checkpoint)."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a}
 
 
-# ----------------------------------------------------------------------------- system setup
+def resume_config(cfg, saved, explicit, say):
+    """The resumed run's config: the checkpoint's, except this command's THIS_RUN_KEYS and --key=value
+    overrides (each override is reported). Keys newer than the checkpoint keep their defaults."""
+    merged, overridden, kept = dict(cfg), [], []
+    for key, old in saved.items():
+        if key not in merged or key in THIS_RUN_KEYS:
+            continue
+        if key in explicit:
+            if merged[key] != old:
+                overridden.append(f"{key} {old!r} -> {merged[key]!r}")
+            continue
+        if merged[key] is not None and merged[key] != old:
+            kept.append(f"{key}={old!r} (this command's config: {merged[key]!r})")
+        merged[key] = old
+    if overridden:
+        say("resume: overriding the checkpoint's settings from the command line: " + ", ".join(overridden))
+    if kept:
+        say("resume: kept the checkpoint's " + ", ".join(kept) + "; pass --key=value to change one")
+    return merged
+
+
+def _check(ok, msg):
+    if not ok:
+        raise TrainError(msg)
+
+
+def finalize_config(cfg, kind, rt):
+    """Fill the derived keys (min_lr, lr_decay_iters, eval_stride) and reject impossible settings with one
+    line each; the model's own shape checks come first, so a bad block_size is named as such."""
+    cfg = dict(cfg)
+    mcfg = MODELS[kind].config_cls.from_dict(cfg)
+    try:
+        mcfg.validate()
+        mcfg.check_device(rt.device_type, rt.ptdtype, training=not cfg["eval_only"])
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    _check(cfg["out_dir"].strip() != "", "out_dir is empty; give a directory such as --out_dir=out/run")
+    _check(cfg["init_from"] in ("scratch", "resume"), f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
+    _check(not cfg["eval_only"] or cfg["init_from"] == "resume",
+           "--eval_only=True evaluates a checkpoint: add --init_from=resume")
+    lr = cfg["learning_rate"]
+    _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
+    if cfg["min_lr"] is None:
+        cfg["min_lr"] = lr / 10
+    _check(math.isfinite(cfg["min_lr"]) and 0 <= cfg["min_lr"] <= lr,
+           f"min_lr={cfg['min_lr']} must be in [0, learning_rate={lr}]")
+    for k in ("max_iters", "warmup_iters", "seed"):
+        _check(cfg[k] >= 0, f"{k} must be >= 0, got {cfg[k]}")
+    _check(cfg["seed"] < 2 ** 63 // SEED_STRIDE - 1024, f"seed={cfg['seed']} is too large")
+    if cfg["lr_decay_iters"] is None:
+        cfg["lr_decay_iters"] = cfg["max_iters"]
+    _check(cfg["lr_decay_iters"] >= 0, f"lr_decay_iters must be >= 0, got {cfg['lr_decay_iters']}")
+    for k in ("max_time_s", "weight_decay", "grad_clip"):
+        _check(math.isfinite(cfg[k]) and cfg[k] >= 0, f"{k} must be a finite number >= 0, got {cfg[k]}")
+    for k in ("beta1", "beta2"):
+        _check(0 <= cfg[k] < 1, f"{k} must be in [0, 1), got {cfg[k]}")
+    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+        _check(cfg[k] >= 1, f"{k} must be at least 1, got {cfg[k]}")
+    if cfg["eval_stride"] is None:
+        cfg["eval_stride"] = max(1, cfg["block_size"] // 2)
+    _check(1 <= cfg["eval_stride"] <= cfg["block_size"],
+           f"eval_stride={cfg['eval_stride']} must be in [1, block_size={cfg['block_size']}]")
+    _check(cfg["gradient_accumulation_steps"] % rt.world_size == 0,
+           f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible by the number "
+           f"of DDP ranks ({rt.world_size})")
+    return cfg
+
+
+def check_kind(ckpt, kind, path):
+    if ckpt["model_kind"] != kind:
+        other = MODELS.get(ckpt["model_kind"])
+        raise TrainError(f"{path} holds a '{ckpt['model_kind']}' model, not '{kind}'; "
+                         f"use {other.script if other else 'the script that wrote it'} for it, or another --out_dir")
+
+
+def check_architecture(ckpt, kind, cfg, path):
+    runtime = MODELS[kind].config_cls.RUNTIME_KEYS
+    old = ckpt["model_args"]
+    diff = [f"{k}={old[k]!r} (run: {cfg[k]!r})" for k in MODELS[kind].defaults()
+            if k in old and k not in runtime and old[k] != cfg[k]]
+    if diff:
+        raise TrainError(f"{path} has a different architecture: {', '.join(diff)}; "
+                         f"drop those overrides to resume, or use another --out_dir")
+
+
+# ----------------------------------------------------------------------------- runtime
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+
 
 class Runtime:
     """Device, dtype, autocast context, DDP rank info: resolved once, with the reasons logged."""
@@ -84,6 +176,8 @@ class Runtime:
         self.master = self.rank == 0
         notes = []
         dev = cfg["device"]
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise TrainError(f"device={dev!r} is not one of {DEVICES} (lower case)")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
             notes.append(f"device=auto -> {dev} ({'CUDA available' if dev == 'cuda' else 'no CUDA'})")
@@ -119,6 +213,7 @@ class Runtime:
                     else torch.autocast(device_type=self.device_type, dtype=self.ptdtype))
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dt == "float16"))
         self.control_group = None
+        self.say = print if self.master else (lambda *a, **k: None)
 
     def init_distributed(self):
         if not self.ddp:
@@ -130,6 +225,11 @@ class Runtime:
         # a CPU group for stop flags: agreeing on "stop now" costs no GPU sync
         self.control_group = dist.new_group(backend="gloo")
 
+    def close(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
     def any_rank(self, flag):
         """True if `flag` is true on any rank (CPU all-reduce; identity without DDP)."""
         if not self.ddp:
@@ -139,6 +239,15 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] (a one-element list without DDP)."""
+        if not self.ddp:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control_group)
+        return out
+
     def device_name(self):
         if self.device_type == "cuda":
             return torch.cuda.get_device_name(self.device)
@@ -147,14 +256,10 @@ class Runtime:
     def peak_flops(self):
         if self.device_type != "cuda" or self.dtype == "float32":
             return None
-        name = self.device_name()
-        for key, flops in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return flops
-        return None
+        return next((f for key, f in PEAK_BF16_FLOPS.items() if key in self.device_name()), None)
 
     def env(self):
-        return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
                 "device": self.device_name(), "device_type": self.device_type, "dtype": self.dtype,
                 "compile": self.compile, "world_size": self.world_size,
                 "cuda": torch.version.cuda if self.device_type == "cuda" else None}
@@ -181,13 +286,10 @@ def eval_windows(model, data, starts, block_size, batch_size, device, ctx):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        idx = [s for s in starts[i:i + batch_size]]
-        x = torch.from_numpy(np.stack([data[s:s + block_size] for s in idx]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in idx]).astype(np.int64)).to(device)
+        x, y = (t.to(device) for t in stack_windows(data, starts[i:i + batch_size], block_size))
         with ctx:
             logits, _ = model(x)
-        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        total += nll.item()
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
         count += y.numel()
     return total / count / LN2
 
@@ -200,13 +302,11 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
     windows = sliding_windows(len(data), block_size, stride)
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        group = windows[i:i + batch_size]
         by_len = {}
-        for w in group:  # all windows have length block_size except when the data is shorter
+        for w in windows[i:i + batch_size]:  # all windows have length block_size unless the data is shorter
             by_len.setdefault(w[1], []).append(w)
         for length, ws in by_len.items():
-            x = torch.from_numpy(np.stack([data[s:s + length] for s, _, _ in ws]).astype(np.int64)).to(device)
-            y = torch.from_numpy(np.stack([data[s + 1:s + 1 + length] for s, _, _ in ws]).astype(np.int64)).to(device)
+            x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in ws], length))
             with ctx:
                 logits, _ = model(x)
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, length)
@@ -218,17 +318,7 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
     return total / count / LN2, count
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
+# ----------------------------------------------------------------------------- small pieces of the loop
 
 def atomic_write_json(obj, path):
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -238,66 +328,40 @@ def atomic_write_json(obj, path):
     os.replace(tmp, path)
 
 
-def rng_states():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise TrainError(f"no checkpoint at {path}; train first, or check --out_dir")
+def append_jsonl(row, path):
+    """Append one JSON line; a symlink at `path` is refused, not followed (O_NOFOLLOW)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise TrainError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise TrainError(f"cannot append to {path}: {e.strerror} (a symlink is refused); remove it, "
+                         f"or use another --out_dir") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
-def check_compatible(ckpt, kind, model_args, runtime_keys, path):
-    if ckpt.get("model_kind") != kind:
-        script = MODEL_MODULES.get(ckpt.get("model_kind"), "?") + ".py"
-        raise TrainError(f"{path} holds a '{ckpt.get('model_kind')}' model, not '{kind}'; "
-                         f"use {script} for it, or another --out_dir")
-    old = ckpt.get("model_args", {})
-    diff = [f"{k}={old.get(k)!r} (run: {v!r})" for k, v in model_args.items()
-            if k not in runtime_keys and old.get(k) != v]
-    if diff:
-        raise TrainError(f"{path} has a different architecture: {', '.join(diff)}; "
-                         f"drop those overrides to resume, or use another --out_dir")
+@dataclass
+class Counters:
+    """Where the run stands; saved in checkpoints (the first five) so resume continues exactly."""
+    iter_num: int = 0
+    tokens: int = 0
+    train_time: float = 0.0  # seconds of training steps, without compile/warm-up and evals
+    best_val: float = float("inf")
+    best_iter: int = -1
+    warmup_s: float = 0.0  # this process: the first step after (re)start, compile included
+    eval_s: float = 0.0
+    run_time: float = 0.0  # this process: training time and tokens behind tokens_per_s
+    run_tokens: int = 0
+    interval_time: float = 0.0  # since the last eval, for the metrics row
+    interval_tokens: int = 0
 
-
-def model_from_checkpoint(path, device="cpu"):
-    """(model, checkpoint) for any run's ckpt.pt/best.pt, whichever script wrote it."""
-    ckpt = load_checkpoint(path)
-    kind = ckpt.get("model_kind")
-    if kind not in MODEL_MODULES:
-        raise TrainError(f"{path} has unknown model_kind {kind!r}")
-    module = importlib.import_module(MODEL_MODULES[kind])
-    args = dict(ckpt["model_args"])
-    if "attn_impl" in args:  # a GPU run's 'flex' must not follow its checkpoint onto a CPU
-        args["attn_impl"] = "auto"
-    model = module.model_from_config(args)
-    model.load_state_dict(ckpt["model"])
-    model.set_step(ckpt.get("iter_num", 0))
-    return model.to(device).eval(), ckpt
-
-
-# ----------------------------------------------------------------------------- the loop
 
 class StopFlag:
-    """SIGINT/SIGTERM: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
+    """SIGINT/SIGTERM during training: finish the step, checkpoint, exit (a second SIGINT aborts at once).
+    Outside training (the final test evaluation) both signals interrupt at once. restore() puts back
+    the handlers it replaced."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.saved = None, {}
 
     def install(self):
         def handler(signum, frame):
@@ -305,318 +369,354 @@ class StopFlag:
                 raise KeyboardInterrupt
             self.signum = signum
         for s in (signal.SIGINT, signal.SIGTERM):
+            self.saved[s] = signal.signal(s, handler)
+
+    def interrupt_now(self):
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+        for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, handler)
 
-
-def main(argv, kind, model_defaults, build_model, config_cls, out_dir, validate=None):
-    """Entry point for a training script. Returns the process exit code."""
-    cfg = configurator.resolve_or_exit(defaults_for(model_defaults, out_dir), argv, TYPES)
-    try:
-        return run(cfg, kind, build_model, config_cls, validate=validate)
-    except (TrainError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    def restore(self):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+        self.saved = {}
 
 
-def finalize_config(cfg, rt):
-    cfg = dict(cfg)
-    if cfg["min_lr"] is None:
-        cfg["min_lr"] = cfg["learning_rate"] / 10
-    if cfg["lr_decay_iters"] is None:
-        cfg["lr_decay_iters"] = cfg["max_iters"]
-    if cfg["eval_stride"] is None:
-        cfg["eval_stride"] = max(1, cfg["block_size"] // 2)
-    if not 1 <= cfg["eval_stride"] <= cfg["block_size"]:
-        raise TrainError(f"eval_stride={cfg['eval_stride']} must be in [1, block_size={cfg['block_size']}]")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise TrainError(f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
-    if cfg["eval_only"] and cfg["init_from"] != "resume":
-        raise TrainError("--eval_only=True evaluates a checkpoint: add --init_from=resume")
-    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
-        if cfg[k] < 1:
-            raise TrainError(f"{k} must be at least 1, got {cfg[k]}")
-    if cfg["gradient_accumulation_steps"] % rt.world_size:
-        raise TrainError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
-                         f"by the number of DDP ranks ({rt.world_size})")
-    return cfg
+# ----------------------------------------------------------------------------- the trainer
 
+class Trainer:
+    def __init__(self, cfg, kind, rt, ds, ckpt, build_model):
+        self.cfg, self.kind, self.rt, self.ds, self.say = cfg, kind, rt, ds, rt.say
+        self.out_dir = cfg["out_dir"]
+        self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
+        self.model_args = {k: cfg[k] for k in MODELS[kind].defaults()}
+        self.model_args["vocab_size"] = 256
+        self.c = Counters()
+        self.build(build_model)
+        if ckpt is not None:
+            self.resume(ckpt)
 
-def run(cfg, kind, build_model, config_cls, validate=None):
-    rt = Runtime(cfg)
-    cfg = finalize_config(cfg, rt)
-    model_args = {k: cfg[k] for k in config_cls.__dataclass_fields__ if k in cfg}
-    model_args["vocab_size"] = 256
-    try:  # impossible settings are one-line errors at start-up, not crashes mid-run
-        config_cls.from_dict(cfg).validate()
-        if validate is not None:
-            validate(cfg, rt)  # model-specific checks that need the device
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    ds = ByteDataset(cfg["data_dir"])
-    ds.check_block_size(cfg["block_size"])
-    rt.init_distributed()
-    try:
-        return _run(cfg, kind, build_model, config_cls, model_args, rt, ds)
-    finally:
+    # --- build and resume
+    def build(self, build_model):
+        cfg, rt = self.cfg, self.rt
+        for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+            seed_fn(cfg["seed"] + rt.rank)
+        if rt.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.gen = torch.Generator().manual_seed(cfg["seed"] * SEED_STRIDE + rt.rank)  # each rank its own windows
+        self.model = (build_model or MODELS[self.kind].build)(cfg).to(rt.device)
+        self.optimizer = self.model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
+                                                        (cfg["beta1"], cfg["beta2"]), rt.device_type)
+        self.fwd = torch.compile(self.model) if rt.compile else self.model  # eval and, without DDP, training
+        self.train_fwd = self.fwd
         if rt.ddp:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.train_fwd = DDP(self.fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        self.tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+        self.grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
 
-
-def _run(cfg, kind, build_model, config_cls, model_args, rt, ds):
-    out_dir = cfg["out_dir"]
-    say = print if rt.master else (lambda *a, **k: None)
-    if rt.master:
-        os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    torch.manual_seed(cfg["seed"] + rt.rank)
-    random.seed(cfg["seed"] + rt.rank)
-    np.random.seed(cfg["seed"] + rt.rank)
-    if rt.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rt.rank)  # each rank draws its own windows
-
-    model = build_model(cfg)
-    iter_num, best_val, best_iter, train_time, tokens_seen, ckpt = 0, float("inf"), -1, 0.0, 0, None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt, kind, model_args, getattr(config_cls, "RUNTIME_KEYS", ()), ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_bpc"]
-        best_iter, train_time = ckpt.get("best_iter", -1), ckpt.get("train_time_s", 0.0)
-        tokens_seen = ckpt.get("tokens", 0)
-    model.to(rt.device)
-    env = rt.env()
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
-    say(f"{kind}: {model.num_params() / 1e6:.2f}M parameters (non-embedding), {tokens_per_iter:,} tokens/iter, "
-        f"torch {torch.__version__}, {env['device']}, world size {rt.world_size}")
-    for note in rt.notes:
-        say("  " + note)
-    say("config: " + json.dumps(cfg, sort_keys=True))
-    if rt.master and not cfg["eval_only"]:
-        atomic_write_json(cfg, os.path.join(out_dir, "config.json"))
-
-    eval_model = torch.compile(model) if rt.compile else model
-    if cfg["eval_only"]:
-        return _eval_only(cfg, model, eval_model, ds, rt, ckpt, say)
-
-    optimizer = model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
-                                          (cfg["beta1"], cfg["beta2"]), rt.device_type)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    def resume(self, ckpt):
+        rt, c = self.rt, self.c
+        self.model.load_state_dict(ckpt["model"])
+        c.iter_num, c.best_val = ckpt["iter_num"], ckpt["best_val_bpc"]
+        c.best_iter, c.train_time, c.tokens = ckpt.get("best_iter", -1), ckpt.get("train_time_s", 0.0), ckpt.get("tokens", 0)
+        if self.cfg["eval_only"]:
+            return
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") is not None:
             rt.scaler.load_state_dict(ckpt["scaler"])
         gens = ckpt["data_generator"]
         if len(gens) != rt.world_size:
-            say(f"note: checkpoint was written with {len(gens)} ranks, now {rt.world_size}: "
-                f"ranks beyond the saved ones keep their fresh seeds")
+            self.say(f"note: checkpoint was written with {len(gens)} ranks, now {rt.world_size}: "
+                     f"ranks beyond the saved ones keep their fresh seeds")
         if rt.rank < len(gens):
-            gen.set_state(gens[rt.rank])
-            set_rng_states(ckpt["rng"][rt.rank])
-        say(f"resumed from {ckpt_path} at iter {iter_num} (best val {best_val:.4f} bpc at iter {best_iter})")
-    ckpt = None  # free memory
-    train_model = eval_model
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(eval_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+            self.gen.set_state(gens[rt.rank])
+            checkpoint.set_rng_states(ckpt["rng"][rt.rank])
+        self.say(f"resumed from {self.ckpt_path} at iter {c.iter_num} (best val {c.best_val:.4f} bpc at iter {c.best_iter})")
 
-    stop = StopFlag()
-    stop.install()
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    peak = rt.peak_flops()
-    flops_per_token = model.flops_per_token()
-    start_iter = iter_num
-    warmup_s, eval_s = 0.0, 0.0
-    interval_time, interval_tokens = 0.0, 0
-    run_time, run_tokens = 0.0, 0  # this process only: throughput excludes warm-up and evals
-    loss_sum, loss_n = torch.zeros((), device=rt.device), 0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
-    last_val, stop_reason = None, "max_iters"
-    bar = None
-    if rt.master and cfg["progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
+    # --- the loop
+    def fit(self):
+        cfg, rt, c = self.cfg, self.rt, self.c
+        self.start_iter, self.stop = c.iter_num, StopFlag()
+        self.loss_sum, self.loss_n = torch.zeros((), device=rt.device), 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+        self.last_val, self.bar = None, self.progress_bar()
+        self.stop.install()
+        try:
+            while True:
+                lr = self.set_schedule()
+                time_up = cfg["max_time_s"] > 0 and c.train_time >= cfg["max_time_s"]
+                done = c.iter_num >= cfg["max_iters"] or rt.any_rank(time_up)
+                resumed_here = c.iter_num == self.start_iter > 0  # already evaluated before the checkpoint
+                if done or (c.iter_num % cfg["eval_interval"] == 0 and not resumed_here):
+                    self.evaluate_and_save(lr)
+                if done:
+                    break
+                self.train_step()
+                if rt.any_rank(self.stop.signum is not None):
+                    return self.stop_on_signal()
+            if self.bar is not None:
+                self.bar.close()
+            self.stop.interrupt_now()  # the final test: Ctrl-C or SIGTERM stop it at once
+            return self.finish("max_time_s" if time_up else "max_iters")
+        finally:
+            self.stop.restore()
 
-    def check_finite(where):
-        if rt.any_rank(bool(nonfinite.item())):
-            raise TrainError(f"the training loss became NaN or inf ({where}); the last good checkpoint in "
-                             f"{out_dir} was kept; lower learning_rate or warmup more, and resume or restart")
-
-    def save(path_best=False):
-        per_rank = [(gen.get_state(), rng_states())]  # every rank's data stream and RNGs
-        if rt.ddp:
-            import torch.distributed as dist
-            per_rank = [None] * rt.world_size
-            dist.all_gather_object(per_rank, (gen.get_state(), rng_states()), group=rt.control_group)
-        if not rt.master:
-            return
-        ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-              "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None,
-              "iter_num": iter_num, "best_val_bpc": best_val, "best_iter": best_iter, "config": cfg,
-              "model_args": model_args, "model_kind": kind, "rng": [r for _, r in per_rank],
-              "data_generator": [g for g, _ in per_rank],
-              "train_time_s": train_time, "tokens": tokens_seen, "env": env}
-        atomic_torch_save(ck, ckpt_path)
-        if path_best:
-            tmp = os.path.join(out_dir, f"best.pt.tmp.{os.getpid()}")
-            shutil.copyfile(ckpt_path, tmp)
-            os.replace(tmp, os.path.join(out_dir, "best.pt"))
-
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
+    def set_schedule(self):
+        lr = get_lr(self.c.iter_num, self.cfg)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        model.set_step(iter_num)
-        time_up = cfg["max_time_s"] > 0 and train_time >= cfg["max_time_s"]
-        done = iter_num >= cfg["max_iters"] or rt.any_rank(time_up)
-        if done and time_up:
-            stop_reason = "max_time_s"
+        self.model.set_step(self.c.iter_num)
+        return lr
 
-        if (iter_num % cfg["eval_interval"] == 0 or done) and not (iter_num == start_iter and start_iter > 0 and not done):
-            t0 = time.time()
-            check_finite(f"before iter {iter_num}")
-            row = None
-            if rt.master:
-                val = eval_windows(eval_model, ds.splits["val"], ds.val_windows(cfg["block_size"], cfg["eval_iters"] * cfg["batch_size"]),
-                                   cfg["block_size"], cfg["batch_size"], rt.device, rt.ctx)
-                last_val = val
-                improved = val < best_val
-                if improved:
-                    best_val, best_iter = val, iter_num
-                tps = interval_tokens / interval_time if interval_time > 0 else None
-                row = {"iter": iter_num, "tokens": tokens_seen, "elapsed_s": round(train_time, 3), "lr": lr,
-                       "train_bpc": (loss_sum.item() / loss_n / LN2) if loss_n else None, "val_bpc": val,
-                       "tokens_per_s": tps, "mfu": (flops_per_token * tps / peak) if (tps and peak) else None}
-                row.update(model.diagnostics())
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if bar is not None:
-                    bar.set_postfix_str(progress_text(row), refresh=True)
-            else:
-                improved = False
-            improved = rt.any_rank(improved)
-            save(path_best=improved)
-            loss_sum.zero_()
-            loss_n, interval_time, interval_tokens = 0, 0.0, 0
-            model.train()
-            eval_s += time.time() - t0
-        if done:
-            break
-
-        # ---- one optimizer step
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; its time counts as training time, except the
+        first step after a (re)start, which carries compile and warm-up."""
+        cfg, rt, c = self.cfg, self.rt, self.c
         t0 = time.time()
-        for micro in range(grad_accum):
-            x, y = ds.get_batch("train", cfg["batch_size"], cfg["block_size"], gen)
+        for micro in range(self.grad_accum):
+            x, y = self.ds.get_batch("train", cfg["batch_size"], cfg["block_size"], self.gen)
             if rt.device_type == "cuda":
                 x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
             if rt.ddp:  # sync gradients only on the last micro step
-                train_model.require_backward_grad_sync = micro == grad_accum - 1
+                self.train_fwd.require_backward_grad_sync = micro == self.grad_accum - 1
             with rt.ctx:
-                _, loss = train_model(x, y)
-                aux = model.aux_loss()
-                total = loss if aux is None else loss + aux
-            rt.scaler.scale(total / grad_accum).backward()
-            loss_sum += loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss.detach())
-            loss_n += 1
+                _, loss = self.train_fwd(x, y)
+            rt.scaler.scale(loss / self.grad_accum).backward()
+            self.loss_sum += loss.detach().float()
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+            self.loss_n += 1
         if cfg["grad_clip"] > 0:
-            rt.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        rt.scaler.step(optimizer)
+            rt.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        rt.scaler.step(self.optimizer)
         rt.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        tokens_seen += tokens_per_iter
-
-        log_now = iter_num % cfg["log_interval"] == 0
+        self.optimizer.zero_grad(set_to_none=True)
+        c.iter_num += 1
+        c.tokens += self.tokens_per_iter
+        log_now = c.iter_num % cfg["log_interval"] == 0
         if log_now:
             if rt.device_type == "cuda":
                 torch.cuda.synchronize()
-            check_finite(f"at iter {iter_num}")
+            self.check_finite(f"at iter {c.iter_num}")
         dt = time.time() - t0
-        if iter_num == start_iter + 1:  # compile and warm-up: timed separately, not training time
-            warmup_s += dt
+        if c.iter_num == self.start_iter + 1:
+            c.warmup_s += dt
         else:
-            train_time += dt
-            interval_time += dt
-            interval_tokens += tokens_per_iter
-            run_time += dt
-            run_tokens += tokens_per_iter
-        if bar is not None:
-            bar.update(1)
-            if log_now and loss_n:
-                bar.set_postfix_str(progress_text({"train_bpc": loss_sum.item() / loss_n / LN2,
-                                                   "val_bpc": last_val,
-                                                   "tokens_per_s": interval_tokens / interval_time if interval_time else None,
-                                                   **model.diagnostics()}))
-        if rt.any_rank(stop.signum is not None):
-            save()
-            if bar is not None:
-                bar.close()
-            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-            say(f"stopped by {name} after iter {iter_num}: checkpoint written to {ckpt_path}; "
-                f"continue with --init_from=resume")
-            return 128 + (stop.signum or signal.SIGTERM)
-    if bar is not None:
-        bar.close()
+            c.train_time += dt
+            c.interval_time += dt
+            c.interval_tokens += self.tokens_per_iter
+            c.run_time += dt
+            c.run_tokens += self.tokens_per_iter
+        if self.bar is not None:
+            self.bar.update(1)
+            if log_now and self.loss_n:
+                self.bar.set_postfix_str(progress_text({
+                    "train_bpc": self.loss_sum.item() / self.loss_n / LN2, "val_bpc": self.last_val,
+                    "tokens_per_s": c.interval_tokens / c.interval_time if c.interval_time else None,
+                    **self.model.diagnostics()}))
 
-    final = {"model_kind": kind, "iters": iter_num, "tokens": tokens_seen, "train_time_s": train_time,
-             "warmup_s": warmup_s, "eval_time_s": eval_s, "stop_reason": stop_reason,
-             "tokens_per_s": run_tokens / run_time if run_time > 0 else None,
-             "n_params": model.num_params(), "val_bpc": last_val, "best_val_bpc": best_val, "best_iter": best_iter,
-             "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "env": env}
-    final.update(model.diagnostics())
-    if rt.ddp:  # every rank checksums its own weights; equal sums show the ranks stayed in sync
-        import torch.distributed as dist
-        mine = float(sum(p.detach().double().sum().item() for p in model.parameters()))
-        sums = [None] * rt.world_size
-        dist.all_gather_object(sums, mine, group=rt.control_group)
-        final["rank_param_checksums"] = sums
-    if rt.master:
+    def check_finite(self, where):
+        if self.rt.any_rank(bool(self.nonfinite.item())):
+            raise TrainError(f"the training loss became NaN or inf ({where}); the last good checkpoint in "
+                             f"{self.out_dir} was kept; lower learning_rate or warm up longer, and resume or restart")
+
+    # --- evaluate and checkpoint
+    def val_bpc(self, model=None):
+        cfg = self.cfg
+        starts = self.ds.val_windows(cfg["block_size"], cfg["eval_iters"] * cfg["batch_size"])
+        return eval_windows(model or self.fwd, self.ds.splits["val"], starts, cfg["block_size"], cfg["batch_size"],
+                            self.rt.device, self.rt.ctx)
+
+    def test_bpc(self):
+        cfg = self.cfg
+        return evaluate_stream(self.fwd, self.ds.splits["test"], cfg["block_size"], cfg["eval_stride"],
+                               cfg["batch_size"], self.rt.device, self.rt.ctx)
+
+    def evaluate_and_save(self, lr):
+        rt, c = self.rt, self.c
+        t0 = time.time()
+        self.check_finite(f"before iter {c.iter_num}")
+        improved = False
+        if rt.master:
+            val = self.last_val = self.val_bpc()
+            improved = val < c.best_val
+            if improved:
+                c.best_val, c.best_iter = val, c.iter_num
+            tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else None
+            peak, fpt = rt.peak_flops(), self.model.flops_per_token()
+            row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3), "lr": lr,
+                   "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
+                   "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None}
+            row.update(self.model.diagnostics())
+            append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
+            if self.bar is not None:
+                self.bar.set_postfix_str(progress_text(row), refresh=True)
+        self.save(best=rt.any_rank(improved))
+        self.loss_sum.zero_()
+        self.loss_n, c.interval_time, c.interval_tokens = 0, 0.0, 0
+        self.model.train()
+        c.eval_s += time.time() - t0
+
+    def save(self, best=False):
+        """ckpt.pt (and best.pt) atomically, from finite weights only: a NaN never replaces a good file."""
+        rt, c = self.rt, self.c
+        per_rank = rt.gather((self.gen.get_state(), checkpoint.rng_states()))  # every rank's stream and RNGs
+        if rt.any_rank(not all(torch.isfinite(p).all() for p in self.model.parameters())):
+            raise TrainError(f"the weights are not finite at iter {c.iter_num}; not checkpointing them: the last "
+                             f"good checkpoint in {self.out_dir} was kept")
+        ck = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+              "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None,
+              "iter_num": c.iter_num, "best_val_bpc": c.best_val, "best_iter": c.best_iter, "config": self.cfg,
+              "model_args": self.model_args, "model_kind": self.kind, "rng": [r for _, r in per_rank],
+              "data_generator": [g for g, _ in per_rank], "train_time_s": c.train_time, "tokens": c.tokens,
+              "env": rt.env()}
+        if not rt.master:
+            return
+        try:
+            checkpoint.save(ck, self.ckpt_path)
+            if best:
+                tmp = os.path.join(self.out_dir, f"best.pt.tmp.{os.getpid()}")
+                shutil.copyfile(self.ckpt_path, tmp)
+                os.replace(tmp, os.path.join(self.out_dir, "best.pt"))
+        except OSError as e:
+            raise TrainError(f"cannot write a checkpoint in {self.out_dir}: {e.strerror or e}; the previous one is "
+                             f"intact; free some space (or use another --out_dir) and resume") from None
+
+    def stop_on_signal(self):
+        self.check_finite(f"at iter {self.c.iter_num}, when the signal came")
+        self.save()
+        if self.bar is not None:
+            self.bar.close()
+        signum = self.stop.signum or signal.SIGTERM
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
+        self.say(f"stopped by {name} after iter {self.c.iter_num}: checkpoint written to {self.ckpt_path}; "
+                 f"continue with --init_from=resume")
+        return 128 + signum
+
+    # --- finish
+    def finish(self, stop_reason):
+        rt, c, cfg = self.rt, self.c, self.cfg
+        final = {"model_kind": self.kind, "iters": c.iter_num, "tokens": c.tokens, "train_time_s": c.train_time,
+                 "warmup_s": c.warmup_s, "eval_time_s": c.eval_s, "stop_reason": stop_reason,
+                 "tokens_per_s": c.run_tokens / c.run_time if c.run_time > 0 else None,
+                 "n_params": self.model.num_params(), "val_bpc": self.last_val, "best_val_bpc": c.best_val,
+                 "best_iter": c.best_iter, "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"],
+                 "data_dir": cfg["data_dir"], "env": rt.env()}
+        final.update(self.model.diagnostics())
+        if rt.ddp:  # every rank checksums its own weights; equal sums show the ranks stayed in sync
+            final["rank_param_checksums"] = rt.gather(float(sum(p.detach().double().sum().item()
+                                                                for p in self.model.parameters())))
+        if not rt.master:
+            return 0
         if cfg["final_test"]:
             t0 = time.time()
-            final["test_bpc"], final["test_bytes_scored"] = evaluate_stream(
-                eval_model, ds.splits["test"], cfg["block_size"], cfg["eval_stride"], cfg["batch_size"], rt.device, rt.ctx)
-            if best_iter not in (-1, iter_num) and os.path.exists(os.path.join(out_dir, "best.pt")):
-                best_state = torch.load(os.path.join(out_dir, "best.pt"), map_location="cpu", weights_only=False)
-                model.load_state_dict(best_state["model"])
-                model.set_step(best_state["iter_num"])
-                final["test_bpc_best_val_ckpt"], _ = evaluate_stream(
-                    eval_model, ds.splits["test"], cfg["block_size"], cfg["eval_stride"], cfg["batch_size"], rt.device, rt.ctx)
+            final["test_bpc"], final["test_bytes_scored"] = self.test_bpc()
+            best_path = os.path.join(self.out_dir, "best.pt")
+            if c.best_iter not in (-1, c.iter_num) and os.path.exists(best_path):
+                best = checkpoint.load(best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
+                self.model.load_state_dict(best["model"])
+                self.model.set_step(best["iter_num"])
+                final["test_bpc_best_val_ckpt"], _ = self.test_bpc()
             final["test_eval_s"] = time.time() - t0
-        atomic_write_json(final, os.path.join(out_dir, "final.json"))
+        atomic_write_json(final, os.path.join(self.out_dir, "final.json"))
         test = f", test {final['test_bpc']:.4f} bpc" if "test_bpc" in final else ""
         tps = f"{final['tokens_per_s']:,.0f}" if final["tokens_per_s"] else "n/a"
-        say(f"done ({stop_reason}): {iter_num} iters, {tokens_seen:,} tokens, {train_time:.1f}s training "
-            f"(+{warmup_s:.1f}s compile/warm-up, {eval_s:.1f}s eval), {tps} tokens/s; "
-            f"val {last_val:.4f} bpc (best {best_val:.4f} at iter {best_iter}){test}. Wrote {out_dir}/final.json")
-    return 0
+        self.say(f"done ({stop_reason}): {c.iter_num} iters, {c.tokens:,} tokens, {c.train_time:.1f}s training "
+                 f"(+{c.warmup_s:.1f}s compile/warm-up, {c.eval_s:.1f}s eval), {tps} tokens/s; val "
+                 f"{self.last_val:.4f} bpc (best {c.best_val:.4f} at iter {c.best_iter}){test}. "
+                 f"Wrote {self.out_dir}/final.json")
+        return 0
+
+    def eval_only(self):
+        cfg, c = self.cfg, self.c
+        self.model.set_step(c.iter_num)
+        if not self.rt.master:
+            return 0
+        val = self.val_bpc()
+        test, n = self.test_bpc()
+        out = {"iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
+               "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
+               "env": self.rt.env()}
+        out.update(self.model.diagnostics())
+        atomic_write_json(out, os.path.join(self.out_dir, "eval.json"))
+        self.say(f"checkpoint at iter {c.iter_num}: val {val:.4f} bpc, test {test:.4f} bpc "
+                 f"({n:,} bytes, stride {cfg['eval_stride']}); wrote {self.out_dir}/eval.json")
+        return 0
+
+    def progress_bar(self):
+        if not (self.rt.master and self.cfg["progress"]):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg["max_iters"], initial=self.c.iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
 
 
 def progress_text(row):
     parts = []
     for key, fmt in (("train_bpc", "train {:.3f}"), ("val_bpc", "val {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                     ("sparsity", "sparsity {:.2f}"), ("aux_loss", "aux {:.3g}")):
+                     ("sparsity", "sparsity {:.2f}")):
         if row.get(key) is not None:
             parts.append(fmt.format(row[key]))
     return " | ".join(parts)
 
 
-def _eval_only(cfg, model, eval_model, ds, rt, ckpt, say):
-    model.set_step(ckpt["iter_num"])
-    if not rt.master:
-        return 0
-    val = eval_windows(eval_model, ds.splits["val"], ds.val_windows(cfg["block_size"], cfg["eval_iters"] * cfg["batch_size"]),
-                       cfg["block_size"], cfg["batch_size"], rt.device, rt.ctx)
-    test, n = evaluate_stream(eval_model, ds.splits["test"], cfg["block_size"], cfg["eval_stride"],
-                              cfg["batch_size"], rt.device, rt.ctx)
-    out = {"iter": ckpt["iter_num"], "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
-           "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
-           "env": rt.env()}
-    out.update(model.diagnostics())
-    atomic_write_json(out, os.path.join(cfg["out_dir"], "eval.json"))
-    say(f"checkpoint at iter {ckpt['iter_num']}: val {val:.4f} bpc, test {test:.4f} bpc "
-        f"({n:,} bytes, stride {cfg['eval_stride']}); wrote {cfg['out_dir']}/eval.json")
-    return 0
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv, kind, build_model=None):
+    """Entry point of a training script (kind: 'baseline' or 'asca'). Returns the process exit code.
+    build_model(cfg) -> GPT replaces the kind's builder (tests use it to inject faults)."""
+    cfg = configurator.resolve_or_exit(defaults_for(kind), argv, TYPES)
+    try:
+        return run(cfg, kind, explicit_keys(argv), build_model)
+    except (TrainError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {cfg['out_dir']}/ckpt.pt holds the last checkpoint: continue with "
+              f"--init_from=resume, or test it with --eval_only=True --init_from=resume", file=sys.stderr)
+        return 130
+
+
+def run(cfg, kind, explicit=(), build_model=None):
+    rt = Runtime(cfg)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        need = checkpoint.MODEL_KEYS + ("iter_num", "best_val_bpc", "config") if cfg["eval_only"] else checkpoint.TRAINING_KEYS
+        ckpt = checkpoint.load(ckpt_path, require=need)
+        check_kind(ckpt, kind, ckpt_path)  # before any other check: the clearest error comes first
+        cfg = resume_config(cfg, ckpt["config"], explicit, rt.say)
+    cfg = finalize_config(cfg, kind, rt)
+    if ckpt is not None:
+        check_architecture(ckpt, kind, cfg, ckpt_path)
+    elif not cfg["eval_only"]:
+        there = [f for f in RUN_FILES if os.path.lexists(os.path.join(cfg["out_dir"], f))]
+        if there:
+            raise TrainError(f"{cfg['out_dir']} already holds a run ({', '.join(there)}); continue it with "
+                             f"--init_from=resume, or start over with another --out_dir (or delete that one first)")
+    ds = ByteDataset(cfg["data_dir"])
+    ds.check_block_size(cfg["block_size"])
+    rt.init_distributed()
+    try:
+        if rt.master:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            for name in checkpoint.remove_stale_temps(cfg["out_dir"]):
+                rt.say(f"removed {name}, left by a process that no longer runs")
+        trainer = Trainer(cfg, kind, rt, ds, ckpt, build_model)
+        ckpt = None  # free memory
+        env = rt.env()
+        rt.say(f"{kind}: {trainer.model.num_params() / 1e6:.2f}M parameters (non-embedding), "
+               f"{trainer.tokens_per_iter:,} tokens/iter, torch {torch.__version__}, {env['device']}, "
+               f"world size {rt.world_size}")
+        for note in rt.notes:
+            rt.say("  " + note)
+        rt.say("config: " + json.dumps(cfg, sort_keys=True))
+        if cfg["eval_only"]:
+            return trainer.eval_only()
+        if rt.master:
+            atomic_write_json(cfg, os.path.join(cfg["out_dir"], "config.json"))
+        return trainer.fit()
+    finally:
+        rt.close()

@@ -36,9 +36,8 @@ def run_script(script, *args, env_extra=None, timeout=600):
 
 
 def train_in_process(module, args, build_model=None):
-    """Run a training script's main in this process (module: baseline_model or novel_model), on the
-    tiny config plus args; build_model replaces the module's model builder."""
+    """Run a training script's entry point in this process, exactly as its __main__ does (module:
+    baseline_model or novel_model), on the tiny config plus args; build_model replaces the model builder."""
     import trainer
-    return trainer.main([TINY, *args], kind=module.MODEL_KIND, model_defaults=module.MODEL_DEFAULTS,
-                        build_model=build_model or module.model_from_config, config_cls=getattr(module, "ASCAConfig", None)
-                        or module.GPTConfig, out_dir="out/test", validate=getattr(module, "validate", None))
+    kind = {"baseline_model": "baseline", "novel_model": "asca"}[module.__name__]
+    return trainer.main([TINY, *args], kind, build_model=build_model)

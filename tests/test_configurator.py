@@ -93,25 +93,19 @@ def test_include_builds_on_another_file(tmp_path):
         resolve(D, [str(tmp_path / "badkey.py")], T)
 
 
-@pytest.mark.parametrize("script,cfg", [("baseline_model", "train_enwik8.py"), ("novel_model", "train_enwik8_novel.py"),
-                                        ("baseline_model", "train_enwik8_long.py"), ("novel_model", "train_enwik8_long.py"),
-                                        ("baseline_model", "train_excerpt_cpu.py"),
-                                        ("novel_model", "train_excerpt_cpu_novel.py"), ("novel_model", "train_tiny.py")])
-def test_shipped_configs_resolve_and_build(script, cfg):
-    import importlib
+@pytest.mark.parametrize("kind,cfg", [("baseline", "train_enwik8.py"), ("asca", "train_enwik8_novel.py"),
+                                      ("baseline", "train_enwik8_long.py"), ("asca", "train_enwik8_long_novel.py"),
+                                      ("baseline", "train_excerpt_cpu.py"),
+                                      ("asca", "train_excerpt_cpu_novel.py"), ("asca", "train_tiny.py")])
+def test_shipped_configs_resolve_and_build(kind, cfg):
     import trainer
-    mod = importlib.import_module(script)
-    c = resolve(trainer.defaults_for(mod.MODEL_DEFAULTS, "x"), [os.path.join(ROOT, "config", cfg)], trainer.TYPES)
-    if script == "novel_model":
-        from novel_model import ASCAConfig
-        if cfg == "train_tiny.py":
-            c["sparse_block_size"] = 8
-        ASCAConfig.from_dict(c).validate()
-    else:
-        from baseline_model import GPTConfig
-        GPTConfig.from_dict(c).validate()
-    twin = {"train_enwik8_novel.py": "train_enwik8.py", "train_excerpt_cpu_novel.py": "train_excerpt_cpu.py"}.get(cfg)
+    from baseline_model import MODELS
+    c = resolve(trainer.defaults_for(kind), [os.path.join(ROOT, "config", cfg)], trainer.TYPES)
+    if cfg == "train_tiny.py":
+        c["sparse_block_size"] = 8
+    MODELS[kind].config_cls.from_dict(c).validate()
+    twin = {"train_enwik8_novel.py": "train_enwik8.py", "train_excerpt_cpu_novel.py": "train_excerpt_cpu.py",
+            "train_enwik8_long_novel.py": "train_enwik8_long.py"}.get(cfg)
     if twin:  # the ASCA configs differ from their baseline twins only in out_dir and ASCA keys
-        import baseline_model
-        b = resolve(trainer.defaults_for(baseline_model.MODEL_DEFAULTS, "x"), [os.path.join(ROOT, "config", twin)], trainer.TYPES)
+        b = resolve(trainer.defaults_for("baseline"), [os.path.join(ROOT, "config", twin)], trainer.TYPES)
         assert {k: v for k, v in c.items() if k in b and k != "out_dir"} == {k: v for k, v in b.items() if k != "out_dir"}

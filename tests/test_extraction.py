@@ -9,7 +9,7 @@ from PIL import Image
 
 import extraction
 from helpers import TINY, make_dataset, run_script
-from trainer import model_from_checkpoint
+from checkpoint import model_from_checkpoint
 
 ASCA_ARGS = ["--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmup_iters=4"]
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import baseline_model
+import checkpoint
 import trainer
 from baseline_model import GPT, GPTConfig, make_model
 from helpers import ROOT, TINY, make_dataset, run_script, train_in_process
@@ -156,7 +157,7 @@ def test_resume_refuses_other_architecture_and_kind(tmp_path, data_dir, capsys):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    trainer.atomic_torch_save({"v": 1}, path)
+    checkpoint.save({"v": 1}, path)
 
     def broken_save(obj, f):
         with open(f, "wb") as fh:
@@ -165,7 +166,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        trainer.atomic_torch_save({"v": 2}, path)
+        checkpoint.save({"v": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["v"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
