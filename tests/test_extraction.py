@@ -108,3 +108,31 @@ def test_errors_are_one_line(runs, tmp_path, case, needle):
             "long": [str(runs / "base"), "--length=65"]}[case]
     r = run_script("extraction.py", *args)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_comparison_flags_other_test_sets_and_stale_final_json(runs, tmp_path):
+    """Test bpc on another test set is not subtracted (issue 13); a final.json older than the metrics
+    (the run resumed after finishing) does not mask the newer numbers."""
+    import shutil
+    base, other, stale = tmp_path / "base", tmp_path / "other", tmp_path / "stale"
+    for src, dst in ((runs / "base", base), (runs / "asca", other), (runs / "asca", stale)):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("plots", "extract"))
+    other_data = make_dataset(tmp_path / "otherdata", seed=7)
+    for f in ("config.json", "final.json"):
+        d = json.load(open(other / f))
+        d["data_dir"] = other_data
+        json.dump(d, open(other / f, "w"))
+    rows = [json.loads(l) for l in open(stale / "metrics.jsonl")]
+    newer = dict(rows[-1], iter=rows[-1]["iter"] + 8, val_bpc=1.2345, tokens=rows[-1]["tokens"] * 2)
+    with open(stale / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(newer) + "\n")
+    assert extraction.main([str(base), str(other), str(stale), "--length=32"]) == 0
+    table = (base / "plots" / "comparison.md").read_text()
+    assert "Warning: other measured test bpc on another test set" in table
+    row = next(l for l in table.splitlines() if l.startswith("| other "))
+    assert "not comparable" in row
+    row = next(l for l in table.splitlines() if l.startswith("| stale "))
+    assert f"{newer['tokens']:,}" in row and row.split("|")[-2].strip() == "n/a"  # no test bpc until it finishes
+    assert "final.json is older than metrics.jsonl" in table
+    fs = json.load(open(stale / "final.json"))
+    assert f"{fs['test_bpc']:.4f}" not in row
