@@ -29,6 +29,8 @@ class GPTConfig:
 
     # keys that may differ between a checkpoint and a resumed run (they do not change the weights)
     RUNTIME_KEYS = ("dropout",)
+    # keys that describe the device a run used, not the model: reset when a checkpoint is loaded elsewhere
+    DEVICE_DEFAULTS = {}
 
     @classmethod
     def from_dict(cls, d):

@@ -7,6 +7,7 @@ file can run code, so a checkpoint that would import anything beyond tensors is 
 from before 2026-11-28 held numpy's RNG state as an ndarray; those few numpy names (and nothing else)
 are allowed so they still load.
 """
+import json
 import os
 import pickle
 import random
@@ -75,17 +76,32 @@ def load(path, require=TRAINING_KEYS):
     return ckpt
 
 
-def save(obj, path):
-    """Write `obj` to `path` atomically: a crash, a kill or a full disk leaves the old file whole."""
+def atomic_write(path, write):
+    """Write `path` atomically: write(tmp) fills a temp file beside it (NAME.tmp.PID), which is fsynced and
+    renamed over `path`. A crash, a kill or a full disk leaves the old file whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save(obj, path):
+    """A checkpoint dict to `path`, atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    """config.json, final.json, eval.json: atomically, indented, one trailing newline."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+    atomic_write(path, write)
 
 
 def remove_stale_temps(out_dir):
@@ -151,8 +167,7 @@ def model_from_checkpoint(path, device="cpu"):
     missing = [k for k in SHAPE_KEYS if k not in args]
     if missing:  # keys added later may be missing (they default to the old behaviour); the shape may not
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}; it cannot be rebuilt faithfully")
-    if "attn_impl" in args:  # a GPU run's 'flex' must not follow its checkpoint onto a CPU
-        args["attn_impl"] = "auto"
+    args.update(kind.config_cls.DEVICE_DEFAULTS)  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
     model = kind.build(args)
     try:
         model.load_state_dict(ckpt["model"])

@@ -45,6 +45,7 @@ class ASCAConfig(GPTConfig):
     attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters")
+    DEVICE_DEFAULTS = {"attn_impl": "auto"}
 
     def validate(self):
         super().validate()
@@ -69,7 +70,7 @@ class ASCAConfig(GPTConfig):
             if device_type != "cuda":
                 raise ValueError(f"attn_impl='flex' needs a CUDA device (this run uses {device_type}); "
                                  f"use attn_impl='reference' or 'auto'")
-            if self.sparse_block_size % 16:
+            if self.sparse_block_size % 16:  # FlexAttention's smallest kernel tile is 16: tiles must divide S
                 raise ValueError(f"attn_impl='flex' needs sparse_block_size to be a multiple of 16, "
                                  f"got {self.sparse_block_size}")
         if self.attn_impl in ("flex", "auto") and device_type == "cuda":
@@ -114,6 +115,22 @@ def keep_counts(nb, S, T, sparsity, keep_first):
     cum = torch.round(n_skip * torch.cumsum(skippable, 0).double() / total).long()
     skip = torch.diff(cum, prepend=torch.zeros(1, dtype=torch.long))
     return torch.arange(nb) - skip
+
+
+@dataclass
+class Selection:
+    """One layer's block choice in one forward: the record the kernels, diagnostics, extraction.py and
+    the tests all read (nb = padded length / S; tile b = queries b*S .. b*S+S-1; block j = keys likewise)."""
+    scores: torch.Tensor  # (B, nh, nb, nb) predictor scores; meaningful for j < b only
+    order: torch.Tensor  # (B, nh, nb, nb) int64: own block first, then the sink, then past blocks by score
+    n_past: torch.Tensor  # (nb,) int64: past blocks each tile keeps (own block not counted)
+    selected: torch.Tensor  # (B, nh, nb, nb) bool: kept blocks, own block included
+    gate_bias: torch.Tensor  # (B, nh, nb, nb) >= fp32: logsigmoid(score) on kept past blocks, 0 elsewhere
+    seq_len: int  # real tokens; blocks past them are padding
+
+    def detach(self):
+        return Selection(*(t.detach() for t in (self.scores, self.order, self.n_past, self.selected, self.gate_bias)),
+                         self.seq_len)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -178,7 +195,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
                              persistent=False)
         self.sparsity = 0.0
         self.set_step(0)
-        self._last = None
+        self.last_selection = None  # Selection of the last forward
 
     # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
     def set_step(self, iter_num):
@@ -230,11 +247,12 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         acc = torch.promote_types(scores.dtype, torch.float32)
         return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
 
-    def plan(self, q, k):
-        """Everything the kernels need: scores, order, n_past, selected blocks and the gate bias."""
+    def plan(self, q, k, seq_len=None):
+        """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
         scores, order, n_past = self.select(q, k)
         selected = self.block_selection(order, n_past)
-        return scores, order, n_past, selected, self.gate_bias(scores, selected)
+        return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected),
+                         q.shape[2] if seq_len is None else seq_len)
 
     def pad_to_blocks(self, *ts, bucket=False):
         """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future.
@@ -252,18 +270,16 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         T0 = q.shape[2]
         impl = self.resolved_impl(q.device)
         q, k, v = self.pad_to_blocks(q, k, v, bucket=impl == "flex")
-        scores, order, n_past, selected, bias = self.plan(q, k)
-        if impl == "flex":
-            y = self.attend_flex(q, k, v, order, n_past, selected, bias)
-        else:
-            y = self.attend_reference(q, k, v, selected, bias)
-        self._last = (selected.detach(), n_past.detach(), T0, bias.detach())
+        sel = self.plan(q, k, T0)
+        y = self.attend_flex(q, k, v, sel) if impl == "flex" else self.attend_reference(q, k, v, sel)
+        self.last_selection = sel.detach()  # diagnostics(), extraction.py and tests read it
         return y[:, :, :T0]
 
-    def reference_probs(self, q, k, selected, bias):
+    def reference_probs(self, q, k, sel):
         """(keep mask (B, nh, T, T) bool, attention probabilities (B, nh, T, T) in >= fp32)."""
         T = q.shape[2]
         S = self.S
+        selected, bias = sel.selected, sel.gate_bias
         mask = selected.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)  # (B, nh, T, T)
         mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         acc = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in >= fp32
@@ -271,9 +287,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         att = (q @ k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(q.shape[-1])) + add
         return mask, F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
 
-    def attend_reference(self, q, k, v, selected, bias):
+    def attend_reference(self, q, k, v, sel):
         """Dense attention under the expanded block mask: any device, the definition of the function."""
-        att = self.reference_probs(q, k, selected, bias)[1].to(q.dtype)
+        att = self.reference_probs(q, k, sel)[1].to(q.dtype)
         if self.training and self.dropout > 0:
             att = F.dropout(att, p=self.dropout)
         return att @ v
@@ -285,46 +301,22 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         q, k, _ = self.qkv(x)
         T0 = q.shape[2]
         q, k = self.pad_to_blocks(q, k)
-        scores, _, _, selected, bias = self.plan(q, k)
-        mask, probs = self.reference_probs(q, k, selected, bias)
+        sel = self.plan(q, k, T0)
+        mask, probs = self.reference_probs(q, k, sel)
         return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
-                "block_selection": selected, "gate_scores": scores.float()}
+                "block_selection": sel.selected, "gate_scores": sel.scores.float()}
 
-    def attend_flex(self, q, k, v, order, n_past, selected, bias, compiled=True):
-        """FlexAttention over the selected blocks only: BlockMask built from the block indices.
-
-        Partial (masked) blocks: the own block. Full blocks: the kept past blocks. A compiled kernel
-        reads these lists and applies mask_mod to partial blocks only, so there causality is the whole
-        mask. Uncompiled flex_attention applies only the mask_mod and ignores the lists, so there the
-        mask_mod must state the selection. Inside a torch.compile'd model we pass the causal-only
-        mask_mod: the selection is stated once (the lists), and inductor's CPU flex template computes
-        wrong attention when mask_mod reads a tensor made inside the same graph (torch 2.13:
-        scripts/repro_flex_cpu_captured_mask.py; the CUDA lowering is checked by the CUDA tests).
-        """
-        from torch.nn.attention.flex_attention import BlockMask
+    def attend_flex(self, q, k, v, sel, compiled=True):
+        """FlexAttention over the selected blocks only (see build_block_mask), gate bias in score_mod."""
         if self.training and self.dropout > 0:
             raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
-        B, H, T, hs = q.shape
-        S = self.S
-        nb = T // S
-        idx = order.to(torch.int32)
-        partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=q.device)
-        full_num = n_past.to(torch.int32).expand(B, H, nb).contiguous()
-        full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (own block was first)
-        traced = torch.compiler.is_compiling()  # being compiled into a whole-model graph
-
-        def causal_mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
-
-        def selection_mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
+        S, bias = self.S, sel.gate_bias
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx // S, kv_idx // S]
 
-        block_mask = BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(),
-                                              BLOCK_SIZE=S, mask_mod=causal_mask_mod if traced else selection_mask_mod,
-                                              seq_lengths=(T, T))
+        # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
+        block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())
         return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                            kernel_options=flex_kernel_options(S, q.device.type))
 
@@ -333,9 +325,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
         skipped), skipped-block fraction (of causal blocks, own block included), per head; the
         scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks."""
-        if self._last is None:
+        if self.last_selection is None:
             return {}
-        selected, n_past, T, bias = self._last
+        last = self.last_selection
+        selected, T, bias = last.selected, last.seq_len, last.gate_bias
         S = self.S
         nb = -(-T // S)  # blocks holding real tokens (the flex path may pad further)
         selected, bias = selected[..., :nb, :nb], bias[..., :nb, :nb]
@@ -368,8 +361,41 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
                 + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
         g = self.predictor.gate_dim
         hs = self.n_embd // self.n_head
+        # predictor per head and sequence: q MLP (hs*g + g*g) and key projection (hs*g) on nb rows each, and
+        # the nb x nb score matrix (g*nb per row); x2 for multiply-add, x3 for forward + backward = 6,
+        # spread over the T tokens of the sequence
         gate = 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb) / T)
         return 6 * self.n_embd * T * kept + gate
+
+
+def build_block_mask(sel, S, state_selection=True):
+    """The FlexAttention BlockMask of a Selection, from its block indices (no mask evaluated over T x T).
+
+    Partial (masked) blocks: each tile's own block. Full blocks: its kept past blocks, best first. A
+    compiled kernel visits exactly these blocks and applies mask_mod to the partial ones only, where
+    causality is the whole rule. Uncompiled flex_attention ignores the lists and applies only the
+    mask_mod, so with state_selection=True the mask_mod also states the selection (the function is the
+    same either way). Inside a torch.compile'd model pass False: inductor's CPU flex template computes
+    wrong attention when a mask_mod reads a tensor made in the same graph (torch 2.13,
+    scripts/repro_flex_cpu_captured_mask.py); the block lists carry the selection there.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    B, H, nb, _ = sel.order.shape
+    idx = sel.order.to(torch.int32)
+    partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=idx.device)
+    full_num = sel.n_past.to(torch.int32).expand(B, H, nb).contiguous()
+    full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (the own block was first)
+    selected = sel.selected
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def causal_and_selected(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
+
+    return BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(), BLOCK_SIZE=S,
+                                    mask_mod=causal_and_selected if state_selection else causal,
+                                    seq_lengths=(nb * S, nb * S))
 
 
 def flex_kernel_options(S, device_type="cuda"):

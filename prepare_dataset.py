@@ -230,18 +230,19 @@ def looks_like_xz(path):
     return head == XZ_MAGIC or path.lower().endswith(".xz")
 
 
-def _unpack_xz(path, scratch_dir):
-    """Stream-decompress an .xz file to a temp file in scratch_dir (the bundled excerpt is one)."""
-    import lzma
+def _unpack(path, scratch_dir, open_member, errors, what):
+    """Stream the bytes open_member() yields into a temp file in scratch_dir and map it (never whole in
+    memory); `errors` raised on the way mean a broken archive: a one-line DataError naming `what`."""
     tmp = os.path.join(scratch_dir, f".input.tmp.{os.getpid()}")
     try:
         os.makedirs(scratch_dir, exist_ok=True)
-        with lzma.open(path) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-    except (lzma.LZMAError, EOFError) as e:
+        with open_member() as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)  # zip: raises BadZipFile on a CRC mismatch at the end
+    except errors as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DataError(f"{path} is not a valid .xz file ({e}); it may be truncated: get it again") from None
+        raise DataError(f"{path} is not a valid {what} ({type(e).__name__}: {e}); it may be truncated: get it "
+                        f"again (a raw file must not be named .zip or .xz)") from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -250,46 +251,36 @@ def _unpack_xz(path, scratch_dir):
         os.remove(tmp)
         return b"", None
     return np.memmap(tmp, dtype=np.uint8, mode="r"), tmp
+
+
+def _zip_member(path):
+    """Open the single member of the zip at `path` (a DataError if it holds none or several)."""
+    z = zipfile.ZipFile(path)
+    members = [m for m in z.infolist() if not m.is_dir()]
+    if len(members) != 1:
+        z.close()
+        names = ", ".join(m.filename for m in members[:5]) or "none"
+        raise DataError(f"the zip {path} must hold exactly one file, it holds "
+                        f"{len(members)} ({names}); unzip it and pass the file with --input")
+    return z.open(members[0])
 
 
 def open_input(path, scratch_dir):
     """(uint8 buffer of the input's bytes, temp file to delete or None).
 
-    A zip (by name or by its first bytes) must be a valid zip holding one file: its member is streamed
-    to a temp file in scratch_dir (CRC checked as it is read, never held whole in memory) and mapped.
-    Any other file is mapped as it is."""
+    A zip (by name or by its first bytes) must be a valid zip holding one file, an .xz file a valid xz
+    stream: either is streamed to a temp file in scratch_dir and mapped. Any other file is mapped as it is."""
+    import lzma
     if not os.path.isfile(path):
         raise DataError(f"input {path} does not exist or is not a file")
     if os.path.getsize(path) == 0:
         return b"", None
     if looks_like_xz(path):
-        return _unpack_xz(path, scratch_dir)
-    if not looks_like_zip(path):
-        return np.memmap(path, dtype=np.uint8, mode="r"), None
-    tmp = os.path.join(scratch_dir, f".input.tmp.{os.getpid()}")
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = [m for m in z.infolist() if not m.is_dir()]
-            if len(members) != 1:
-                names = ", ".join(m.filename for m in members[:5]) or "none"
-                raise DataError(f"the zip {path} must hold exactly one file, it holds "
-                                f"{len(members)} ({names}); unzip it and pass the file with --input")
-            os.makedirs(scratch_dir, exist_ok=True)
-            with z.open(members[0]) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)  # raises BadZipFile on a CRC mismatch
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DataError(f"{path} is not a valid zip ({type(e).__name__}: {e}); it may be truncated: "
-                        f"download it again (a raw file must not be named .zip)") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if os.path.getsize(tmp) == 0:
-        os.remove(tmp)
-        return b"", None
-    return np.memmap(tmp, dtype=np.uint8, mode="r"), tmp
+        return _unpack(path, scratch_dir, lambda: lzma.open(path), (lzma.LZMAError, EOFError), ".xz file")
+    if looks_like_zip(path):
+        return _unpack(path, scratch_dir, lambda: _zip_member(path),
+                       (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError), "zip")
+    return np.memmap(path, dtype=np.uint8, mode="r"), None
 
 
 def read_input(path):

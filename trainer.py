@@ -47,7 +47,8 @@ TRAIN_DEFAULTS = dict(
 )
 TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str)
 # On resume these come from this command, everything else from the checkpoint unless given as --key=value.
-THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress", "attn_impl")
+THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress")
+# (plus each model config's DEVICE_DEFAULTS keys, such as ASCA's attn_impl)
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
 SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
 
@@ -75,12 +76,13 @@ def explicit_keys(argv):
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a}
 
 
-def resume_config(cfg, saved, explicit, say):
+def resume_config(cfg, kind, saved, explicit, say):
     """The resumed run's config: the checkpoint's, except this command's THIS_RUN_KEYS and --key=value
     overrides (each override is reported). Keys newer than the checkpoint keep their defaults."""
     merged, overridden, kept = dict(cfg), [], []
+    this_run = THIS_RUN_KEYS + tuple(MODELS[kind].config_cls.DEVICE_DEFAULTS)
     for key, old in saved.items():
-        if key not in merged or key in THIS_RUN_KEYS:
+        if key not in merged or key in this_run:
             continue
         if key in explicit:
             if merged[key] != old:
@@ -319,14 +321,6 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
 
 
 # ----------------------------------------------------------------------------- small pieces of the loop
-
-def atomic_write_json(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
 
 def append_jsonl(row, path):
     """Append one JSON line; a symlink at `path` is refused, not followed (O_NOFOLLOW)."""
@@ -578,9 +572,8 @@ class Trainer:
         try:
             checkpoint.save(ck, self.ckpt_path)
             if best:
-                tmp = os.path.join(self.out_dir, f"best.pt.tmp.{os.getpid()}")
-                shutil.copyfile(self.ckpt_path, tmp)
-                os.replace(tmp, os.path.join(self.out_dir, "best.pt"))
+                checkpoint.atomic_write(os.path.join(self.out_dir, "best.pt"),
+                                        lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
         except OSError as e:
             raise TrainError(f"cannot write a checkpoint in {self.out_dir}: {e.strerror or e}; the previous one is "
                              f"intact; free some space (or use another --out_dir) and resume") from None
@@ -621,7 +614,7 @@ class Trainer:
                 self.model.set_step(best["iter_num"])
                 final["test_bpc_best_val_ckpt"], _ = self.test_bpc()
             final["test_eval_s"] = time.time() - t0
-        atomic_write_json(final, os.path.join(self.out_dir, "final.json"))
+        checkpoint.write_json(final, os.path.join(self.out_dir, "final.json"))
         test = f", test {final['test_bpc']:.4f} bpc" if "test_bpc" in final else ""
         tps = f"{final['tokens_per_s']:,.0f}" if final["tokens_per_s"] else "n/a"
         self.say(f"done ({stop_reason}): {c.iter_num} iters, {c.tokens:,} tokens, {c.train_time:.1f}s training "
@@ -641,7 +634,7 @@ class Trainer:
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
                "env": self.rt.env()}
         out.update(self.model.diagnostics())
-        atomic_write_json(out, os.path.join(self.out_dir, "eval.json"))
+        checkpoint.write_json(out, os.path.join(self.out_dir, "eval.json"))
         self.say(f"checkpoint at iter {c.iter_num}: val {val:.4f} bpc, test {test:.4f} bpc "
                  f"({n:,} bytes, stride {cfg['eval_stride']}); wrote {self.out_dir}/eval.json")
         return 0
@@ -687,7 +680,7 @@ def run(cfg, kind, explicit=(), build_model=None):
         need = checkpoint.MODEL_KEYS + ("iter_num", "best_val_bpc", "config") if cfg["eval_only"] else checkpoint.TRAINING_KEYS
         ckpt = checkpoint.load(ckpt_path, require=need)
         check_kind(ckpt, kind, ckpt_path)  # before any other check: the clearest error comes first
-        cfg = resume_config(cfg, ckpt["config"], explicit, rt.say)
+        cfg = resume_config(cfg, kind, ckpt["config"], explicit, rt.say)
     cfg = finalize_config(cfg, kind, rt)
     if ckpt is not None:
         check_architecture(ckpt, kind, cfg, ckpt_path)
@@ -716,7 +709,7 @@ def run(cfg, kind, explicit=(), build_model=None):
         if cfg["eval_only"]:
             return trainer.eval_only()
         if rt.master:
-            atomic_write_json(cfg, os.path.join(cfg["out_dir"], "config.json"))
+            checkpoint.write_json(cfg, os.path.join(cfg["out_dir"], "config.json"))
         return trainer.fit()
     finally:
         rt.close()

@@ -58,7 +58,7 @@ def test_extraction_arrays_plots_and_comparison(runs):
     with torch.no_grad():
         model(torch.from_numpy(a["tokens"].astype(np.int64))[None])
     for l, blk in enumerate(model.transformer.h):
-        assert np.array_equal(blk.attn._last[0][0].numpy(), a["block_selection"][l])
+        assert np.array_equal(blk.attn.last_selection.selected[0].numpy(), a["block_selection"][l])
     diag = model.diagnostics()
     assert np.allclose(a["pair_sparsity"], np.array(diag["sparsity_per_head_per_layer"]), atol=1e-6)
     assert a["pair_sparsity"].mean() > 0.3

@@ -203,7 +203,7 @@ def test_sparsity_schedule_and_measurement():
         assert 0 <= d["block_sparsity"] <= d["sparsity"] + 1e-9 or want == 0
     # measured from the selection itself: count kept pairs by brute force on one layer
     attn = model.transformer.h[0].attn
-    sel = attn._last[0][0, 0]
+    sel = attn.last_selection.selected[0, 0]
     kept = sum(1 for i in range(128) for j in range(i + 1) if sel[i // 8, j // 8])
     assert d["sparsity_per_layer"][0] == pytest.approx(1 - kept / (128 * 129 / 2), abs=1e-6)
 
@@ -213,40 +213,51 @@ def test_sparsity_schedule_and_measurement():
 def _flex_inputs(a, B=2, H=2, T=128, hs=8, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, H, T, hs, generator=g, dtype=dtype).to(device) for _ in range(3))
-    scores, order, n_past = a.select(q, k)
-    sel = a.block_selection(order, n_past)
-    return q, k, v, order, n_past, sel, a.gate_bias(scores, sel)
+    return q, k, v, a.plan(q, k)
 
 
 def test_flex_path_forward_matches_reference_on_cpu():
     """Compiled FlexAttention (CPU forward) reads the BlockMask's block lists: equal to the reference."""
     a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
-    q, k, v, order, n_past, sel, bias = _flex_inputs(a, hs=16)
+    q, k, v, sel = _flex_inputs(a, hs=16)
     with torch.no_grad():  # FlexAttention has no backward on CPU; CUDA tests cover gradients
-        ref = a.attend_reference(q, k, v, sel, bias)
-        got = a.attend_flex(q, k, v, order, n_past, sel, bias, compiled=True)
+        ref = a.attend_reference(q, k, v, sel)
+        got = a.attend_flex(q, k, v, sel, compiled=True)
     assert (got - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("target", [0.0, 0.6, 0.8])
+def test_block_mask_covers_exactly_the_selected_blocks(target):
+    """The claim that work is skipped: the BlockMask the flex path builds lists exactly `selected`
+    (own block as the one partial block, the kept past blocks as full blocks), nothing else."""
+    a = attn_module(T=128, S=16, hs=16, target=target, dtype=torch.float32)
+    _, _, _, sel = _flex_inputs(a, hs=16)
+    for state_selection in (True, False):
+        bm = nm.build_block_mask(sel, 16, state_selection=state_selection)
+        assert torch.equal(bm.to_dense().bool(), sel.selected)
+        assert (bm.kv_num_blocks == 1).all() and torch.equal(bm.full_kv_num_blocks[0, 0], sel.n_past.int())
+    nb = 8
+    assert sel.selected.sum().item() == 2 * 2 * (nb + sel.n_past.sum().item())  # own + kept past, per (b, h)
+
+
 def test_flex_kernel_visits_only_listed_blocks_on_cpu():
-    """With a causal-only mask_mod, the compiled kernel still computes only the listed blocks (so it
+    """With the causal-only mask_mod, the compiled kernel still computes only the listed blocks (so it
     skips work), while uncompiled flex applies only the mask_mod and is dense: the two differ."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
     a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
-    q, k, v, order, n_past, sel, bias = _flex_inputs(a, hs=16)
-    B, H, T, _ = q.shape
-    nb = T // 16
-    bm = BlockMask.from_kv_blocks(torch.ones(B, H, nb, dtype=torch.int32), order.to(torch.int32).contiguous(),
-                                  n_past.to(torch.int32).expand(B, H, nb).contiguous(),
-                                  torch.roll(order, -1, -1).to(torch.int32).contiguous(), BLOCK_SIZE=16,
-                                  mask_mod=lambda b, h, qi, ki: qi >= ki)
+    q, k, v, sel = _flex_inputs(a, hs=16)
+    bm = nm.build_block_mask(sel, 16, state_selection=False)
     compiled = nm.flex_attention_fn(True)(q, k, v, block_mask=bm)
     eager = flex_attention(q, k, v, block_mask=bm)
-    sparse_ref = a.attend_reference(q, k, v, sel, torch.zeros_like(bias))
+    no_gate = nm.Selection(sel.scores, sel.order, sel.n_past, sel.selected, torch.zeros_like(sel.gate_bias), 128)
+    sparse_ref = a.attend_reference(q, k, v, no_gate)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (compiled - sparse_ref).abs().max().item() < 1e-5
     assert (eager - dense).abs().max().item() < 1e-5
     assert (compiled - dense).abs().max().item() > 1e-2
+    # stating the selection in the mask_mod makes the uncompiled path the same function
+    eager_sel = flex_attention(q, k, v, block_mask=nm.build_block_mask(sel, 16, state_selection=True))
+    assert (eager_sel - sparse_ref).abs().max().item() < 1e-5
 
 
 def test_padded_length_buckets_keep_flex_shapes_few():

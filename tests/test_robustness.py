@@ -19,6 +19,7 @@ import novel_model
 import trainer
 from baseline_model import GPT, GPTConfig
 from helpers import ROOT, TINY, make_dataset, run_script, train_in_process
+from test_trainer import NaNAfter
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +39,17 @@ def one_line(err):
 
 # ----------------------------------------------------------------------------- data loss
 
-class NaNThenSignal(GPT):
-    """Loss NaN from iteration 6; at iteration 7 the process gets a signal (a user's Ctrl-C after divergence)."""
+class NaNThenSignal(NaNAfter):
+    """NaNAfter (loss NaN from iteration 6), and at iteration 7 a signal: a user's Ctrl-C after divergence."""
 
     def __init__(self, cfg, sig):
         super().__init__(GPTConfig.from_dict(cfg))
-        self.sig, self.step = sig, 0
-
-    def set_step(self, it):
-        self.step = it
+        self.sig = sig
 
     def forward(self, idx, targets=None):
-        logits, loss = super().forward(idx, targets)
-        if loss is not None and self.training and self.step >= 6:
-            loss = loss * float("nan")
-            if self.step == 7:
-                os.kill(os.getpid(), self.sig)
-        return logits, loss
+        if self.training and getattr(self, "step", 0) == 7:
+            os.kill(os.getpid(), self.sig)
+        return super().forward(idx, targets)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
