@@ -26,11 +26,18 @@ class GPTConfig:
     n_embd: int = 512
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms; False is a bit better and faster
+    pos_encoding: str = "learned"  # 'learned' (a position table, GPT-2) or 'rope' (rotary q/k, Su et al. 2021)
+    rope_base: float = 10000.0  # rotary frequencies base ** (-2i / head_size)
+    qk_norm: bool = False  # RMS-normalise q and k per head before the dot product
+    mlp_act: str = "gelu"  # 'gelu' or 'relu2' (squared ReLU, So et al. 2021)
+    tie_embeddings: bool = True  # input embedding = output head (Press & Wolf 2017)
 
     # keys that may differ between a checkpoint and a resumed run (they do not change the weights)
     RUNTIME_KEYS = ("dropout",)
     # keys that describe the device a run used, not the model: reset when a checkpoint is loaded elsewhere
     DEVICE_DEFAULTS = {}
+    # what a checkpoint written before a key existed meant by its absence (the behaviour of that time)
+    LEGACY = {"pos_encoding": "learned", "qk_norm": False, "mlp_act": "gelu", "tie_embeddings": True}
 
     @classmethod
     def from_dict(cls, d):
@@ -45,13 +52,41 @@ class GPTConfig:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key, allowed in (("pos_encoding", ("learned", "rope")), ("mlp_act", ("gelu", "relu2"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be one of {', '.join(allowed)}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_encoding='rope' needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base}")
 
     def check_device(self, device_type, dtype, training):
         """Raise ValueError (one line) if this config cannot run on the device; the dense GPT runs anywhere."""
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer): rotates pairs (x_i, x_{i+hs/2}) of q and k
+    by angle pos * base^(-2i/hs), so q_m . k_n depends on m - n only."""
+
+    def __init__(self, head_size, max_len, base):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, hs/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x):  # (B, nh, T, hs)
+        T, half = x.shape[2], x.shape[3] // 2
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through SDPA (flash attention on CUDA)."""
+    """Multi-head causal self-attention through SDPA (flash attention on CUDA).
+
+    qkv() gives q and k after qk_norm but before rotary positions; attend() rotates them (position()),
+    so a subclass can read position-free q and k (ASCA's predictor does)."""
 
     def __init__(self, config):
         super().__init__()
@@ -59,14 +94,25 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        hs = config.n_embd // config.n_head
+        self.rotary = Rotary(hs, config.block_size, config.rope_base) if config.pos_encoding == "rope" else None
 
     def qkv(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
-        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        if self.qk_norm:  # no gain: the norm bounds the logits, the projections learn the scale
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        return q, k, v
+
+    def position(self, q, k):
+        """q and k with rotary positions applied (unchanged with learned positions)."""
+        return (self.rotary(q), self.rotary(k)) if self.rotary is not None else (q, k)
 
     def attend(self, q, k, v):
+        q, k = self.position(q, k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                               dropout_p=self.dropout if self.training else 0.0)
 
@@ -79,7 +125,7 @@ class CausalSelfAttention(nn.Module):
     @torch.no_grad()
     def attention_map(self, x):
         """For analysis (extraction.py): attention probabilities (B, nh, T, T) for layer input x."""
-        q, k, _ = self.qkv(x)
+        q, k = self.position(*self.qkv(x)[:2])
         T = q.shape[2]
         att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -98,8 +144,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+        self.act = F.gelu if config.mlp_act == "gelu" else (lambda h: F.relu(h).square())
+
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -122,15 +170,18 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_encoding == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **parts,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, attn_cls) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -146,15 +197,24 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the lookup tables (position table, untied input embedding),
+        which cost no matmul FLOPs (a tied embedding counts once, as the output head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, 256): every position, for tests and eval
@@ -192,13 +252,63 @@ class GPT(nn.Module):
         T = T or self.config.block_size
         return 6 * self.num_params() + sum(a.attn_flops_per_token(T) for a in self.attention_modules())
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; decay only on matrices (>= 2-D), not on biases, norms or gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    def muon_params(self):
+        """The hidden matrices Muon orthogonalises: the Linear weights inside the blocks (attention and MLP
+        projections). Embeddings, the head, norms, gains and the sparsity predictor's tensors stay with AdamW."""
+        return [m.weight for m in self.transformer.h.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                            muon_lr=0.02, muon_momentum=0.95):
+        """AdamW (decay only on matrices, >= 2-D, not on biases, norms or gains); with optimizer='muon',
+        torch.optim.Muon on muon_params() and AdamW on everything else. Every parameter is in exactly one
+        group; groups carry lr_scale so one schedule drives both (lr of a group = schedule lr * lr_scale)."""
+        muon = {id(p) for p in self.muon_params()} if optimizer == "muon" else set()
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if optimizer == "adamw":
+            return adamw
+        mu = torch.optim.Muon([{"params": self.muon_params(), "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                              weight_decay=weight_decay, momentum=muon_momentum)
+        return Optimizers(mu, adamw)
+
+
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): one
+    param_groups list for the schedule and GradScaler, one state_dict for checkpoints."""
+
+    def __init__(self, *opts):  # deliberately no super().__init__: the parts own the state
+        self.opts = opts
+        self.defaults = {}
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces the parts' group dicts
+        return [g for o in self.opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {k: v for o in self.opts for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state):
+        if len(state.get("parts", ())) != len(self.opts):
+            raise ValueError(f"the checkpoint's optimizer has {len(state.get('parts', ()))} parts, this one "
+                             f"{len(self.opts)}: it was written with another `optimizer` setting")
+        for o, s in zip(self.opts, state["parts"]):
+            o.load_state_dict(s)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -167,6 +167,8 @@ def model_from_checkpoint(path, device="cpu"):
     missing = [k for k in SHAPE_KEYS if k not in args]
     if missing:  # keys added later may be missing (they default to the old behaviour); the shape may not
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}; it cannot be rebuilt faithfully")
+    for key, old in kind.config_cls.LEGACY.items():  # keys the checkpoint predates: the behaviour of its time
+        args.setdefault(key, old)
     args.update(kind.config_cls.DEVICE_DEFAULTS)  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
     model = kind.build(args)
     try:

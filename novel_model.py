@@ -42,10 +42,13 @@ class ASCAConfig(GPTConfig):
     sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
     keep_first_block: bool = True  # block 0 always kept (attention sink)
     gate_dim: int = 32  # width of the sparsity predictor per head
+    gate_input: str = "unrotated"  # the predictor reads q, k 'unrotated' (position-free) or 'rotated' (rope only)
+    gate_dist_bias: bool = True  # a learned per-head bias by block distance in the predictor's scores
     attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}
+    LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True}
 
     def validate(self):
         super().validate()
@@ -63,6 +66,8 @@ class ASCAConfig(GPTConfig):
             raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} must be one of {', '.join(ATTN_IMPLS)}")
+        if self.gate_input not in ("unrotated", "rotated"):
+            raise ValueError(f"gate_input={self.gate_input!r} must be 'unrotated' or 'rotated'")
 
     def check_device(self, device_type, dtype, training):
         """Start-up checks that need the device: a path this device lacks is a one-line ValueError."""
@@ -142,13 +147,14 @@ class ContentBasedAdaptiveSparsity(nn.Module):
     Entries with j >= b are meaningless and masked by the caller.
     """
 
-    def __init__(self, n_head, head_size, gate_dim, n_blocks):
+    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True):
         super().__init__()
         self.gate_dim = gate_dim
         self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
         self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
         self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
-        self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks)))  # index: b - j - 1
+        # index: b - j - 1; without it the scores see no distance (a content-only gate)
+        self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks))) if dist_bias else None
         self.offset = nn.Parameter(torch.empty(n_head))
         self.reset_parameters()
 
@@ -156,7 +162,8 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         # nn.Parameters, not Linear/Embedding: GPT._init_weights leaves them to this
         for w in (self.wq1, self.wq2, self.wk):
             nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
-        nn.init.zeros_(self.dist_bias)
+        if self.dist_bias is not None:
+            nn.init.zeros_(self.dist_bias)
         # start near-neutral: logsigmoid(2) = -0.13 on every past block
         nn.init.constant_(self.offset, 2.0)
 
@@ -168,9 +175,12 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         gq = torch.einsum("bhng,hgf->bhnf", F.gelu(torch.einsum("bhnd,hdg->bhng", qt, self.wq1)), self.wq2)
         gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
         scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, nb, nb)
+        scores = scores + self.offset[None, :, None, None]
+        if self.dist_bias is None:
+            return scores
         b = torch.arange(nb, device=q.device)
         dist = (b[:, None] - b[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (nb, nb)
-        return scores + self.dist_bias[:, dist][None] + self.offset[None, :, None, None]
+        return scores + self.dist_bias[:, dist][None]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -187,7 +197,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self.impl = config.attn_impl
         self.block_size = config.block_size
         self.predictor = ContentBasedAdaptiveSparsity(config.n_head, config.n_embd // config.n_head,
-                                                      config.gate_dim, config.block_size // self.S)
+                                                      config.gate_dim, config.block_size // self.S,
+                                                      dist_bias=config.gate_dist_bias)
+        # with rotary positions the mean of rotated keys mixes positions; by default the predictor reads
+        # the position-free q and k (its distance bias supplies position), the attention the rotated ones
+        self.gate_rotated = config.gate_input == "rotated"
         nb = config.block_size // self.S
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
         # changes Python values that torch.compile would guard on (no recompiles during warm-up)
@@ -269,9 +283,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def attend(self, q, k, v):
         T0 = q.shape[2]
         impl = self.resolved_impl(q.device)
-        q, k, v = self.pad_to_blocks(q, k, v, bucket=impl == "flex")
-        sel = self.plan(q, k, T0)
-        y = self.attend_flex(q, k, v, sel) if impl == "flex" else self.attend_reference(q, k, v, sel)
+        qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
+        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
+        qr, kr, v, gq, gk = self.pad_to_blocks(qr, kr, v, gq, gk, bucket=impl == "flex")
+        sel = self.plan(gq, gk, T0)
+        y = self.attend_flex(qr, kr, v, sel) if impl == "flex" else self.attend_reference(qr, kr, v, sel)
         self.last_selection = sel.detach()  # diagnostics(), extraction.py and tests read it
         return y[:, :, :T0]
 
@@ -300,9 +316,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         scores for layer input x (B, T, C), as the reference path computes them."""
         q, k, _ = self.qkv(x)
         T0 = q.shape[2]
-        q, k = self.pad_to_blocks(q, k)
-        sel = self.plan(q, k, T0)
-        mask, probs = self.reference_probs(q, k, sel)
+        qr, kr = self.position(q, k)
+        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
+        qr, kr, gq, gk = self.pad_to_blocks(qr, kr, gq, gk)
+        sel = self.plan(gq, gk, T0)
+        mask, probs = self.reference_probs(qr, kr, sel)
         return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
                 "block_selection": sel.selected, "gate_scores": sel.scores.float()}
 

@@ -42,6 +42,8 @@ TRAIN_DEFAULTS = dict(
     batch_size=32, gradient_accumulation_steps=1,  # accumulation is the total across DDP ranks
     learning_rate=1e-3, min_lr=None, warmup_iters=200, lr_decay_iters=None, decay_lr=True,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    optimizer="adamw",  # 'adamw', or 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest
+    muon_lr=0.02, muon_momentum=0.95,  # Muon's peak lr (same warm-up and decay shape) and momentum
     # system
     device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,
 )
@@ -50,6 +52,7 @@ TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, de
 THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress")
 # (plus each model config's DEVICE_DEFAULTS keys, such as ASCA's attn_impl)
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
+TRAIN_LEGACY = {"optimizer": "adamw"}  # what a checkpoint from before a key existed ran with
 SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
 
 # Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
@@ -91,6 +94,10 @@ def resume_config(cfg, kind, saved, explicit, say):
         if merged[key] is not None and merged[key] != old:
             kept.append(f"{key}={old!r} (this command's config: {merged[key]!r})")
         merged[key] = old
+    legacy = {**TRAIN_LEGACY, **MODELS[kind].config_cls.LEGACY}
+    for key, old in legacy.items():  # a key the checkpoint predates: the behaviour of its time
+        if key not in saved and key not in explicit and key in merged:
+            merged[key] = old
     if overridden:
         say("resume: overriding the checkpoint's settings from the command line: " + ", ".join(overridden))
     if kept:
@@ -131,8 +138,14 @@ def finalize_config(cfg, kind, rt):
     _check(cfg["lr_decay_iters"] >= 0, f"lr_decay_iters must be >= 0, got {cfg['lr_decay_iters']}")
     for k in ("max_time_s", "weight_decay", "grad_clip"):
         _check(math.isfinite(cfg[k]) and cfg[k] >= 0, f"{k} must be a finite number >= 0, got {cfg[k]}")
-    for k in ("beta1", "beta2"):
+    for k in ("beta1", "beta2", "muon_momentum"):
         _check(0 <= cfg[k] < 1, f"{k} must be in [0, 1), got {cfg[k]}")
+    _check(cfg["optimizer"] in ("adamw", "muon"), f"optimizer={cfg['optimizer']!r} must be 'adamw' or 'muon'")
+    if cfg["optimizer"] == "muon":
+        _check(hasattr(torch.optim, "Muon"), f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), this is "
+                                             f"torch {torch.__version__}; use optimizer='adamw'")
+        _check(math.isfinite(cfg["muon_lr"]) and cfg["muon_lr"] > 0, f"muon_lr must be a positive finite number, "
+                                                                      f"got {cfg['muon_lr']}")
     for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
         _check(cfg[k] >= 1, f"{k} must be at least 1, got {cfg[k]}")
     if cfg["eval_stride"] is None:
@@ -402,7 +415,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg["seed"] * SEED_STRIDE + rt.rank)  # each rank its own windows
         self.model = (build_model or MODELS[self.kind].build)(cfg).to(rt.device)
         self.optimizer = self.model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
-                                                        (cfg["beta1"], cfg["beta2"]), rt.device_type)
+                                                        (cfg["beta1"], cfg["beta2"]), rt.device_type,
+                                                        cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
         self.fwd = torch.compile(self.model) if rt.compile else self.model  # eval and, without DDP, training
         self.train_fwd = self.fwd
         if rt.ddp:
@@ -418,7 +432,11 @@ class Trainer:
         c.best_iter, c.train_time, c.tokens = ckpt.get("best_iter", -1), ckpt.get("train_time_s", 0.0), ckpt.get("tokens", 0)
         if self.cfg["eval_only"]:
             return
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainError(f"{self.ckpt_path}: its optimizer state does not fit optimizer={self.cfg['optimizer']!r} "
+                             f"({str(e).splitlines()[0][:120]}); resume with the optimizer it was written with") from None
         if ckpt.get("scaler") is not None:
             rt.scaler.load_state_dict(ckpt["scaler"])
         gens = ckpt["data_generator"]
@@ -461,7 +479,7 @@ class Trainer:
     def set_schedule(self):
         lr = get_lr(self.c.iter_num, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         self.model.set_step(self.c.iter_num)
         return lr
 
