@@ -254,6 +254,15 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
+    def max_over_ranks(self, value):
+        """The largest `value` over the ranks (a float; CPU all-reduce; identity without DDP)."""
+        if not self.ddp:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return t.item()
+
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (a one-element list without DDP)."""
         if not self.ddp:
@@ -280,16 +289,19 @@ class Runtime:
                 "cuda": torch.version.cuda if self.device_type == "cuda" else None}
 
 
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT)."""
+def get_lr(it, cfg, pos=None):
+    """Linear warm-up over the first warmup_iters iterations, then cosine decay to min_lr at lr_decay_iters,
+    then min_lr (nanoGPT). `pos` is the position along the schedule in iterations (iteration runs: it; a time
+    budget: progress * max_iters, see Trainer.schedule_position); the warm-up always counts real steps."""
     lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
+    pos = it if pos is None else pos
     if not cfg["decay_lr"]:
         return lr
     if it < cfg["warmup_iters"]:
         return lr * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it > cfg["lr_decay_iters"]:
+    if pos > cfg["lr_decay_iters"]:
         return min_lr
-    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    ratio = max(0.0, pos - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
@@ -458,7 +470,7 @@ class Trainer:
         self.stop.install()
         try:
             while True:
-                lr = self.set_schedule()
+                lr = self.last_lr = self.set_schedule()
                 time_up = cfg["max_time_s"] > 0 and c.train_time >= cfg["max_time_s"]
                 done = c.iter_num >= cfg["max_iters"] or rt.any_rank(time_up)
                 resumed_here = c.iter_num == self.start_iter > 0  # already evaluated before the checkpoint
@@ -476,11 +488,24 @@ class Trainer:
         finally:
             self.stop.restore()
 
+    def schedule_position(self):
+        """(position along the schedules in iterations, progress in [0, 1]). Without a time budget the
+        position is the iteration. With max_time_s, progress = the larger of iterations / max_iters and
+        training time / max_time_s, and the position is progress * max_iters: the lr decay and the sparsity
+        warm-up then end when the budget does, however many iterations fit (ranks agree on the time)."""
+        c, cfg = self.c, self.cfg
+        if cfg["max_time_s"] <= 0:
+            return c.iter_num, c.iter_num / cfg["max_iters"] if cfg["max_iters"] else 1.0
+        t = self.rt.max_over_ranks(c.train_time)
+        progress = min(1.0, max(c.iter_num / cfg["max_iters"] if cfg["max_iters"] else 1.0, t / cfg["max_time_s"]))
+        return progress * cfg["max_iters"], progress
+
     def set_schedule(self):
-        lr = get_lr(self.c.iter_num, self.cfg)
+        pos, self.progress = self.schedule_position()
+        lr = get_lr(self.c.iter_num, self.cfg, pos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
-        self.model.set_step(self.c.iter_num)
+        self.model.set_step(pos)
         return lr
 
     def train_step(self):
@@ -559,7 +584,8 @@ class Trainer:
                 c.best_val, c.best_iter = val, c.iter_num
             tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else None
             peak, fpt = rt.peak_flops(), self.model.flops_per_token()
-            row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3), "lr": lr,
+            row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3),
+                   "progress": round(self.progress, 6), "lr": lr,
                    "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
                    "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None}
             row.update(self.model.diagnostics())
@@ -612,6 +638,7 @@ class Trainer:
         rt, c, cfg = self.rt, self.c, self.cfg
         final = {"model_kind": self.kind, "iters": c.iter_num, "tokens": c.tokens, "train_time_s": c.train_time,
                  "warmup_s": c.warmup_s, "eval_time_s": c.eval_s, "stop_reason": stop_reason,
+                 "max_iters": cfg["max_iters"], "max_time_s": cfg["max_time_s"], "final_lr": self.last_lr,
                  "tokens_per_s": c.run_tokens / c.run_time if c.run_time > 0 else None,
                  "n_params": self.model.num_params(), "val_bpc": self.last_val, "best_val_bpc": c.best_val,
                  "best_iter": c.best_iter, "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"],

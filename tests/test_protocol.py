@@ -1,0 +1,122 @@
+"""Equal wall-clock as a protocol (issue 10): schedules follow the time budget, iteration runs are
+unchanged, resume keeps the training time, and compare.py writes the table its runs' final.json give."""
+import json
+import math
+import os
+
+import pytest
+
+import compare
+import novel_model
+import trainer
+from helpers import TINY, make_dataset, train_in_process
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def nanogpt_lr(it, warmup, decay, lr, min_lr):
+    """nanoGPT's get_lr, written out again as the reference for iteration runs."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay:
+        return min_lr
+    ratio = (it - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def test_iteration_runs_keep_the_nanogpt_schedule_bitwise():
+    cfg = dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, lr_decay_iters=1000, decay_lr=True)
+    for it in range(0, 1100):
+        assert trainer.get_lr(it, cfg) == nanogpt_lr(it, 50, 1000, 2e-3, 2e-4), it
+        assert trainer.get_lr(it, cfg, it) == trainer.get_lr(it, cfg)
+
+
+def read_rows(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def test_a_time_budget_run_ends_at_min_lr_with_sparsity_at_target(tmp_path, data_dir):
+    out = tmp_path / "t"
+    # max_iters far beyond what 3 s allow: only the clock can end this run, and the schedules follow it
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_time_s=3",
+                                          "--max_iters=1000000", "--eval_interval=40", "--warmup_iters=5",
+                                          "--sparse_block_size=8", "--target_sparsity=0.5",
+                                          "--sparsity_warmup_iters=500000", "--final_test=False"]) == 0
+    final = json.load(open(out / "final.json"))
+    cfg = json.load(open(out / "config.json"))
+    assert final["stop_reason"] == "max_time_s" and final["iters"] < 1000000
+    assert final["final_lr"] == pytest.approx(cfg["min_lr"]) and abs(final["sparsity"] - 0.5) <= 0.02
+    rows = read_rows(out / "metrics.jsonl")
+    assert rows[-1]["progress"] == 1.0 and rows[-1]["lr"] == pytest.approx(cfg["min_lr"])
+    mid = [r for r in rows if 0.1 < r["progress"] < 0.9]
+    assert mid, rows  # the run decays along the way, not in one jump at the end
+    for r in mid:
+        assert r["progress"] == pytest.approx(r["elapsed_s"] / 3, abs=0.02)  # progress is the clock's
+        assert cfg["min_lr"] < r["lr"] < cfg["learning_rate"]
+    half = [r for r in rows if r["progress"] >= 0.55]
+    assert all(abs(r["sparsity"] - 0.5) <= 0.02 for r in half)  # warm-up ended at half the budget
+
+
+def test_resume_continues_the_training_time(tmp_path, data_dir):
+    out = tmp_path / "r"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=10", "--final_test=False"]
+    assert train_in_process(novel_model, common + ["--max_iters=20", "--sparse_block_size=8"]) == 0
+    saved = json.load(open(out / "final.json"))["train_time_s"]
+    budget = saved * 4
+    assert train_in_process(novel_model, common + ["--init_from=resume", "--max_iters=40",
+                                                   f"--max_time_s={budget}"]) == 0
+    rows = read_rows(out / "metrics.jsonl")
+    after = [r for r in rows if r["iter"] > 20]
+    assert after and all(r["progress"] >= max(r["iter"] / 40, saved / budget) - 1e-9 for r in after)
+    assert after[0]["elapsed_s"] > saved
+
+
+def write_spec(path, data_dir, out, second_args=()):
+    path.write_text(f'''
+RUNS = [("dense", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}"]),
+        ("sparse", "novel_model.py", ["{TINY}", "--data_dir={data_dir}", "--sparse_block_size=8",
+                                      "--target_sparsity=0.5", "--sparsity_warmup_iters=4", *{list(second_args)!r}])]
+BUDGET = {{"max_iters": 8}}
+SEEDS = [1, 2]
+OUT = "{out}"
+''')
+    return str(path)
+
+
+def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    assert compare.main([spec]) == 0
+    table = (out / "comparison.md").read_text()
+    finals = {(n, s): json.load(open(out / f"{n}_s{s}" / "final.json")) for n in ("dense", "sparse") for s in (1, 2)}
+    assert all(f["iters"] == 8 for f in finals.values())
+    for name in ("dense", "sparse"):
+        row = next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
+        tests = [finals[(name, s)]["test_bpc"] for s in (1, 2)]
+        m, sd = sum(tests) / 2, abs(tests[0] - tests[1]) / math.sqrt(2)
+        assert f"{m:.4f} ± {sd:.4f}" in row and "| 2/2 |" in row
+        diffs = [finals[(name, s)]["test_bpc"] - finals[("dense", s)]["test_bpc"] for s in (1, 2)]
+        assert f"{sum(diffs) / 2:+.4f}" in row
+        assert row.rstrip().endswith("| - |")  # same protocol as the first run
+    assert os.path.getsize(out / "compare_runs.png") > 5000
+    mtime = os.path.getmtime(out / "sparse_s2" / "final.json")
+    assert compare.main([spec]) == 0  # finished runs are kept, not run again
+    assert os.path.getmtime(out / "sparse_s2" / "final.json") == mtime
+
+
+def test_compare_flags_mixed_protocols(tmp_path, data_dir):
+    out = tmp_path / "mix"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out, second_args=("--block_size=32", "--eval_stride=16", "--target_sparsity=0.3"))
+    assert compare.main([spec, "--seeds", "1"]) == 0
+    row = next(l for l in (out / "comparison.md").read_text().splitlines() if l.startswith("| sparse |"))
+    assert "not comparable" in row and "**block_size**" in row and "**eval_stride**" in row
+
+
+def test_compare_spec_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("RUNS = []\nBUDGET = {'max_iters': 1}\n")
+    assert compare.main([str(bad)]) == 1
+    assert "RUNS must be a non-empty list" in capsys.readouterr().err
