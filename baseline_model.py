@@ -75,9 +75,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x):  # (B, nh, T, hs)
+    def forward(self, x, offset=0):  # (B, nh, T, hs) at positions offset .. offset+T-1
         T, half = x.shape[2], x.shape[3] // 2
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        cos, sin = self.cos[offset:offset + T].to(x.dtype), self.sin[offset:offset + T].to(x.dtype)
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -107,9 +107,9 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         return q, k, v
 
-    def position(self, q, k):
+    def position(self, q, k, offset=0):
         """q and k with rotary positions applied (unchanged with learned positions)."""
-        return (self.rotary(q), self.rotary(k)) if self.rotary is not None else (q, k)
+        return (self.rotary(q, offset), self.rotary(k, offset)) if self.rotary is not None else (q, k)
 
     def attend(self, q, k, v):
         q, k = self.position(q, k)
@@ -121,6 +121,29 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(*self.qkv(x))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    # --- decoding with a KV cache (sample.py): the same function as forward, one new byte at a time
+    @torch.no_grad()
+    def forward_cached(self, x, lc, pos0):
+        """Output for x (B, t, C) at positions pos0.. given the earlier ones in lc (a LayerCache), which
+        this call extends. pos0 == 0 (prefill) runs attend() itself: the training function."""
+        B, t, C = x.shape
+        q, k, v = self.qkv(x)
+        qr, kr = self.position(q, k, pos0)
+        lc.append(kr, v, k)
+        y = self.attend(q, k, v) if pos0 == 0 else self.attend_step(q, qr, lc, pos0)
+        if pos0 == 0:
+            self.after_prefill(q, qr, lc)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, t, C))
+
+    def attend_step(self, q, qr, lc, pos0):
+        """New queries qr (B, nh, t, hs) at pos0.. over every cached key up to themselves."""
+        t, L = qr.shape[2], lc.k.shape[2]
+        mask = torch.arange(L, device=qr.device)[None, :] <= (pos0 + torch.arange(t, device=qr.device))[:, None]
+        return F.scaled_dot_product_attention(qr, lc.k, lc.v, attn_mask=mask)
+
+    def after_prefill(self, q, qr, lc):
+        """Hook for attentions that keep decoding state beyond K and V (ASCA: the tile in progress)."""
 
     @torch.no_grad()
     def attention_map(self, x):
@@ -135,6 +158,27 @@ class CausalSelfAttention(nn.Module):
         """Forward+backward FLOPs of the score and value matmuls per token. PaLM (appendix B) counts
         12 * C * T for the full T x T plane; causal attention computes half of it."""
         return 6 * self.n_embd * T
+
+
+class LayerCache:
+    """One layer's decoding state: keys as the attention uses them (rotated), values, keys before rotation
+    (what ASCA's predictor averages per block), and per-tile state an attention may keep (`tile`)."""
+
+    def __init__(self):
+        self.k = self.v = self.k_raw = None  # (B, nh, L, hs)
+        self.tile = None
+
+    def append(self, k, v, k_raw):
+        cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=2))
+        self.k, self.v, self.k_raw = cat(self.k, k), cat(self.v, v), cat(self.k_raw, k_raw)
+
+
+class KVCache:
+    """Decoding state of a whole model: one LayerCache per layer and the number of positions held."""
+
+    def __init__(self, n_layer):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.pos = 0
 
 
 class MLP(nn.Module):
@@ -222,6 +266,27 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """Logits (B, t, 256) for bytes idx (B, t) that follow the cache.pos bytes in `cache` (a KVCache),
+        which this call extends: a prefill (cache.pos == 0) or decoding steps. Equal to forward() on the
+        whole sequence (tests: float64 to 1e-9). Eval mode only: no dropout."""
+        B, t = idx.shape
+        pos0 = cache.pos
+        if pos0 + t > self.config.block_size:
+            raise ValueError(f"the cache holds {pos0} bytes; {t} more exceed block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + t, device=idx.device))
+        for block, lc in zip(self.transformer.h, cache.layers):
+            x = x + block.attn.forward_cached(block.ln_1(x), lc, pos0)
+            x = x + block.mlp(block.ln_2(x))
+        cache.pos += t
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def new_cache(self):
+        return KVCache(self.config.n_layer)
 
     # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style).
     # A module that needs an auxiliary loss would expose it the same way; none does yet.

@@ -36,10 +36,10 @@ class CompareError(Exception):
 def load_spec(path):
     if not os.path.isfile(path):
         raise CompareError(f"spec file {path} not found (see compare/*.py for examples)")
-    ns = {}
+    ns = {"__file__": os.path.abspath(path)}  # a spec may build on another: exec(open(...).read())
     try:
         with open(path) as f:
-            exec(compile(f.read(), path, "exec"), {}, ns)
+            exec(compile(f.read(), path, "exec"), ns)  # one namespace: the spec's functions see its names
     except Exception as e:
         raise CompareError(f"spec file {path} failed to run: {type(e).__name__}: {e}") from None
     runs, budget = ns.get("RUNS"), ns.get("BUDGET")

@@ -338,6 +338,51 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                            kernel_options=flex_kernel_options(S, q.device.type))
 
+    # --- decoding with a KV cache (sample.py): a tile's blocks are chosen once, at its first byte
+    def gate_query(self, q, qr):
+        return qr if self.gate_rotated else q
+
+    def after_prefill(self, q, qr, lc):
+        """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
+        from its first query, which only the prefill saw."""
+        L, S = q.shape[2], self.S
+        lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
+
+    def choose_tile(self, lc, b, q_first):
+        """(b, kept past keys, their values, their gate bias) for tile b, chosen by the training forward's
+        own plan() from the tile's first query q_first (B, nh, hs) and the b complete blocks before it."""
+        S = self.S
+        B, H, _, hs = lc.k.shape
+        keys = lc.k if self.gate_rotated else lc.k_raw
+        q_in = q_first.new_zeros(B, H, (b + 1) * S, hs)  # only tile b's first query is read (and used)
+        q_in[:, :, b * S] = q_first
+        k_in = keys.new_zeros(B, H, (b + 1) * S, hs)  # block b is incomplete: no tile <= b reads it
+        k_in[:, :, :b * S] = keys[:, :, :b * S]
+        sel = self.plan(q_in, k_in)
+        blocks = sel.order[:, :, b, 1:1 + int(sel.n_past[b])]  # (B, nh, n): the order starts with the own block
+        bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, n)
+        tok = (blocks[..., None] * S + torch.arange(S, device=blocks.device)).flatten(2)  # (B, nh, n*S)
+        idx = tok[..., None].expand(-1, -1, -1, hs)
+        return b, lc.k.gather(2, idx), lc.v.gather(2, idx), bias.repeat_interleave(S, dim=-1)
+
+    def attend_step(self, q, qr, lc, pos0):
+        """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block."""
+        if qr.shape[2] != 1:
+            raise ValueError("ASCA decodes one byte per step after the prefill")
+        S = self.S
+        b = pos0 // S
+        if lc.tile is None or lc.tile[0] != b:
+            if pos0 % S:
+                raise RuntimeError(f"decoding state lost: position {pos0} is inside tile {b}, whose choice is unknown")
+            lc.tile = self.choose_tile(lc, b, self.gate_query(q, qr)[:, :, 0])
+        _, ks, vs, bias = lc.tile
+        keys = torch.cat([ks, lc.k[:, :, b * S:pos0 + 1]], dim=2)
+        vals = torch.cat([vs, lc.v[:, :, b * S:pos0 + 1]], dim=2)
+        acc = torch.promote_types(qr.dtype, torch.float32)  # as reference_probs: logits and softmax in >= fp32
+        add = torch.cat([bias, bias.new_zeros(bias.shape[:2] + (pos0 + 1 - b * S,))], dim=-1).to(acc)
+        att = (qr @ keys.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(qr.shape[-1])) + add[:, :, None, :]
+        return F.softmax(att, dim=-1).to(qr.dtype) @ vals
+
     # --- diagnostics and FLOPs (the trainer logs whatever this returns)
     def diagnostics(self):
         """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs

@@ -13,21 +13,58 @@ from checkpoint import CheckpointError, model_from_checkpoint
 
 
 @torch.no_grad()
-def generate(model, prompt: bytes, num_bytes, temperature=1.0, top_k=None, generator=None, device="cpu"):
-    """Autoregressive sampling; the context is cropped to the model's block_size."""
+def generate(model, prompt: bytes, num_bytes, temperature=1.0, top_k=None, generator=None, device="cpu",
+             kv_cache=True):
+    """Autoregressive sampling of num_bytes bytes after `prompt` (at least one byte).
+
+    kv_cache=True: prefill the prompt once, then one byte per step from the cached keys and values (ASCA
+    chooses each tile's blocks once, at its first byte, as its training forward does): the same logits as
+    a full forward over the context. Past block_size bytes the cache keeps the last block_size // 2 bytes
+    and prefills them again (one full forward every block_size // 2 bytes).
+    kv_cache=False: a full forward over the last block_size bytes for every byte (the sliding window).
+    """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None), got {top_k}")
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one byte (the CLI's default is a newline)")
+    model.eval()
     block = model.config.block_size
-    idx = torch.tensor([list(prompt) or [10]], dtype=torch.long, device=device)  # empty prompt: start at "\n"
-    for _ in range(num_bytes):
-        logits, _ = model(idx[:, -block:])
-        logits = logits[:, -1, :].float() / temperature
-        if top_k:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
-    return bytes(idx[0, len(prompt) if prompt else 1:].tolist())
+    context = list(prompt)
+    out = []
+
+    def prefill(tokens):
+        cache = model.new_cache()
+        return cache, model.forward_cached(torch.tensor([tokens], dtype=torch.long, device=device), cache)[:, -1]
+
+    if kv_cache:
+        context = context[-block:]
+        cache, logits = prefill(context)
+    for i in range(num_bytes):
+        if not kv_cache:
+            logits = model(torch.tensor([context[-block:]], dtype=torch.long, device=device))[0][:, -1]
+        nxt = sample_next(logits, temperature, top_k, generator)
+        out.append(nxt)
+        context.append(nxt)
+        if kv_cache and i + 1 < num_bytes:
+            if cache.pos >= block:  # full: keep the newest half and prefill it again
+                context = context[-(block // 2):]
+                cache, logits = prefill(context)
+            else:
+                logits = model.forward_cached(torch.tensor([[nxt]], dtype=torch.long, device=device), cache)[:, -1]
+    return bytes(out)
+
+
+def sample_next(logits, temperature, top_k, generator):
+    """One byte from logits (1, 256): temperature, optional top-k, then a draw from `generator`."""
+    logits = logits.float() / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item())
 
 
 def main(argv=None):
@@ -42,6 +79,8 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kv_cache", default="true", choices=("true", "false"),
+                   help="decode from a KV cache (default), or re-run the whole window for every byte")
     a = p.parse_args(argv)
     try:
         check_args(a)
@@ -49,7 +88,7 @@ def main(argv=None):
         model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         for i in range(a.num_samples):
-            out = generate(model, prompt, a.num_bytes, a.temperature, a.top_k, g, a.device)
+            out = generate(model, prompt, a.num_bytes, a.temperature, a.top_k, g, a.device, a.kv_cache == "true")
             print((prompt + out).decode("utf-8", errors="replace"))
             if i + 1 < a.num_samples:
                 print("-" * 40)
@@ -75,6 +114,8 @@ def check_args(a):
     for name in ("num_bytes", "num_samples"):
         if getattr(a, name) < (0 if name == "num_bytes" else 1):
             raise SampleError(f"--{name} must be >= {0 if name == 'num_bytes' else 1}, got {getattr(a, name)}")
+    if not a.start:
+        raise SampleError("--start is empty: give at least one byte of prompt (the default is a newline)")
     if a.seed < 0:
         raise SampleError(f"--seed must be >= 0, got {a.seed}")
     if a.device.lower() != a.device or not (a.device in ("cpu", "cuda") or a.device.startswith("cuda:")):

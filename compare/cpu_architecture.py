@@ -23,6 +23,8 @@ RUNS = [
     ("untied", "baseline_model.py", BASE + change(3)),
     ("muon", "baseline_model.py", BASE + change(4)),
     ("all_new", "baseline_model.py", BASE + NEW),
+    ("all_but_qk_norm", "baseline_model.py", BASE + NEW[:1] + OLD[1:2] + NEW[2:]),
+    ("rope_muon", "baseline_model.py", BASE + NEW[:1] + OLD[1:4] + NEW[4:]),
     ("asca_0", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.0"]),
     ("asca_0.5", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.5"]),
     ("asca_0.75", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.75"]),

@@ -1,0 +1,133 @@
+"""KV-cached decoding (issue 12): the cached logits are the full forward's, for both models, prompts that end
+inside a tile and generations that cross several tile boundaries; greedy samples match; past block_size
+the cache crops and prefills again, as documented."""
+import pytest
+import torch
+
+import baseline_model
+import novel_model
+import sample
+from helpers import run_script
+
+VARIANTS = {
+    "dense_learned": ("baseline", dict(pos_encoding="learned")),
+    "dense_rope": ("baseline", dict(pos_encoding="rope", qk_norm=True)),
+    "asca_learned": ("asca", dict(pos_encoding="learned", target_sparsity=0.6)),
+    "asca_rope": ("asca", dict(pos_encoding="rope", qk_norm=True, target_sparsity=0.75)),
+    "asca_rope_rotated_gate": ("asca", dict(pos_encoding="rope", gate_input="rotated", target_sparsity=0.5)),
+    "asca_no_sink": ("asca", dict(pos_encoding="rope", keep_first_block=False, target_sparsity=0.6)),
+}
+
+
+def build(name, dtype=torch.float64, block_size=128, **over):
+    kind, opts = VARIANTS[name]
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, **{**opts, **over})
+    if kind == "asca":
+        model = novel_model.make_model(**shape, sparse_block_size=8, sparsity_warmup_iters=0)
+        with torch.no_grad():  # a trained-looking predictor: spread scores, so choices really differ by content
+            for a in model.attention_modules():
+                a.predictor.wk.mul_(4.0)
+    else:
+        model = baseline_model.make_model(**shape)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("prompt_len", [1, 13, 16])
+def test_cached_logits_equal_the_full_forward(name, dtype, tol, prompt_len):
+    model = build(name, dtype)
+    seq = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        full = model(seq)[0]  # (1, 100, 256): the uncached function at every position
+        cache = model.new_cache()
+        got = model.forward_cached(seq[:, :prompt_len], cache)
+        assert (got - full[:, :prompt_len]).abs().max().item() < tol
+        for p in range(prompt_len, 100):  # 100 - 13 steps cross 10 tile boundaries of S=8
+            step = model.forward_cached(seq[:, p:p + 1], cache)
+            assert (step[:, 0] - full[:, p]).abs().max().item() < tol, (name, p)
+    assert cache.pos == 100
+
+
+def test_cached_path_uses_only_the_tiles_selection():
+    """A negative control: the cached ASCA step really reads only its tile's kept blocks. Zeroing a value
+    vector in a block the tile skipped leaves the step's output alone; one in a kept block changes it."""
+    model = build("asca_rope", torch.float64)
+    attn = model.transformer.h[0].attn
+    seq = torch.randint(0, 256, (1, 81), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.forward_cached(seq[:, :80], cache)  # position 80 starts tile 10
+        model.forward_cached(seq[:, 80:81], cache)
+        lc = cache.layers[0]
+        b, ks, _, _ = lc.tile
+        kept = {int(t) // 8 for t in torch.nonzero((lc.k[0, 0, :80, None, :] == ks[0, 0][None]).all(-1))[:, 0]}
+        skipped = set(range(10)) - kept
+        assert b == 10 and kept and skipped
+        q, k, v = attn.qkv(model.transformer.h[0].ln_1(model.transformer.wte(seq[:, 80:81])))
+        qr, _ = attn.position(q, k, 80)
+        base = attn.attend_step(q, qr, lc, 80)
+        for blocks, moves in ((skipped, False), (kept, True)):
+            saved = lc.tile
+            vals = lc.tile[2].clone()
+            if moves:
+                vals[:, :, :8] = 0  # the first kept block's values
+            lc.tile = (b, lc.tile[1], vals, lc.tile[3])
+            if not moves:  # change a skipped block in the full cache: not read
+                j = min(skipped)
+                lc.v[:, :, j * 8:(j + 1) * 8] = 0
+            out = attn.attend_step(q, qr, lc, 80)
+            assert ((out - base).abs().max().item() > 1e-6) == moves
+            lc.tile = saved
+
+
+@pytest.mark.parametrize("name", ["dense_rope", "asca_rope"])
+def test_greedy_and_seeded_samples(name):
+    model = build(name, torch.float32)
+    prompt = b"the history of "
+    greedy = [sample.generate(model, prompt, 60, top_k=1, kv_cache=kv) for kv in (True, False)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) == 60
+    runs = [sample.generate(model, prompt, 60, temperature=0.9, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = sample.generate(model, prompt, 60, temperature=0.9, generator=torch.Generator().manual_seed(8))
+    assert other != runs[0]
+
+
+@pytest.mark.parametrize("name", ["dense_learned", "asca_rope"])
+def test_past_block_size_the_cache_crops_to_half_and_prefills(name):
+    """Documented behaviour past block_size: keep the newest block_size // 2 bytes, prefill them again.
+    Reference: the full forward over exactly that window, step by step, greedy."""
+    model = build(name, torch.float64, block_size=32, **({"target_sparsity": 0.3} if "asca" in name else {}))
+    prompt = bytes(range(97, 107))  # 10 bytes
+    got = sample.generate(model, prompt, 70, top_k=1)
+    window, want = list(prompt), []
+    with torch.no_grad():
+        for i in range(70):
+            nxt = int(model(torch.tensor([window]))[0][0, -1].argmax())
+            want.append(nxt)
+            window.append(nxt)
+            if len(window) > 32:
+                window = window[-16:]
+    assert got == bytes(want)
+
+
+@pytest.mark.parametrize("kwargs,needle", [(dict(temperature=0), "temperature"), (dict(top_k=0), "top_k"),
+                                           (dict(prompt=b""), "prompt is empty"), (dict(num_bytes=-1), "num_bytes")])
+def test_bad_arguments(kwargs, needle):
+    model = build("dense_rope", torch.float32)
+    args = dict(prompt=b"x", num_bytes=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        sample.generate(model, args.pop("prompt"), args.pop("num_bytes"), **args)
+
+
+def test_decode_benchmark_runs_and_prints_its_table():
+    r = run_script("scripts/bench_decode.py", "--ctx", "128", "--quick", "--sparse_block_size", "16",
+                   "--layers", "1", "--n_embd", "32", "--heads", "2", "--sparsity", "0.5", "0.6", "0.9")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = [l for l in r.stdout.splitlines() if l.startswith("| 128 |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert len(row) == 1 and all(float(c) > 0 for c in cells[1:5]) and cells[5] == "n/a"  # 0.9: out of reach
+    assert float(cells[6].rstrip("x")) == pytest.approx(float(cells[4]) / float(cells[2]), rel=0.1)  # shown rounded
