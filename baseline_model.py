@@ -26,11 +26,13 @@ class GPTConfig:
     n_embd: int = 512
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms; False is a bit better and faster
-    pos_encoding: str = "learned"  # 'learned' (a position table, GPT-2) or 'rope' (rotary q/k, Su et al. 2021)
+    # the defaults are the best combination measured (README, compare/cpu_architecture.py); nanoGPT's 2019
+    # model is config/nanogpt_2019.py: learned, no qk_norm, gelu, tied (and optimizer='adamw')
+    pos_encoding: str = "rope"  # 'learned' (a position table, GPT-2) or 'rope' (rotary q/k, Su et al. 2021)
     rope_base: float = 10000.0  # rotary frequencies base ** (-2i / head_size)
-    qk_norm: bool = False  # RMS-normalise q and k per head before the dot product
-    mlp_act: str = "gelu"  # 'gelu' or 'relu2' (squared ReLU, So et al. 2021)
-    tie_embeddings: bool = True  # input embedding = output head (Press & Wolf 2017)
+    qk_norm: bool = True  # RMS-normalise q and k per head before the dot product
+    mlp_act: str = "relu2"  # 'gelu' or 'relu2' (squared ReLU, So et al. 2021)
+    tie_embeddings: bool = False  # input embedding = output head (Press & Wolf 2017)
 
     # keys that may differ between a checkpoint and a resumed run (they do not change the weights)
     RUNTIME_KEYS = ("dropout",)

@@ -42,7 +42,7 @@ TRAIN_DEFAULTS = dict(
     batch_size=32, gradient_accumulation_steps=1,  # accumulation is the total across DDP ranks
     learning_rate=1e-3, min_lr=None, warmup_iters=200, lr_decay_iters=None, decay_lr=True,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    optimizer="adamw",  # 'adamw', or 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest
+    optimizer="muon",  # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
     muon_lr=0.02, muon_momentum=0.95,  # Muon's peak lr (same warm-up and decay shape) and momentum
     # system
     device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,

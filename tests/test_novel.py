@@ -21,7 +21,8 @@ SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8
 def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, dtype=torch.float64):
     torch.manual_seed(0)
     cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
-                     sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference")
+                     sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference",
+                     pos_encoding="learned")  # position-free q, k: the naive loops below define the function on them
     return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)
 
 
@@ -283,7 +284,8 @@ def test_compiled_whole_model_flex_path_matches_reference_on_cpu():
     inductor's CPU flex template miscomputes a mask_mod reading a tensor made in the same graph."""
     torch.manual_seed(0)
     model = make_model(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=16,
-                       target_sparsity=0.5, sparsity_warmup_iters=0, attn_impl="reference").eval()
+                       target_sparsity=0.5, sparsity_warmup_iters=0, attn_impl="reference",
+                       pos_encoding="learned", qk_norm=False).eval()  # rope / qk_norm: see the xfail below
     idx = torch.randint(0, 256, (2, 128))
     with torch.no_grad():
         ref = model(idx)[0]
@@ -301,6 +303,25 @@ def test_compiled_whole_model_flex_path_matches_reference_on_cpu():
             a.impl = "reference"
         ref_short = model(idx[:, :37])[0]
         assert (_force_flex(model)(idx[:, :37])[0] - ref_short).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (2026-11-29): on CPU, a whole-model torch.compile of the flex path is "
+                   "off by up to 0.34 logits once q/k are computed (rotary or RMS-normalised) rather than views of "
+                   "the qkv projection; eager flex is exact. Users cannot select flex on CPU; the CUDA whole-model "
+                   "test decides GPU training.")
+@pytest.mark.parametrize("opts", [dict(pos_encoding="rope", qk_norm=False), dict(pos_encoding="learned", qk_norm=True)])
+def test_compiled_whole_model_flex_path_with_computed_qk_on_cpu(opts):
+    torch.manual_seed(0)
+    model = make_model(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=16,
+                       target_sparsity=0.5, sparsity_warmup_iters=0, attn_impl="reference", **opts).eval()
+    idx = torch.randint(0, 256, (2, 128))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        eager = _force_flex(model)(idx)[0]
+        assert (eager - ref).abs().max().item() < 1e-5  # the flex kernel itself is right
+        got = torch.compile(model)(idx)[0]
+    assert (got - ref).abs().max().item() < 1e-4
 
 
 def test_flex_backward_problem_follows_inductor_default_tiles(monkeypatch):
