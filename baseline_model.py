@@ -297,13 +297,31 @@ class GPT(nn.Module):
 
     def set_step(self, iter_num):
         """Tell schedule-owning attention modules the current training iteration."""
-        for a in self.attention_modules():
-            if hasattr(a, "set_step"):
-                a.set_step(iter_num)
+        self._per_layer("set_step", iter_num)
 
     def diagnostics(self):
         """Flat dict of the attention modules' diagnostics from the last forward (empty for dense)."""
-        per_layer = [a.diagnostics() for a in self.attention_modules() if hasattr(a, "diagnostics")]
+        return self._per_layer("diagnostics")
+
+    def update_budgets(self, reduce=None):
+        """After an optimizer step: modules with controller state (ASCA's adaptive budget) update it from
+        the last training forward; `reduce` averages a tensor over DDP ranks so every rank agrees."""
+        self._per_layer("update_budget", reduce)
+
+    def start_tally(self):
+        """Count diagnostics over the following forwards (tally_step after each) until end_tally."""
+        self._per_layer("start_tally")
+
+    def tally_step(self):
+        self._per_layer("tally_step")
+
+    def end_tally(self):
+        return self._per_layer("end_tally")
+
+    def _per_layer(self, name, *args):
+        """Call `name` on every attention module that has it; a flat dict of their returned dicts: floats
+        averaged over layers as `key`, every value per layer as `key_per_layer` (empty if none returns)."""
+        per_layer = [getattr(a, name)(*args) for a in self.attention_modules() if hasattr(a, name)]
         if not per_layer or not per_layer[0]:
             return {}
         out = {}

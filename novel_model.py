@@ -11,9 +11,15 @@ How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = qu
    So the decision for any query i in tile b uses positions <= b*S <= i only: strictly causal.
    (Pooling the tile's queries would leak the future into its earlier members.)
 2. The tile keeps its own block (causal inside), block 0 if keep_first_block (an attention sink),
-   and the n_keep[b] best-scored other past blocks. n_keep is fixed per tile by target_sparsity
-   (spread evenly over tiles), so the compute saved is exactly what was asked; the content decides
-   WHICH blocks. The schedule ramps from dense to the target over sparsity_warmup_iters.
+   and some of its other past blocks, best-scored first. How many:
+   - budget='fixed': n_keep[b], fixed per tile by target_sparsity (spread evenly over tiles), so the
+     compute saved is exactly what was asked; the content decides WHICH blocks.
+   - budget='adaptive': every block scoring above the layer's threshold, so the content also decides
+     HOW MANY, per head and tile. The threshold is controller state, not a function of the sequence
+     (a per-sequence quantile would leak the future into earlier tiles): after each optimizer step it
+     moves towards the threshold that would have met the scheduled sparsity on the last training
+     batch (update_budget), so the mean over heads, tiles and inputs is held at the target.
+   The schedule ramps from dense to the target over sparsity_warmup_iters.
 3. Trainable end to end: each kept past block's logits get + logsigmoid(score), so the LM loss
    differentiates the gate (routers do the same with top-k gate values). Skipped blocks get nothing.
 4. Two paths compute that one function: 'reference' (dense attention under the expanded mask, any
@@ -44,11 +50,14 @@ class ASCAConfig(GPTConfig):
     gate_dim: int = 32  # width of the sparsity predictor per head
     gate_input: str = "unrotated"  # the predictor reads q, k 'unrotated' (position-free) or 'rotated' (rope only)
     gate_dist_bias: bool = True  # a learned per-head bias by block distance in the predictor's scores
+    budget: str = "fixed"  # 'fixed': every tile keeps the scheduled count; 'adaptive': blocks scoring above a
+    #                        per-layer threshold, the threshold steered between steps to the scheduled sparsity
+    budget_ema: float = 0.5  # adaptive: weight of the last step's estimate in the threshold's moving average
     attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
 
-    RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters")
+    RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}
-    LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True}
+    LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True, "budget": "fixed"}
 
     def validate(self):
         super().validate()
@@ -68,6 +77,10 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"attn_impl={self.attn_impl!r} must be one of {', '.join(ATTN_IMPLS)}")
         if self.gate_input not in ("unrotated", "rotated"):
             raise ValueError(f"gate_input={self.gate_input!r} must be 'unrotated' or 'rotated'")
+        if self.budget not in ("fixed", "adaptive"):
+            raise ValueError(f"budget={self.budget!r} must be 'fixed' or 'adaptive'")
+        if not 0.0 < self.budget_ema <= 1.0:
+            raise ValueError(f"budget_ema={self.budget_ema} must be in (0, 1]")
 
     def check_device(self, device_type, dtype, training):
         """Start-up checks that need the device: a path this device lacks is a one-line ValueError."""
@@ -128,7 +141,7 @@ class Selection:
     the tests all read (nb = padded length / S; tile b = queries b*S .. b*S+S-1; block j = keys likewise)."""
     scores: torch.Tensor  # (B, nh, nb, nb) predictor scores; meaningful for j < b only
     order: torch.Tensor  # (B, nh, nb, nb) int64: own block first, then the sink, then past blocks by score
-    n_past: torch.Tensor  # (nb,) int64: past blocks each tile keeps (own block not counted)
+    n_past: torch.Tensor  # (nb,) or adaptive (B, nh, nb) int64: past blocks each tile keeps (own block not counted)
     selected: torch.Tensor  # (B, nh, nb, nb) bool: kept blocks, own block included
     gate_bias: torch.Tensor  # (B, nh, nb, nb) >= fp32: logsigmoid(score) on kept past blocks, 0 elsewhere
     seq_len: int  # real tokens; blocks past them are padding
@@ -210,6 +223,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self.sparsity = 0.0
         self.set_step(0)
         self.last_selection = None  # Selection of the last forward
+        self.adaptive = config.budget == "adaptive"
+        self.budget_ema = config.budget_ema
+        if self.adaptive:  # keep a past block if its score > threshold; -inf = keep all; saved in checkpoints
+            self.register_buffer("threshold", torch.tensor(float("-inf")))
+        self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
 
     # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
     def set_step(self, iter_num):
@@ -228,17 +246,21 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         """Scores, per-tile order of blocks and counts. q, k: (B, nh, T, hs) with T % S == 0.
 
         Returns scores (B, nh, nb, nb), order (B, nh, nb, nb) int64 (own block first, then the sink,
-        then past blocks by descending score), n_past (nb,) = past blocks kept per tile.
+        then past blocks by descending score), n_past = past blocks kept per tile: (nb,) with a fixed
+        budget, (B, nh, nb) with an adaptive one.
         """
         B, H, T, _ = q.shape
         nb = T // self.S
         scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
-        # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
-        n_past = self.n_keep[:nb]
         b = torch.arange(nb, device=q.device)
         past = b[None, :] < b[:, None]  # (nb, nb): block j is complete and before tile b
+        if self.adaptive:  # (B, nh, nb): the sink plus every other past block above the threshold
+            above = (scores.detach().float() > self.threshold) & self.candidates(nb, q.device)
+            n_past = above.sum(-1) + ((b >= 1) & self.keep_first).long()
+        else:  # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
+            n_past = self.n_keep[:nb]
         prio = scores.detach().float().masked_fill(~past, float("-inf"))
         prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))
         if self.keep_first and nb > 1:
@@ -246,11 +268,50 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)
         return scores, order, n_past
 
+    def candidates(self, nb, device):
+        """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the sink excepted."""
+        b = torch.arange(nb, device=device)
+        cand = b[None, :] < b[:, None]
+        if self.keep_first:
+            cand[:, 0] = False
+        return cand
+
+    @torch.no_grad()
+    def budget_estimate(self):
+        """The threshold that would have skipped exactly the scheduled number of blocks in the last forward
+        (all its sequences and heads pooled, so heads and inputs share the budget unevenly): the midpoint
+        between the K-th and (K+1)-th lowest candidate score. -inf when nothing is to be skipped."""
+        sel = self.last_selection
+        S, T = self.S, sel.seq_len
+        nb = T // S  # complete tiles (training windows are whole blocks)
+        B, H = sel.scores.shape[:2]
+        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first)).sum())
+        vals = sel.scores[..., :nb, :nb].float()[..., self.candidates(nb, sel.scores.device)].flatten()
+        K = per_seq * B * H  # blocks fixed mode would skip in this batch and layer
+        if K == 0 or vals.numel() == 0:
+            return torch.tensor(float("-inf"), device=vals.device)
+        if K >= vals.numel():
+            return vals.max()
+        low = vals.sort().values
+        return (low[K - 1] + low[K]) / 2
+
+    @torch.no_grad()
+    def update_budget(self, reduce=None):
+        """Between optimizer steps (the trainer calls it after each one): move the threshold towards
+        budget_estimate() of the last training forward; `reduce` averages it over DDP ranks."""
+        if not self.adaptive or self.last_selection is None:
+            return
+        est = self.budget_estimate()
+        if reduce is not None:
+            est = reduce(est)
+        t = self.threshold
+        self.threshold.copy_(torch.where(torch.isfinite(t) & torch.isfinite(est), t + self.budget_ema * (est - t), est))
+
     @staticmethod
     def block_selection(order, n_past):
         """Boolean (B, nh, nb, nb): which key blocks each query tile keeps (own block included)."""
         nb = order.shape[-1]
-        rank_kept = (torch.arange(nb, device=order.device) < (n_past + 1)[:, None])  # (nb, nb) by rank
+        rank_kept = (torch.arange(nb, device=order.device) < (n_past + 1)[..., None])  # (..., nb, nb) by rank
         return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter(
             -1, order, rank_kept.expand(order.shape))
 
@@ -359,9 +420,12 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         k_in = keys.new_zeros(B, H, (b + 1) * S, hs)  # block b is incomplete: no tile <= b reads it
         k_in[:, :, :b * S] = keys[:, :, :b * S]
         sel = self.plan(q_in, k_in)
-        blocks = sel.order[:, :, b, 1:1 + int(sel.n_past[b])]  # (B, nh, n): the order starts with the own block
-        bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, n)
-        tok = (blocks[..., None] * S + torch.arange(S, device=blocks.device)).flatten(2)  # (B, nh, n*S)
+        n = sel.n_past[..., b]  # () fixed or (B, nh) adaptive: each head its own count, padded to the largest
+        blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
+        bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
+        unused = torch.arange(blocks.shape[-1], device=blocks.device) >= n[..., None]  # beyond a head's count
+        bias = bias.masked_fill(unused, float("-inf"))  # -inf: a padded block gets no probability
+        tok = (blocks[..., None] * S + torch.arange(S, device=blocks.device)).flatten(2)  # (B, nh, m*S)
         idx = tok[..., None].expand(-1, -1, -1, hs)
         return b, lc.k.gather(2, idx), lc.v.gather(2, idx), bias.repeat_interleave(S, dim=-1)
 
@@ -384,37 +448,78 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         return F.softmax(att, dim=-1).to(qr.dtype) @ vals
 
     # --- diagnostics and FLOPs (the trainer logs whatever this returns)
-    def diagnostics(self):
-        """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
-        skipped), skipped-block fraction (of causal blocks, own block included), per head; the
-        scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks."""
-        if self.last_selection is None:
-            return {}
-        last = self.last_selection
-        selected, T, bias = last.selected, last.seq_len, last.gate_bias
+    def selection_stats(self, last):
+        """Per (sequence, head) of one forward's Selection: kept causal pairs (B, nh), all causal pairs (a
+        float), kept past blocks per real tile (B, nh, nb), the kept/causal/past block masks (nb, nb)."""
+        selected, T = last.selected, last.seq_len
         S = self.S
         nb = -(-T // S)  # blocks holding real tokens (the flex path may pad further)
-        selected, bias = selected[..., :nb, :nb], bias[..., :nb, :nb]
-        sel = selected.float()
+        sel = selected[..., :nb, :nb].float()
         lens = torch.full((nb,), float(S), device=sel.device)
         lens[-1] = T - S * (nb - 1)  # real tokens in each block (the last may be padded)
         pairs = lens[:, None] * lens[None, :]
         eye = torch.eye(nb, dtype=torch.bool, device=sel.device)
         pairs = torch.where(eye, lens[:, None] * (lens[:, None] + 1) / 2, pairs)
         causal = torch.ones(nb, nb, device=sel.device).tril()
-        total_pairs = (pairs * causal).sum()
-        kept_pairs = (sel * pairs * causal).sum(dim=(-1, -2))  # (B, nh)
+        past = torch.ones(nb, nb, device=sel.device).tril(-1)
+        n_past = (sel * past).sum(-1).long()  # (B, nh, nb)
+        return (sel * pairs * causal).sum(dim=(-1, -2)), (pairs * causal).sum().item(), n_past, sel, causal, past
+
+    def diagnostics(self):
+        """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
+        skipped), skipped-block fraction (of causal blocks, own block included), per head; the
+        scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks; with an
+        adaptive budget the threshold and the spread of kept past blocks over tiles and sequences."""
+        if self.last_selection is None:
+            return {}
+        last = self.last_selection
+        kept_pairs, total_pairs, n_past, sel, causal, past = self.selection_stats(last)
+        nb = sel.shape[-1]
         pair_sparsity = (1 - kept_pairs / total_pairs).mean(0)  # (nh,)
         block_sparsity = (1 - (sel * causal).sum(dim=(-1, -2)) / causal.sum()).mean(0)
-        past = torch.ones(nb, nb, device=sel.device).tril(-1)
         dist = (torch.arange(nb, device=sel.device)[:, None] - torch.arange(nb, device=sel.device)[None, :]).float()
         kept_past = sel * past
         mean_dist = ((kept_past * dist).sum(dim=(-1, -2)) / kept_past.sum(dim=(-1, -2)).clamp(min=1)).mean(0)
+        bias = last.gate_bias[..., :nb, :nb]
         gate = (bias.exp() * kept_past).sum() / kept_past.sum().clamp(min=1)
-        return {"sparsity": pair_sparsity.mean().item(), "block_sparsity": block_sparsity.mean().item(),
-                "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
-                "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
-                "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
+        out = {"sparsity": pair_sparsity.mean().item(), "block_sparsity": block_sparsity.mean().item(),
+               "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
+               "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
+               "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
+        if self.adaptive:
+            out["budget_threshold"] = self.threshold.item()
+            out["kept_blocks_sd"] = n_past.float().std().item() if n_past.numel() > 1 else 0.0
+        return out
+
+    # --- a tally over many forwards (the trainer counts the test split with it)
+    def start_tally(self):
+        self.tally = None
+        self.counting = True
+
+    def tally_step(self):
+        """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
+        per head of how many past blocks the tiles kept (the sink counts; the own block does not)."""
+        if not getattr(self, "counting", False) or self.last_selection is None:
+            return
+        kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(self.last_selection)
+        B, H, nb = n_past.shape
+        hist = torch.zeros(H, self.block_size // self.S, dtype=torch.long, device=n_past.device)
+        hist.scatter_add_(1, n_past.transpose(0, 1).reshape(H, -1), torch.ones_like(n_past).transpose(0, 1).reshape(H, -1))
+        t = self.tally or {"kept": torch.zeros(H, dtype=torch.float64, device=n_past.device), "total": 0.0, "hist": 0}
+        t["kept"] += kept_pairs.double().sum(0)
+        t["total"] += total_pairs * B
+        t["hist"] = t["hist"] + hist
+        self.tally = t
+
+    def end_tally(self):
+        """{'sparsity', 'sparsity_per_head', 'kept_blocks_hist_per_head'} over the tallied forwards."""
+        self.counting = False
+        t, self.tally = self.tally, None
+        if t is None:
+            return {}
+        per_head = 1 - t["kept"] / t["total"]
+        return {"sparsity": per_head.mean().item(), "sparsity_per_head": per_head.tolist(),
+                "kept_blocks_hist_per_head": t["hist"].tolist()}
 
     def attn_flops_per_token(self, T):
         """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,

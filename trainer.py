@@ -263,6 +263,15 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return t.item()
 
+    def mean_over_ranks(self, t):
+        """The mean of tensor `t` over the ranks (an all-reduce on the model's device; identity without DDP)."""
+        if not self.ddp:
+            return t
+        import torch.distributed as dist
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (a one-element list without DDP)."""
         if not self.ddp:
@@ -308,23 +317,27 @@ def get_lr(it, cfg, pos=None):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def eval_windows(model, data, starts, block_size, batch_size, device, ctx):
-    """Mean bits per byte over fixed windows data[s : s+block_size] -> next bytes."""
+def eval_windows(model, data, starts, block_size, batch_size, device, ctx, after_forward=None):
+    """Mean bits per byte over fixed windows data[s : s+block_size] -> next bytes (after_forward: as
+    evaluate_stream's)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         x, y = (t.to(device) for t in stack_windows(data, starts[i:i + batch_size], block_size))
         with ctx:
             logits, _ = model(x)
+        if after_forward is not None:
+            after_forward()
         total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
         count += y.numel()
     return total / count / LN2
 
 
 @torch.no_grad()
-def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext()):
+def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext(), after_forward=None):
     """Bits per byte over every target byte 1..n-1 of `data`, each scored exactly once, with sliding
-    windows of block_size and the given stride (DESIGN.md section 4). Returns (bpc, n_scored)."""
+    windows of block_size and the given stride (DESIGN.md section 4). Returns (bpc, n_scored).
+    after_forward() is called after each forward (to tally what the model measured on it)."""
     model.eval()
     windows = sliding_windows(len(data), block_size, stride)
     total, count = 0.0, 0
@@ -336,6 +349,8 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
             x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in ws], length))
             with ctx:
                 logits, _ = model(x)
+            if after_forward is not None:
+                after_forward()
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, length)
             keep = torch.zeros_like(nll, dtype=torch.bool)
             for r, (_, _, n_score) in enumerate(ws):
@@ -531,6 +546,7 @@ class Trainer:
         rt.scaler.step(self.optimizer)
         rt.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_budgets(rt.mean_over_ranks)  # controller state moves between steps only
         c.iter_num += 1
         c.tokens += self.tokens_per_iter
         log_now = c.iter_num % cfg["log_interval"] == 0
@@ -561,16 +577,28 @@ class Trainer:
                              f"{self.out_dir} was kept; lower learning_rate or warm up longer, and resume or restart")
 
     # --- evaluate and checkpoint
-    def val_bpc(self, model=None):
+    def val_bpc(self):
+        """Bits per byte on the fixed val windows; what the model measured over all of them (ASCA: the
+        sparsity, which varies with content) is kept in self.val_measured."""
         cfg = self.cfg
         starts = self.ds.val_windows(cfg["block_size"], cfg["eval_iters"] * cfg["batch_size"])
-        return eval_windows(model or self.fwd, self.ds.splits["val"], starts, cfg["block_size"], cfg["batch_size"],
-                            self.rt.device, self.rt.ctx)
+        self.model.start_tally()
+        bpc = eval_windows(self.fwd, self.ds.splits["val"], starts, cfg["block_size"], cfg["batch_size"],
+                           self.rt.device, self.rt.ctx, after_forward=self.model.tally_step)
+        self.val_measured = self.model.end_tally()
+        return bpc
 
-    def test_bpc(self):
+    def test_bpc(self, into=None):
+        """(bpc, bytes scored) on the test split; into: a dict that gets what the model measured over the
+        whole split as test_KEY (ASCA: test_sparsity, per head, kept-block histograms; it varies with content)."""
         cfg = self.cfg
-        return evaluate_stream(self.fwd, self.ds.splits["test"], cfg["block_size"], cfg["eval_stride"],
-                               cfg["batch_size"], self.rt.device, self.rt.ctx)
+        self.model.start_tally()
+        out = evaluate_stream(self.fwd, self.ds.splits["test"], cfg["block_size"], cfg["eval_stride"],
+                              cfg["batch_size"], self.rt.device, self.rt.ctx, after_forward=self.model.tally_step)
+        measured = self.model.end_tally()
+        if into is not None:
+            into.update({f"test_{k}": v for k, v in measured.items()})
+        return out
 
     def evaluate_and_save(self, lr):
         rt, c = self.rt, self.c
@@ -588,7 +616,8 @@ class Trainer:
                    "progress": round(self.progress, 6), "lr": lr,
                    "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
                    "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None}
-            row.update(self.model.diagnostics())
+            row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
+            row.update({k: v for k, v in self.val_measured.items() if not k.startswith("kept_blocks_hist")})
             append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
             if self.bar is not None:
                 self.bar.set_postfix_str(progress_text(row), refresh=True)
@@ -651,7 +680,7 @@ class Trainer:
             return 0
         if cfg["final_test"]:
             t0 = time.time()
-            final["test_bpc"], final["test_bytes_scored"] = self.test_bpc()
+            final["test_bpc"], final["test_bytes_scored"] = self.test_bpc(into=final)
             best_path = os.path.join(self.out_dir, "best.pt")
             if c.best_iter not in (-1, c.iter_num) and os.path.exists(best_path):
                 best = checkpoint.load(best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
@@ -674,8 +703,9 @@ class Trainer:
         if not self.rt.master:
             return 0
         val = self.val_bpc()
-        test, n = self.test_bpc()
-        out = {"iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
+        measured = {}
+        test, n = self.test_bpc(into=measured)
+        out = {**measured, "iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
                "env": self.rt.env()}
         out.update(self.model.diagnostics())
