@@ -327,8 +327,10 @@ class GPT(nn.Module):
         out = {}
         for key in per_layer[0]:
             vals = [d[key] for d in per_layer]
-            if isinstance(vals[0], float):
+            if all(isinstance(v, float) for v in vals):
                 out[key] = sum(vals) / len(vals)
+            elif all(v is None or isinstance(v, float) for v in vals):
+                out[key] = None  # a layer without a value (e.g. no threshold yet): no mean either
             out[f"{key}_per_layer"] = vals
         return out
 

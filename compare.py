@@ -134,11 +134,12 @@ def report(spec):
                      f"{fmt(*mean_sd([x.get('iters') for x in f]), '.0f')} | {fmt(*test, '.4f')} | {diff} | "
                      f"{fmt(*mean_sd([x.get('best_val_bpc') for x in f]), '.4f')} | "
                      f"{fmt(*mean_sd([x.get('tokens_per_s') for x in f]), ',.0f')} | "
-                     f"{fmt(*mean_sd([x.get('sparsity') for x in f]), '.3f')} | "
+                     f"{fmt(*mean_sd([x.get('test_sparsity', x.get('sparsity')) for x in f]), '.3f')} | "
                      f"{', '.join(f'**{k}**' for k in differs) or '-'} |")
     lines += ["", "Protocol of the first run: " + "; ".join(f"{k} {v}" for k, v in ref_protocol.items()) + ".",
               "Test bpc: every byte of the test split scored once (sliding windows, stride eval_stride); tokens/s "
-              "excludes evaluation and compile/warm-up."]
+              "excludes evaluation and compile/warm-up; sparsity: measured over the whole test split (older runs: "
+              "its last batch)."]
     os.makedirs(spec["out"], exist_ok=True)
     path = os.path.join(spec["out"], "comparison.md")
     with open(path, "w") as fh:

@@ -298,6 +298,60 @@ def sparsity_training_plot(run, path):
     return finish_over_iterations(fig, ax, path, "sparsity", f"sparsity over training\n{run.label()}", (0, 1))
 
 
+def head_budget_plot(run, path):
+    """Each head's measured pair sparsity over training, one panel per layer (adaptive span's span plot):
+    with budget='fixed' the heads coincide by construction; with 'adaptive' they part."""
+    rows = [r for r in run.metrics if r.get("sparsity_per_head_per_layer")]
+    if not rows:
+        return None
+    plt = plt_module()
+    per = np.array([r["sparsity_per_head_per_layer"] for r in rows])  # (evals, L, H)
+    its = [r["iter"] for r in rows]
+    L, H = per.shape[1:]
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 0.5, 3.2), squeeze=False, sharey=True)
+    target = run.config.get("target_sparsity")
+    for l in range(L):
+        ax = axes[0][l]
+        for h in range(H):
+            ax.plot(its, per[:, l, h], lw=1.2, label=f"head {h}")
+        if target is not None:
+            ax.axhline(target, ls="--", color="gray", lw=1)
+        ax.set_title(f"layer {l}", fontsize=8)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("pair sparsity (val eval)")
+    axes[0][0].legend(fontsize=6)
+    budget = run.config.get("budget", "fixed")
+    fig.suptitle(f"sparsity per head over training (budget={budget}; dashed: target)\n{run.label()}", fontsize=9)
+    return save(fig, path)
+
+
+def kept_blocks_hist_plot(run, path):
+    """How many past blocks the query tiles kept (the sink counts, the own block does not), per layer and
+    head, over the whole test split (final.json). A fixed budget gives every head the same histogram."""
+    hist = (run.final or {}).get("test_kept_blocks_hist_per_head_per_layer")
+    if not hist:
+        return None
+    plt = plt_module()
+    hist = np.array(hist, dtype=np.float64)  # (L, H, nb)
+    L, H, nb = hist.shape
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 0.5, 3.2), squeeze=False, sharey=True)
+    x = np.arange(nb)
+    for l in range(L):
+        ax = axes[0][l]
+        for h in range(H):
+            frac = hist[l, h] / max(1.0, hist[l, h].sum())
+            ax.step(x, frac, where="mid", lw=1.2, label=f"head {h} (mean {np.dot(x, frac):.1f})")
+        ax.set_title(f"layer {l}", fontsize=8)
+        ax.set_xlabel("past blocks kept by a tile", fontsize=7)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("fraction of tiles (test split)")
+    sp = run.final.get("test_sparsity")
+    fig.suptitle(f"kept past blocks per tile, test split{f' (measured sparsity {sp:.3f})' if sp is not None else ''}"
+                 f"\n{run.label()}", fontsize=9)
+    return save(fig, path)
+
+
 def bpc_plot(run, path):
     plt = plt_module()
     if not run.metrics:
@@ -389,13 +443,13 @@ def comparison_table(runs, path):
                      f"{c.get('block_size')} | {fmt(r.last('n_params'), ',')} | {fmt(r.last('tokens'), ',')} | "
                      f"{fmt(r.last('train_time_s') or r.last('elapsed_s'), '.1f')} | {fmt(r.last('tokens_per_s'), ',.0f')} | "
                      f"{fmt(r.last('best_val_bpc') or min((m['val_bpc'] for m in r.metrics if m.get('val_bpc')), default=None), '.4f')} | "
-                     f"{fmt(test, '.4f')} | {fmt(r.last('sparsity'), '.3f')} | {', '.join(map(str, r.test_set()))} | {diff} |")
+                     f"{fmt(test, '.4f')} | {fmt(r.last('test_sparsity') or r.last('sparsity'), '.3f')} | {', '.join(map(str, r.test_set()))} | {diff} |")
     if mixed:
         lines[2:2] = [f"**Warning: {', '.join(mixed)} measured test bpc on another test set or protocol than "
                       f"`{base.name}`; their differences are not computed.**", ""]
     stale = [r.name for r in runs if r.stale_final]
     lines += ["", "tokens/s and train time exclude evaluation and compile/warm-up; sparsity is the measured fraction "
-                  "of causal query-key pairs skipped. Runs without final.json show their latest metrics."]
+                  "of causal query-key pairs skipped, over the whole test split where final.json has it. Runs without final.json show their latest metrics."]
     if stale:
         lines.append(f"{', '.join(stale)}: final.json is older than metrics.jsonl (the run was resumed after it "
                      f"finished); its latest metrics are shown, and test bpc only once it finishes again.")
@@ -430,6 +484,8 @@ def process(run, args):
     if run.kind == "asca":
         written.append(per_head_sparsity_plot(run, ex, os.path.join(run.plots, "sparsity_per_head.png")))
         written.append(sparsity_training_plot(run, os.path.join(run.plots, "sparsity_training.png")))
+        written.append(head_budget_plot(run, os.path.join(run.plots, "sparsity_per_head_training.png")))
+        written.append(kept_blocks_hist_plot(run, os.path.join(run.plots, "kept_blocks_hist.png")))
     return [w for w in written if w]
 
 

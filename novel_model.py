@@ -487,7 +487,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
                "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
                "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
         if self.adaptive:
-            out["budget_threshold"] = self.threshold.item()
+            t = self.threshold.item()
+            out["budget_threshold"] = t if math.isfinite(t) else None  # None: -inf, every block kept
             out["kept_blocks_sd"] = n_past.float().std().item() if n_past.numel() > 1 else 0.0
         return out
 

@@ -1,5 +1,6 @@
 """extraction.py on tiny real runs of both models: arrays, values, PNGs, comparison table, errors."""
 import json
+import math
 import os
 
 import numpy as np
@@ -18,7 +19,8 @@ ASCA_ARGS = ["--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmu
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = make_dataset(root / "data")
-    for script, name, extra in (("baseline_model.py", "base", []), ("novel_model.py", "asca", ASCA_ARGS)):
+    for script, name, extra in (("baseline_model.py", "base", []), ("novel_model.py", "asca", ASCA_ARGS),
+                                ("novel_model.py", "adaptive", ASCA_ARGS + ["--budget=adaptive"])):
         r = run_script(script, TINY, f"--data_dir={data}", f"--out_dir={root / name}", "--max_iters=12",
                        "--eval_interval=4", *extra)
         assert r.returncode == 0, r.stderr
@@ -81,6 +83,30 @@ def test_extraction_arrays_plots_and_comparison(runs):
         assert f"{final['tokens']:,}" in row
     fa, fb = json.load(open(asca / "final.json")), json.load(open(base / "final.json"))
     assert f"{fa['test_bpc'] - fb['test_bpc']:+.4f}" in rows[1] and f"{fa['sparsity']:.3f}" in rows[1]
+
+
+def test_adaptive_budget_plots_and_the_test_tally(runs):
+    run = runs / "adaptive"
+    assert extraction.main([str(run), "--length=64"]) == 0
+    for name in ("sparsity_per_head_training.png", "kept_blocks_hist.png", "keep_masks.png"):
+        check_png(run / "plots" / name)
+    final = json.load(open(run / "final.json"))
+    # the histogram and the measured test sparsity are two counts of the same tiles: derive one from the other
+    hist = np.array(final["test_kept_blocks_hist_per_head_per_layer"], dtype=np.float64)  # (L, H, nb)
+    S, T = 8, 64
+    nb = T // S
+    tiles = hist.sum(-1)
+    kept_past = (hist * np.arange(hist.shape[-1])).sum(-1)
+    kept_pairs = kept_past * S * S + tiles * S * (S + 1) / 2
+    sparsity = 1 - kept_pairs / (tiles / nb * T * (T + 1) / 2)
+    assert np.allclose(sparsity, final["test_sparsity_per_head_per_layer"], atol=1e-6)
+    assert final["test_sparsity"] == pytest.approx(sparsity.mean(), abs=1e-6) and final["test_sparsity"] > 0.2
+    rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert rows[0]["budget_threshold"] is None  # before the first update: keeps every block (strict JSON: no -inf)
+    assert all(math.isfinite(r["budget_threshold"]) for r in rows[1:])
+    fixed = json.load(open(runs / "asca" / "final.json"))
+    fh = np.array(fixed["test_kept_blocks_hist_per_head_per_layer"])
+    assert (fh == fh[:, :1]).all()  # fixed: every head the same histogram, by construction
 
 
 def test_text_window_and_in_progress_run(runs, tmp_path):
