@@ -101,7 +101,7 @@ def peak_mib(cuda):
     return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
 
 
-def bench_step(T, args, device, dtype, kind, sparsity=None):
+def bench_step(T, args, device, dtype, kind, sparsity=None, budget="fixed"):
     B = max(1, args.tokens // T)
     cuda = device == "cuda"
     common = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.heads * args.head_dim, block_size=T)
@@ -109,7 +109,7 @@ def bench_step(T, args, device, dtype, kind, sparsity=None):
         model = baseline_model.make_model(**common)
     else:
         model = novel_model.make_model(**common, sparse_block_size=args.sparse_block_size,
-                                       target_sparsity=sparsity, sparsity_warmup_iters=0,
+                                       target_sparsity=sparsity, sparsity_warmup_iters=0, budget=budget,
                                        attn_impl="flex" if cuda else "reference")
     model.to(device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
@@ -125,6 +125,7 @@ def bench_step(T, args, device, dtype, kind, sparsity=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        model.update_budgets()  # as the trainer does: an adaptive budget's threshold moves after each step
 
     reset_peak(cuda)
     return timeit(step, args.warmup, args.iters, cuda), peak_mib(cuda)
@@ -151,6 +152,11 @@ def profile_attention(T, args, device, dtype):
     print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (and the only mode that makes sense on CPU)")
@@ -158,6 +164,8 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--step_seq", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--step_sparsity", type=float, default=0.75)
+    p.add_argument("--budgets", nargs="+", default=["fixed", "adaptive"], choices=("fixed", "adaptive"),
+                   help="ASCA budgets of the whole-step rows (the adaptive one: per-head counts, a threshold update)")
     p.add_argument("--tokens", type=int, default=65536, help="B * T")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=64)
@@ -183,7 +191,7 @@ def main():
         try:
             rows += bench_attention(T, args.sparsity, args, device, dtype)
         except Exception as e:  # one failed size must not cost the whole table
-            errors.append(f"attention T={T}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            errors.append(f"attention T={T}: {type(e).__name__}: {first_line(e)}")
             print(errors[-1], flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -191,15 +199,21 @@ def main():
         sp = min(args.step_sparsity, novel_model.max_sparsity(T, args.sparse_block_size, True))
         try:
             tb, mb = bench_step(T, args, device, dtype, "baseline")
-            ta, ma = bench_step(T, args, device, dtype, "asca", sp)
-            steps.append({"T": T, "target": sp, "baseline_ms": tb, "asca_ms": ta, "ratio": ta / tb,
-                          "baseline_peak_mib": mb, "asca_peak_mib": ma})
-            print("step", steps[-1], flush=True)
         except Exception as e:
-            errors.append(f"step T={T}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            errors.append(f"step T={T} baseline: {type(e).__name__}: {first_line(e)}")
             print(errors[-1], flush=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            continue
+        for budget in args.budgets:
+            try:
+                ta, ma = bench_step(T, args, device, dtype, "asca", sp, budget)
+                steps.append({"T": T, "target": sp, "budget": budget, "baseline_ms": tb, "asca_ms": ta,
+                              "ratio": ta / tb, "baseline_peak_mib": mb, "asca_peak_mib": ma})
+                print("step", steps[-1], flush=True)
+            except Exception as e:
+                errors.append(f"step T={T} {budget}: {type(e).__name__}: {first_line(e)}")
+                print(errors[-1], flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
     if args.profile:
         try:
             profile_attention(args.profile, args, device, dtype)
@@ -219,10 +233,10 @@ def main():
                      f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {det} | {mem(r['peak_mib'])} |")
     lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
                   f"ASCA at the target shown)",
-              "| T | ASCA target | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
-              "|---|---|---|---|---|---|---|"]
+              "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in steps:
-        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
+        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
                      f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
     lines += [f"failed: {e}" for e in errors]
     print("\n" + "\n".join(lines), flush=True)

@@ -441,11 +441,12 @@ def test_benchmark_script_runs_and_prints_the_table():
     r = run_script("bench_attention.py", "--quick")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l for l in r.stdout.splitlines() if l.startswith("| 512 |")]
-    assert len(rows) == 3  # two attention rows (0.5, 0.75) and one whole-step row
+    assert len(rows) == 4  # two attention rows (0.5, 0.75) and whole-step rows for the fixed and adaptive budgets
     for row, target in zip(rows[:2], (0.5, 0.75)):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert abs(float(cells[3]) - target) <= 0.02 and float(cells[4]) > 0  # measured sparsity, skipped blocks
         assert float(cells[5]) > 0 and float(cells[6]) > 0
+    assert [[c.strip() for c in row.strip("|").split("|")][2] for row in rows[2:]] == ["fixed", "adaptive"]
 
 
 def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
@@ -456,7 +457,7 @@ def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "failed: attention T=500: ValueError" in r.stdout and "out of reach" in r.stdout
     got = json.load(open(tmp_path / "bench.json"))
-    assert [row["T"] for row in got["attention"]] == [512] and len(got["steps"]) == 1
+    assert [row["T"] for row in got["attention"]] == [512] and [s["budget"] for s in got["steps"]] == ["fixed", "adaptive"]
     row = got["attention"][0]
     assert f"| {row['asca_ms']:.2f} | {row['ratio']:.2f}x |" in r.stdout
     assert (tmp_path / "bench.md").read_text().splitlines()[-1].startswith("failed: attention T=500")
