@@ -140,7 +140,9 @@ class CausalSelfAttention(nn.Module):
 
     def attend_step(self, q, qr, lc, pos0):
         """New queries qr (B, nh, t, hs) at pos0.. over every cached key up to themselves."""
-        t, L = qr.shape[2], lc.k.shape[2]
+        t, L = qr.shape[2], lc.len
+        if t == 1:  # one new byte: every cached key is at or before it
+            return F.scaled_dot_product_attention(qr, lc.k, lc.v)
         mask = torch.arange(L, device=qr.device)[None, :] <= (pos0 + torch.arange(t, device=qr.device))[:, None]
         return F.scaled_dot_product_attention(qr, lc.k, lc.v, attn_mask=mask)
 
@@ -164,22 +166,38 @@ class CausalSelfAttention(nn.Module):
 
 class LayerCache:
     """One layer's decoding state: keys as the attention uses them (rotated), values, keys before rotation
-    (what ASCA's predictor averages per block), and per-tile state an attention may keep (`tile`)."""
+    (what ASCA's predictor averages per block), and per-tile state an attention may keep (`tile`).
 
-    def __init__(self):
-        self.k = self.v = self.k_raw = None  # (B, nh, L, hs)
+    The buffers are allocated once for `capacity` positions and written in place: growing them with
+    torch.cat copied the whole cache every step, which cost more than the attention itself at 8k."""
+
+    def __init__(self, capacity):
+        self.capacity, self.len = capacity, 0
+        self._k = self._v = self._k_raw = None  # (B, nh, capacity, hs)
         self.tile = None
 
     def append(self, k, v, k_raw):
-        cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=2))
-        self.k, self.v, self.k_raw = cat(self.k, k), cat(self.v, v), cat(self.k_raw, k_raw)
+        if self._k is None:
+            B, H, _, hs = k.shape
+            self._k, self._v, self._k_raw = (k.new_empty(B, H, self.capacity, hs) for _ in range(3))
+        t = k.shape[2]
+        if self.len + t > self.capacity:
+            raise ValueError(f"the cache holds {self.len} positions; {t} more exceed its capacity {self.capacity}")
+        for buf, new in ((self._k, k), (self._v, v), (self._k_raw, k_raw)):
+            buf[:, :, self.len:self.len + t] = new
+        self.len += t
+
+    # views of the filled part, (B, nh, len, hs)
+    k = property(lambda self: self._k[:, :, :self.len])
+    v = property(lambda self: self._v[:, :, :self.len])
+    k_raw = property(lambda self: self._k_raw[:, :, :self.len])
 
 
 class KVCache:
     """Decoding state of a whole model: one LayerCache per layer and the number of positions held."""
 
-    def __init__(self, n_layer):
-        self.layers = [LayerCache() for _ in range(n_layer)]
+    def __init__(self, n_layer, capacity):
+        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
         self.pos = 0
 
 
@@ -288,7 +306,7 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     def new_cache(self):
-        return KVCache(self.config.n_layer)
+        return KVCache(self.config.n_layer, self.config.block_size)
 
     # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style).
     # A module that needs an auxiliary loss would expose it the same way; none does yet.

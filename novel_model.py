@@ -410,8 +410,12 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
 
     def choose_tile(self, lc, b, q_first):
-        """(b, kept past keys, their values, their gate bias) for tile b, chosen by the training forward's
-        own plan() from the tile's first query q_first (B, nh, hs) and the b complete blocks before it."""
+        """Tile b's decoding state, chosen by the training forward's own plan() from the tile's first query
+        q_first (B, nh, hs) and the b complete blocks before it: (b, keys, values, additive mask, m*S) with
+        keys/values (B, nh, m*S + S, hs) = the m kept past blocks gathered once (m: the largest count over
+        heads; a head that keeps fewer has -inf on the rest), then S slots for the tile's own bytes, which
+        the steps fill in place; the mask (B, nh, m*S + S) = logsigmoid(score) per kept block, 0 on the own
+        block."""
         S = self.S
         B, H, _, hs = lc.k.shape
         keys = lc.k if self.gate_rotated else lc.k_raw
@@ -422,15 +426,22 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         sel = self.plan(q_in, k_in)
         n = sel.n_past[..., b]  # () fixed or (B, nh) adaptive: each head its own count, padded to the largest
         blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
+        m = blocks.shape[-1]
         bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
-        unused = torch.arange(blocks.shape[-1], device=blocks.device) >= n[..., None]  # beyond a head's count
+        unused = torch.arange(m, device=blocks.device) >= n[..., None]  # beyond a head's count
         bias = bias.masked_fill(unused, float("-inf"))  # -inf: a padded block gets no probability
         tok = (blocks[..., None] * S + torch.arange(S, device=blocks.device)).flatten(2)  # (B, nh, m*S)
         idx = tok[..., None].expand(-1, -1, -1, hs)
-        return b, lc.k.gather(2, idx), lc.v.gather(2, idx), bias.repeat_interleave(S, dim=-1)
+        k_buf, v_buf = lc.k.new_empty(B, H, m * S + S, hs), lc.v.new_empty(B, H, m * S + S, hs)
+        k_buf[:, :, :m * S], v_buf[:, :, :m * S] = lc.k.gather(2, idx), lc.v.gather(2, idx)
+        have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
+        k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
+        mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
+        return b, k_buf, v_buf, mask.to(lc.k.dtype), m * S
 
     def attend_step(self, q, qr, lc, pos0):
-        """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block."""
+        """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block so
+        far: one fused SDPA call with the gate bias as its additive mask."""
         if qr.shape[2] != 1:
             raise ValueError("ASCA decodes one byte per step after the prefill")
         S = self.S
@@ -439,13 +450,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             if pos0 % S:
                 raise RuntimeError(f"decoding state lost: position {pos0} is inside tile {b}, whose choice is unknown")
             lc.tile = self.choose_tile(lc, b, self.gate_query(q, qr)[:, :, 0])
-        _, ks, vs, bias = lc.tile
-        keys = torch.cat([ks, lc.k[:, :, b * S:pos0 + 1]], dim=2)
-        vals = torch.cat([vs, lc.v[:, :, b * S:pos0 + 1]], dim=2)
-        acc = torch.promote_types(qr.dtype, torch.float32)  # as reference_probs: logits and softmax in >= fp32
-        add = torch.cat([bias, bias.new_zeros(bias.shape[:2] + (pos0 + 1 - b * S,))], dim=-1).to(acc)
-        att = (qr @ keys.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(qr.shape[-1])) + add[:, :, None, :]
-        return F.softmax(att, dim=-1).to(qr.dtype) @ vals
+        _, keys, vals, mask, start = lc.tile
+        n = start + pos0 + 1 - b * S
+        keys[:, :, n - 1], vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
+        return F.scaled_dot_product_attention(qr, keys[:, :, :n], vals[:, :, :n], attn_mask=mask[:, :, None, :n])
 
     # --- diagnostics and FLOPs (the trainer logs whatever this returns)
     def selection_stats(self, last):

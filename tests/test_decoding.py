@@ -61,8 +61,8 @@ def test_cached_path_uses_only_the_tiles_selection():
         model.forward_cached(seq[:, :80], cache)  # position 80 starts tile 10
         model.forward_cached(seq[:, 80:81], cache)
         lc = cache.layers[0]
-        b, ks, _, _ = lc.tile
-        kept = {int(t) // 8 for t in torch.nonzero((lc.k[0, 0, :80, None, :] == ks[0, 0][None]).all(-1))[:, 0]}
+        b, ks, _, _, start = lc.tile  # ks: the gathered kept blocks (start rows), then the own block's slots
+        kept = {int(t) // 8 for t in torch.nonzero((lc.k[0, 0, :80, None, :] == ks[0, 0, :start][None]).all(-1))[:, 0]}
         skipped = set(range(10)) - kept
         assert b == 10 and kept and skipped
         q, k, v = attn.qkv(model.transformer.h[0].ln_1(model.transformer.wte(seq[:, 80:81])))
@@ -73,7 +73,7 @@ def test_cached_path_uses_only_the_tiles_selection():
             vals = lc.tile[2].clone()
             if moves:
                 vals[:, :, :8] = 0  # the first kept block's values
-            lc.tile = (b, lc.tile[1], vals, lc.tile[3])
+            lc.tile = (b, lc.tile[1], vals, *lc.tile[3:])
             if not moves:  # change a skipped block in the full cache: not read
                 j = min(skipped)
                 lc.v[:, :, j * 8:(j + 1) * 8] = 0
@@ -131,3 +131,22 @@ def test_decode_benchmark_runs_and_prints_its_table():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert len(row) == 1 and all(float(c) > 0 for c in cells[1:5]) and cells[5] == "n/a"  # 0.9: out of reach
     assert float(cells[6].rstrip("x")) == pytest.approx(float(cells[4]) / float(cells[2]), rel=0.1)  # shown rounded
+
+
+def test_the_cache_is_written_in_place():
+    """The decoding cache is allocated once per layer for block_size positions and filled in place (growing it
+    with torch.cat copied the whole cache every step); one more byte than it holds is a one-line error."""
+    model = build("asca_rope", torch.float32, block_size=64, target_sparsity=0.5)
+    seq = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.forward_cached(seq[:, :10], cache)
+        lc = cache.layers[1]
+        ptrs = (lc.k.data_ptr(), lc.v.data_ptr(), lc.k_raw.data_ptr())
+        for p in range(10, 64):
+            model.forward_cached(seq[:, p:p + 1], cache)
+        assert (lc.k.data_ptr(), lc.v.data_ptr(), lc.k_raw.data_ptr()) == ptrs and lc.k.shape[2] == 64
+        with pytest.raises(ValueError, match="exceed block_size 64"):
+            model.forward_cached(seq[:, :1], cache)
+        with pytest.raises(ValueError, match="exceed its capacity 64"):
+            lc.append(*(torch.zeros(1, 2, 1, 16),) * 3)
