@@ -422,13 +422,14 @@ def test_training_run_tracks_target_and_logs_diagnostics(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("script", ["baseline_model.py", "novel_model.py"])
-def test_cuda_compiled_training_run(tmp_path, script):
+@pytest.mark.parametrize("script,budget", [("baseline_model.py", None), ("novel_model.py", "fixed"),
+                                           ("novel_model.py", "adaptive")])
+def test_cuda_compiled_training_run(tmp_path, script, budget):
     data = make_dataset(tmp_path / "d", n=200_000)
     out = tmp_path / "o"
     r = run_script(script, TINY, f"--data_dir={data}", f"--out_dir={out}", "--device=cuda", "--compile=True",
                    "--block_size=1024", "--n_embd=128", "--n_head=2", "--batch_size=4", "--max_iters=40",
-                   "--eval_interval=20", *(["--sparse_block_size=128", "--target_sparsity=0.5",
+                   "--eval_interval=20", *(["--sparse_block_size=128", "--target_sparsity=0.5", f"--budget={budget}",
                                             "--sparsity_warmup_iters=10"] if script == "novel_model.py" else []))
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.load(open(out / "final.json"))
@@ -519,17 +520,23 @@ def test_ddp_two_ranks_asca(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_compiled_whole_model_flex_matches_reference_forward_backward():
+@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+def test_cuda_compiled_whole_model_flex_matches_reference_forward_backward(budget):
     """The model as the trainer runs it on a GPU (torch.compile, bf16 autocast, flex traced into the graph)
-    against the uncompiled reference path: logits, loss and every parameter's gradient, predictor included."""
+    against the uncompiled reference path: logits, loss and every parameter's gradient, predictor included.
+    Adaptive: per-(sequence, head, tile) counts from a threshold set by one update, as after a training step."""
     import copy
     torch.manual_seed(0)
     ref_model = make_model(n_layer=2, n_head=4, n_embd=256, block_size=1024, sparse_block_size=128,
-                           target_sparsity=0.5, sparsity_warmup_iters=0, attn_impl="reference").cuda()
-    flex_model = _force_flex(copy.deepcopy(ref_model))
-    compiled = torch.compile(flex_model)
+                           target_sparsity=0.5, sparsity_warmup_iters=0, attn_impl="reference", budget=budget).cuda()
     idx = torch.randint(0, 256, (4, 1024), device="cuda")
     tgt = torch.randint(0, 256, (4, 1024), device="cuda")
+    if budget == "adaptive":
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ref_model(torch.randint(0, 256, (4, 1024), device="cuda"))
+        ref_model.update_budgets()
+    flex_model = _force_flex(copy.deepcopy(ref_model))
+    compiled = torch.compile(flex_model)
     outs = []
     for m, fwd in ((ref_model, ref_model), (flex_model, compiled)):
         with torch.autocast("cuda", dtype=torch.bfloat16):
