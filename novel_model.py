@@ -14,8 +14,8 @@ How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = qu
    and some of its other past blocks, best-scored first. How many:
    - budget='fixed': n_keep[b], fixed per tile by target_sparsity (spread evenly over tiles), so the
      compute saved is exactly what was asked; the content decides WHICH blocks.
-   - budget='adaptive': every block scoring above the layer's threshold, so the content also decides
-     HOW MANY, per head and tile. The threshold is controller state, not a function of the sequence
+   - budget='adaptive': every block scoring above a threshold (one per layer, or per head with
+     budget_scope='head'), so the content also decides HOW MANY, per head and tile. The threshold is controller state, not a function of the sequence
      (a per-sequence quantile would leak the future into earlier tiles): after each optimizer step it
      moves towards the threshold that would have met the scheduled sparsity on the last training
      batch (update_budget), so the mean over heads, tiles and inputs is held at the target.
@@ -53,6 +53,7 @@ class ASCAConfig(GPTConfig):
     budget: str = "fixed"  # 'fixed': every tile keeps the scheduled count; 'adaptive': blocks scoring above a
     #                        per-layer threshold, the threshold steered between steps to the scheduled sparsity
     budget_ema: float = 0.5  # adaptive: weight of the last step's estimate in the threshold's moving average
+    budget_scope: str = "layer"  # adaptive: one threshold per 'layer' (its heads share the budget) or per 'head'
     attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema")
@@ -79,6 +80,8 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"gate_input={self.gate_input!r} must be 'unrotated' or 'rotated'")
         if self.budget not in ("fixed", "adaptive"):
             raise ValueError(f"budget={self.budget!r} must be 'fixed' or 'adaptive'")
+        if self.budget_scope not in ("layer", "head"):
+            raise ValueError(f"budget_scope={self.budget_scope!r} must be 'layer' or 'head'")
         if not 0.0 < self.budget_ema <= 1.0:
             raise ValueError(f"budget_ema={self.budget_ema} must be in (0, 1]")
 
@@ -225,8 +228,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self.last_selection = None  # Selection of the last forward
         self.adaptive = config.budget == "adaptive"
         self.budget_ema = config.budget_ema
-        if self.adaptive:  # keep a past block if its score > threshold; -inf = keep all; saved in checkpoints
-            self.register_buffer("threshold", torch.tensor(float("-inf")))
+        self.per_head = config.budget_scope == "head"
+        if self.adaptive:  # per head: keep a past block if its score > threshold; -inf = keep all; in checkpoints
+            self.register_buffer("threshold", torch.full((config.n_head,), float("-inf")))
         self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
 
     # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
@@ -257,7 +261,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         b = torch.arange(nb, device=q.device)
         past = b[None, :] < b[:, None]  # (nb, nb): block j is complete and before tile b
         if self.adaptive:  # (B, nh, nb): the sink plus every other past block above the threshold
-            above = (scores.detach().float() > self.threshold) & self.candidates(nb, q.device)
+            acc = torch.promote_types(scores.dtype, torch.float32)  # as budget_estimate: no rounding either side
+            above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, q.device)
             n_past = above.sum(-1) + ((b >= 1) & self.keep_first).long()
         else:  # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
             n_past = self.n_keep[:nb]
@@ -278,22 +283,27 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
     @torch.no_grad()
     def budget_estimate(self):
-        """The threshold that would have skipped exactly the scheduled number of blocks in the last forward
-        (all its sequences and heads pooled, so heads and inputs share the budget unevenly): the midpoint
-        between the K-th and (K+1)-th lowest candidate score. -inf when nothing is to be skipped."""
+        """(nh,) thresholds that would have skipped exactly the scheduled number of blocks in the last
+        forward: the midpoint between the K-th and (K+1)-th lowest candidate score of a pool. The pool is
+        the layer's (all sequences and heads: heads and inputs share the budget unevenly) or, with
+        budget_scope='head', each head's own (its sequences and tiles share it). -inf: nothing to skip."""
         sel = self.last_selection
         S, T = self.S, sel.seq_len
         nb = T // S  # complete tiles (training windows are whole blocks)
         B, H = sel.scores.shape[:2]
         per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first)).sum())
-        vals = sel.scores[..., :nb, :nb].float()[..., self.candidates(nb, sel.scores.device)].flatten()
-        K = per_seq * B * H  # blocks fixed mode would skip in this batch and layer
-        if K == 0 or vals.numel() == 0:
-            return torch.tensor(float("-inf"), device=vals.device)
-        if K >= vals.numel():
-            return vals.max()
-        low = vals.sort().values
-        return (low[K - 1] + low[K]) / 2
+        acc = torch.promote_types(sel.scores.dtype, torch.float32)
+        vals = sel.scores[..., :nb, :nb].to(acc)[..., self.candidates(nb, sel.scores.device)]  # (B, nh, n)
+        vals = vals.transpose(0, 1).reshape(H, -1) if self.per_head else vals.reshape(1, -1)  # (pools, m)
+        K = per_seq * B * (1 if self.per_head else H)  # blocks the fixed budget would skip, per pool
+        if K == 0 or vals.shape[1] == 0:
+            est = vals.new_full((vals.shape[0],), float("-inf"))
+        elif K >= vals.shape[1]:
+            est = vals.max(dim=1).values
+        else:
+            low = vals.sort(dim=1).values
+            est = (low[:, K - 1] + low[:, K]) / 2
+        return est.expand(H)
 
     @torch.no_grad()
     def update_budget(self, reduce=None):
@@ -495,8 +505,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
                "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
                "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
         if self.adaptive:
-            t = self.threshold.item()
-            out["budget_threshold"] = t if math.isfinite(t) else None  # None: -inf, every block kept
+            t = self.threshold.tolist()  # None: -inf, every block kept (strict JSON has no -inf)
+            out["budget_threshold"] = sum(t) / len(t) if all(map(math.isfinite, t)) else None
+            out["budget_threshold_per_head"] = [x if math.isfinite(x) else None for x in t]
             out["kept_blocks_sd"] = n_past.float().std().item() if n_past.numel() > 1 else 0.0
         return out
 

@@ -12,3 +12,7 @@ RUNS = [
 BUDGET = {"max_iters": 500}
 SEEDS = [1337, 1338]
 OUT = "out/compare_cpu_budget"
+# The first measurement (2026-11-29) showed the layer-shared threshold ends winner-take-all: in layers 1-3 one
+# head kept nearly the whole budget and the others only their sink. One threshold per head holds each head
+# at the target and leaves the content to move budget between tiles and sequences:
+RUNS.append(("adaptive_head", "novel_model.py", COMMON + ["--budget=adaptive", "--budget_scope=head"]))
