@@ -323,6 +323,7 @@ def head_budget_plot(run, path):
     axes[0][0].legend(fontsize=6)
     budget = run.config.get("budget", "fixed")
     fig.suptitle(f"sparsity per head over training (budget={budget}; dashed: target)\n{run.label()}", fontsize=9)
+    fig.subplots_adjust(top=0.8)
     return save(fig, path)
 
 
@@ -349,6 +350,7 @@ def kept_blocks_hist_plot(run, path):
     sp = run.final.get("test_sparsity")
     fig.suptitle(f"kept past blocks per tile, test split{f' (measured sparsity {sp:.3f})' if sp is not None else ''}"
                  f"\n{run.label()}", fontsize=9)
+    fig.subplots_adjust(top=0.8)
     return save(fig, path)
 
 

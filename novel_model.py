@@ -238,6 +238,12 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             self.register_buffer("threshold", torch.full((config.n_head,), float("-inf")))
         self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "threshold"  # checkpoints from before budget_scope hold one threshold per layer
+        if self.adaptive and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].expand(self.threshold.shape).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
     def set_step(self, iter_num):
         frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)

@@ -306,3 +306,14 @@ def test_exact_resume_with_the_controller_state_is_bitwise(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert not torch.equal(a["model"]["transformer.h.0.attn.threshold"], mid["model"]["transformer.h.0.attn.threshold"])
+
+
+def test_a_checkpoint_with_one_threshold_per_layer_loads():
+    """Checkpoints written before budget_scope held one threshold per layer (a 0-dim tensor): it loads as
+    that value for every head."""
+    torch.manual_seed(0)
+    model = make_model(**SMALL, target_sparsity=0.6)
+    sd = model.state_dict()
+    sd["transformer.h.1.attn.threshold"] = torch.tensor(1.25)
+    model.load_state_dict(sd)
+    assert model.transformer.h[1].attn.threshold.tolist() == [1.25, 1.25]
