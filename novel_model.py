@@ -188,14 +188,19 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         nb = T // S
         qt = q[:, :, ::S, :]  # (B, nh, nb, hs): first query of each tile
         kb = k.view(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): mean key of each block
+        return self.score(qt, kb, torch.arange(nb, device=q.device))
+
+    def score(self, qt, kb, rows):
+        """Scores (B, nh, r, n) of tiles `rows` (r,), whose first queries are qt (B, nh, r, hs), for the
+        blocks 0..n-1 whose mean keys are kb (B, nh, n, hs). Decoding asks for one row."""
         gq = torch.einsum("bhng,hgf->bhnf", F.gelu(torch.einsum("bhnd,hdg->bhng", qt, self.wq1)), self.wq2)
         gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
-        scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, nb, nb)
+        scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, r, n)
         scores = scores + self.offset[None, :, None, None]
         if self.dist_bias is None:
             return scores
-        b = torch.arange(nb, device=q.device)
-        dist = (b[:, None] - b[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (nb, nb)
+        j = torch.arange(kb.shape[2], device=kb.device)
+        dist = (rows[:, None] - j[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (r, n)
         return scores + self.dist_bias[:, dist][None]
 
 
@@ -259,25 +264,29 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         then past blocks by descending score), n_past = past blocks kept per tile: (nb,) with a fixed
         budget, (B, nh, nb) with an adaptive one.
         """
-        B, H, T, _ = q.shape
-        nb = T // self.S
+        if q.shape[2] > self.block_size:
+            raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
         scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
-        b = torch.arange(nb, device=q.device)
+        return (scores, *self.rank(scores))
+
+    def rank(self, scores):
+        """(order, n_past) of select() from the scores (B, nh, nb, nb) alone."""
+        nb = scores.shape[-1]
+        device = scores.device
+        b = torch.arange(nb, device=device)
         past = b[None, :] < b[:, None]  # (nb, nb): block j is complete and before tile b
         if self.adaptive:  # (B, nh, nb): the sink plus every other past block above the threshold
             acc = torch.promote_types(scores.dtype, torch.float32)  # as budget_estimate: no rounding either side
-            above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, q.device)
+            above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, device)
             n_past = above.sum(-1) + ((b >= 1) & self.keep_first).long()
         else:  # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
             n_past = self.n_keep[:nb]
         prio = scores.detach().float().masked_fill(~past, float("-inf"))
-        prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))
+        prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=device), float("inf"))
         if self.keep_first and nb > 1:
             prio[..., 1:, 0] = torch.finfo(torch.float32).max  # sink: after own block, before the rest
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)
-        return scores, order, n_past
+        return order, n_past
 
     def candidates(self, nb, device):
         """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the sink excepted."""
@@ -341,9 +350,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def plan(self, q, k, seq_len=None):
         """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
         scores, order, n_past = self.select(q, k)
+        return self.selection(scores, order, n_past, q.shape[2] if seq_len is None else seq_len)
+
+    def selection(self, scores, order, n_past, seq_len):
         selected = self.block_selection(order, n_past)
-        return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected),
-                         q.shape[2] if seq_len is None else seq_len)
+        return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected), seq_len)
 
     def pad_to_blocks(self, *ts, bucket=False):
         """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future.
@@ -435,21 +446,22 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         S = self.S
         B, H, _, hs = lc.k.shape
         keys = lc.k if self.gate_rotated else lc.k_raw
-        q_in = q_first.new_zeros(B, H, (b + 1) * S, hs)  # only tile b's first query is read (and used)
-        q_in[:, :, b * S] = q_first
-        k_in = keys.new_zeros(B, H, (b + 1) * S, hs)  # block b is incomplete: no tile <= b reads it
-        k_in[:, :, :b * S] = keys[:, :, :b * S]
-        sel = self.plan(q_in, k_in)
+        kb = keys[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3)  # (B, nh, b, hs): as the forward's
+        row = self.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))  # (B, nh, 1, b)
+        scores = row.new_zeros(B, H, b + 1, b + 1)  # rows < b are never read for tile b: rank() ranks per row
+        scores[:, :, b, :b] = row[:, :, 0]
+        sel = self.selection(scores, *self.rank(scores), (b + 1) * S)
         n = sel.n_past[..., b]  # () fixed or (B, nh) adaptive: each head its own count, padded to the largest
         blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
         m = blocks.shape[-1]
         bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
         unused = torch.arange(m, device=blocks.device) >= n[..., None]  # beyond a head's count
         bias = bias.masked_fill(unused, float("-inf"))  # -inf: a padded block gets no probability
-        tok = (blocks[..., None] * S + torch.arange(S, device=blocks.device)).flatten(2)  # (B, nh, m*S)
-        idx = tok[..., None].expand(-1, -1, -1, hs)
+        bi = torch.arange(B, device=blocks.device)[:, None, None]
+        hi = torch.arange(H, device=blocks.device)[None, :, None]
         k_buf, v_buf = lc.k.new_empty(B, H, m * S + S, hs), lc.v.new_empty(B, H, m * S + S, hs)
-        k_buf[:, :, :m * S], v_buf[:, :, :m * S] = lc.k.gather(2, idx), lc.v.gather(2, idx)
+        for buf, src in ((k_buf, lc.k), (v_buf, lc.v)):  # whole blocks: (B, nh, m, S, hs) by block index
+            buf[:, :, :m * S] = src[:, :, :b * S].reshape(B, H, b, S, hs)[bi, hi, blocks].reshape(B, H, m * S, hs)
         have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
         k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
         mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
