@@ -119,10 +119,10 @@ def test_stale_temp_files_are_removed_and_a_metrics_symlink_is_refused(tmp_path,
 def test_a_signal_during_the_final_test_stops_at_once(tmp_path, data_dir, capsys, monkeypatch, sig):
     real = trainer.Trainer.test_bpc
 
-    def interrupted(self):
+    def interrupted(self, *args, **kwargs):
         os.kill(os.getpid(), sig)
         time.sleep(0.2)  # the handler runs here
-        return real(self)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer.Trainer, "test_bpc", interrupted)
     out = tmp_path / "ft"
