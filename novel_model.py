@@ -48,7 +48,7 @@ class ASCAConfig(GPTConfig):
     sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
     keep_first_block: bool = True  # block 0 always kept (attention sink)
     gate_dim: int = 32  # width of the sparsity predictor per head
-    gate_input: str = "unrotated"  # the predictor reads q, k 'unrotated' (position-free) or 'rotated' (rope only)
+    gate_input: str = "rotated"  # the predictor reads q, k 'rotated' (as attended) or 'unrotated' (position-free; rope only)
     gate_dist_bias: bool = True  # a learned per-head bias by block distance in the predictor's scores
     budget: str = "fixed"  # 'fixed': every tile keeps the scheduled count; 'adaptive': blocks scoring above a
     #                        per-layer threshold, the threshold steered between steps to the scheduled sparsity
@@ -220,8 +220,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self.predictor = ContentBasedAdaptiveSparsity(config.n_head, config.n_embd // config.n_head,
                                                       config.gate_dim, config.block_size // self.S,
                                                       dist_bias=config.gate_dist_bias)
-        # with rotary positions the mean of rotated keys mixes positions; by default the predictor reads
-        # the position-free q and k (its distance bias supplies position), the attention the rotated ones
+        # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
+        # README), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
         nb = config.block_size // self.S
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never

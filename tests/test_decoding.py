@@ -13,7 +13,7 @@ VARIANTS = {
     "dense_learned": ("baseline", dict(pos_encoding="learned")),
     "dense_rope": ("baseline", dict(pos_encoding="rope", qk_norm=True)),
     "asca_learned": ("asca", dict(pos_encoding="learned", target_sparsity=0.6)),
-    "asca_rope": ("asca", dict(pos_encoding="rope", qk_norm=True, target_sparsity=0.75)),
+    "asca_rope": ("asca", dict(pos_encoding="rope", qk_norm=True, gate_input="unrotated", target_sparsity=0.75)),
     "asca_rope_rotated_gate": ("asca", dict(pos_encoding="rope", gate_input="rotated", target_sparsity=0.5)),
     "asca_no_sink": ("asca", dict(pos_encoding="rope", keep_first_block=False, target_sparsity=0.6)),
 }
