@@ -4,22 +4,19 @@ the predictor's included); causality at several targets in train and eval mode, 
 per-sequence quantile threshold) that the same check catches; the controller's estimate against a brute-force
 count; the mean sparsity held at the target on real text; heads that differ; the flex path, the BlockMask and
 cached decoding with per-head counts; exact resume with the controller state; the test-split tally."""
-import itertools
 import json
 import lzma
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import novel_model as nm
 import prepare_dataset
 from helpers import ROOT, make_dataset, train_in_process
 from novel_model import AdaptiveSparseCausalSelfAttention, ASCAConfig, keep_counts, make_model
-from test_novel import causality_violation
+from test_novel import causality_violation, naive_block_attention
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8, sparsity_warmup_iters=0,
              budget="adaptive")
@@ -34,20 +31,10 @@ def adaptive_module(T=64, S=8, H=2, hs=8, target=0.6, keep_first=True, dtype=tor
 
 
 def naive_threshold_attention(q, k, v, scores, theta, S, keep_first):
-    """Per-query loop, written from the adaptive rule: tile b keeps its own block, block 0 (if keep_first),
-    and every other past block j whose score is above theta; kept past blocks add logsigmoid(score)."""
-    B, H, T, hs = q.shape
-    out = torch.zeros_like(q)
-    for bb, h in itertools.product(range(B), range(H)):
-        for i in range(T):
-            b = i // S
-            kept = [j for j in range(b) if (keep_first and j == 0) or scores[bb, h, b, j].item() > theta]
-            keys = [t for j in kept for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
-            bias = torch.stack([F.logsigmoid(scores[bb, h, b, t // S]) if t // S != b else scores.new_zeros(())
-                                for t in keys])
-            logits = torch.stack([q[bb, h, i] @ k[bb, h, t] for t in keys]) / math.sqrt(hs) + bias
-            out[bb, h, i] = torch.softmax(logits, 0) @ v[bb, h, keys]
-    return out
+    """Written from the adaptive rule: tile b keeps its own block, block 0 (if keep_first), and every
+    other past block j whose score is above theta."""
+    return naive_block_attention(q, k, v, scores, S, lambda bb, h, b: [
+        j for j in range(b) if (keep_first and j == 0) or scores[bb, h, b, j].item() > theta])
 
 
 def _qkv(B=2, H=2, T=64, hs=8, seed=1, dtype=torch.float64, grad=False):

@@ -50,25 +50,30 @@ def test_keep_counts_hit_target(target):
 
 # ----------------------------------------------------------------------------- reference vs naive
 
-def naive_attention(q, k, v, scores, n_past, S, keep_first):
-    """Per-query loop, written from the rule: tile b keeps its own block, block 0 (if keep_first),
-    and the n_past[b] (minus the sink) best-scored other past blocks; kept past blocks add
-    logsigmoid(score) to their logits."""
+def naive_block_attention(q, k, v, scores, S, kept_blocks):
+    """Per-query loop over the past blocks kept_blocks(bb, h, b) names for tile b, plus the query's own
+    block up to itself; kept past blocks add logsigmoid(score) to their logits."""
     B, H, T, hs = q.shape
     out = torch.zeros_like(q)
     for bb, h in itertools.product(range(B), range(H)):
         for i in range(T):
             b = i // S
-            past = list(range(b))
-            forced = [0] if (keep_first and b > 0) else []
-            rest = sorted((j for j in past if j not in forced), key=lambda j: -scores[bb, h, b, j].item())
-            kept = forced + rest[: int(n_past[b]) - len(forced)]
-            keys = [t for j in kept for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
+            keys = [t for j in kept_blocks(bb, h, b) for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
             bias = torch.stack([F.logsigmoid(scores[bb, h, b, t // S]) if t // S != b else scores.new_zeros(())
                                 for t in keys])
             logits = torch.stack([q[bb, h, i] @ k[bb, h, t] for t in keys]) / math.sqrt(hs) + bias
             out[bb, h, i] = torch.softmax(logits, 0) @ v[bb, h, keys]
     return out
+
+
+def naive_attention(q, k, v, scores, n_past, S, keep_first):
+    """Written from the rule: tile b keeps its own block, block 0 (if keep_first), and the n_past[b]
+    (minus the sink) best-scored other past blocks."""
+    def kept(bb, h, b):
+        forced = [0] if (keep_first and b > 0) else []
+        rest = sorted((j for j in range(b) if j not in forced), key=lambda j: -scores[bb, h, b, j].item())
+        return forced + rest[: int(n_past[b]) - len(forced)]
+    return naive_block_attention(q, k, v, scores, S, kept)
 
 
 @pytest.mark.parametrize("keep_first", [True, False])
