@@ -537,17 +537,16 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def tally_step(self):
         """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
         per head of how many past blocks the tiles kept (the sink counts; the own block does not)."""
-        if not getattr(self, "counting", False) or self.last_selection is None:
+        if not self.counting or self.last_selection is None:
             return
         kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(self.last_selection)
-        B, H, nb = n_past.shape
-        hist = torch.zeros(H, self.block_size // self.S, dtype=torch.long, device=n_past.device)
-        hist.scatter_add_(1, n_past.transpose(0, 1).reshape(H, -1), torch.ones_like(n_past).transpose(0, 1).reshape(H, -1))
-        t = self.tally or {"kept": torch.zeros(H, dtype=torch.float64, device=n_past.device), "total": 0.0, "hist": 0}
-        t["kept"] += kept_pairs.double().sum(0)
-        t["total"] += total_pairs * B
-        t["hist"] = t["hist"] + hist
-        self.tally = t
+        hist = F.one_hot(n_past, self.block_size // self.S).sum(dim=(0, 2))  # (nh, max past blocks + 1)
+        if self.tally is None:
+            self.tally = {"kept": kept_pairs.new_zeros(kept_pairs.shape[1], dtype=torch.float64), "total": 0.0,
+                          "hist": torch.zeros_like(hist)}
+        self.tally["kept"] += kept_pairs.double().sum(0)
+        self.tally["total"] += total_pairs * n_past.shape[0]
+        self.tally["hist"] += hist
 
     def end_tally(self):
         """{'sparsity', 'sparsity_per_head', 'kept_blocks_hist_per_head'} over the tallied forwards."""
