@@ -11,12 +11,15 @@ import json
 import os
 import pickle
 import random
+import sys
 
 import numpy as np
 import torch
 
 import baseline_model
 import novel_model  # noqa: F401  (registers "asca" in baseline_model.MODELS)
+
+from prepare_dataset import remove_stale_temps  # noqa: F401  (one helper for run and data directories)
 
 MODELS = baseline_model.MODELS
 TRAINING_KEYS = ("model", "optimizer", "iter_num", "best_val_bpc", "data_generator", "rng", "config",
@@ -32,6 +35,56 @@ LEGACY_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._recons
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: one line naming the file, the problem and the fix."""
+
+
+def first_line(e, limit=200):
+    """The first line of an exception's text (its type name when the text is empty), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+# ----------------------------------------------------------------------------- one writer per run directory
+
+class RunLock:
+    """One writer per directory (a run's out_dir, a comparison's OUT): an exclusive flock on DIR/.lock, held
+    for as long as the holder lives. The OS drops it when the process ends, however it ends (a crash, kill
+    -9), so it never stays stuck; a second writer gets a one-line error naming the holder. The file keeps
+    the holder's pid and command for that message; it is never removed (removing it would race)."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory, what="--out_dir"):
+        self.dir, self.what, self.fd = directory, what, None
+        self.path = os.path.join(directory, self.NAME)
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (said once)
+            print(f"note: no file locking on this platform; make sure one process writes {self.dir}", file=sys.stderr)
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot write in {self.dir}: {e.strerror or first_line(e)}; choose a writable "
+                                  f"{self.what}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 500).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"{self.dir} is in use by another process ({holder}); wait for it to finish or "
+                                  f"stop it, or use another {self.what}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+        return False
 
 
 def _legacy_objects(names):
@@ -65,15 +118,33 @@ def load(path, require=TRAINING_KEYS):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # a truncated, empty or foreign file: say which and why
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}; it is damaged "
+                              f"(an empty file is what a full disk or a killed copy leaves); resume from another "
+                              f"checkpoint (best.pt), or start again") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this code (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in require if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)}: it is damaged or was not "
                               f"written by this code's trainer; retrain, or resume from another checkpoint")
+    for key in ("iter_num", "best_iter"):
+        v = ckpt.get(key)
+        if key in ckpt and not (isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "iter_num" else -1)):
+            raise CheckpointError(f"{path}: {key}={v!r} is not a whole number >= 0; the file is damaged or was "
+                                  f"not written by this code's trainer; resume from another checkpoint")
+    pos = ckpt.get("schedule_pos")
+    if pos is not None and not (isinstance(pos, (int, float)) and not isinstance(pos, bool) and 0 <= pos < float("inf")):
+        raise CheckpointError(f"{path}: schedule_pos={pos!r} is not a finite number >= 0; the file is damaged")
     return ckpt
+
+
+def schedule_position(ckpt):
+    """Where along its schedules (lr decay, sparsity warm-up) the checkpointed model was, in iterations. A
+    time-budget run's position is its progress * max_iters, not its iteration count (trainer.schedule_position);
+    checkpoints from before 2026-12-01 did not record it and reload at their iteration, as they did then."""
+    pos = ckpt.get("schedule_pos")
+    return ckpt.get("iter_num", 0) if pos is None else pos
 
 
 def atomic_write(path, write):
@@ -102,25 +173,6 @@ def write_json(obj, path):
             json.dump(obj, f, indent=2, default=str)
             f.write("\n")
     atomic_write(path, write)
-
-
-def remove_stale_temps(out_dir):
-    """Delete temp files (NAME.tmp.PID) that a killed process left in out_dir; a live process's stay."""
-    removed = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        base, sep, pid = name.rpartition(".tmp.")
-        if not sep or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that process is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        os.remove(os.path.join(out_dir, name))
-        removed.append(name)
-    return removed
 
 
 # ----------------------------------------------------------------------------- RNG states as tensors
@@ -159,14 +211,48 @@ def model_kind(ckpt, path):
     return MODELS[kind]
 
 
+def check_model_args(args, kind, path, weights):
+    """One-line CheckpointError for model_args that cannot describe the weights beside them: a key of the
+    wrong type, an impossible shape, or a model far larger than the weights (refused before anything is
+    allocated: a damaged n_layer=10**6 must not take the machine's memory); and for non-finite weights."""
+    for key, default in kind.defaults().items():
+        if key not in args or default is None:
+            continue
+        v, want = args[key], type(default)
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+              isinstance(v, want) and not isinstance(v, bool))
+        if not ok:
+            raise CheckpointError(f"{path}: model_args {key}={v!r} should be a {want.__name__}; the file is "
+                                  f"damaged or was not written by this code")
+    try:
+        kind.config_cls.from_dict(args).validate()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its model_args are impossible ({first_line(e)}); the file is damaged") from None
+    n_weights = sum(t.numel() for t in weights.values() if torch.is_tensor(t))
+    d, L = args["n_embd"], args["n_layer"]
+    estimate = 12 * L * d * d + 2 * 256 * d + args["block_size"] * d  # the blocks, embeddings and a position table
+    if estimate > 4 * n_weights + 1_000_000:
+        raise CheckpointError(f"{path}: its model_args describe a model of about {estimate:,} parameters but it "
+                              f"holds {n_weights:,} weights; the file is damaged")
+    bad = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {', '.join(bad[:3])}; use an earlier "
+                              f"checkpoint (best.pt) or retrain")
+
+
 def model_from_checkpoint(path, device="cpu"):
-    """(model in eval mode, checkpoint) for any run's ckpt.pt/best.pt, whichever script wrote it."""
+    """(model in eval mode, checkpoint) for any run's ckpt.pt/best.pt, whichever script wrote it; the model is
+    at the checkpoint's schedule position (ASCA: the sparsity it was trained at)."""
     ckpt = load(path, require=MODEL_KEYS)
     kind = model_kind(ckpt, path)
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: model_args or model is not a dict; the file is damaged")
     args = dict(ckpt["model_args"])
     missing = [k for k in SHAPE_KEYS if k not in args]
     if missing:  # keys added later may be missing (they default to the old behaviour); the shape may not
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}; it cannot be rebuilt faithfully")
+    check_model_args(args, kind, path, ckpt["model"])
     for key, old in kind.config_cls.LEGACY.items():  # keys the checkpoint predates: the behaviour of its time
         args.setdefault(key, old)
     args.update(kind.config_cls.DEVICE_DEFAULTS)  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
@@ -174,6 +260,6 @@ def model_from_checkpoint(path, device="cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e).splitlines()[0][:200]})") from None
-    model.set_step(ckpt.get("iter_num", 0))
+        raise CheckpointError(f"{path}: its weights do not fit its model_args ({first_line(e)})") from None
+    model.set_step(schedule_position(ckpt))
     return model.to(device).eval(), ckpt

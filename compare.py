@@ -3,18 +3,23 @@ One command per results table: run a list of training runs under one budget and 
 another on one device, then write comparison.md and overlay plots with the mean and spread per run and
 the difference to the first run.
 
-    python compare.py compare/cpu_excerpt.py                   # the spec file says what to run
-    python compare.py compare/cpu_excerpt.py --seeds 1337 --out out/try   # override its seeds or out dir
-    python compare.py compare/cpu_excerpt.py --report_only     # rebuild the table from finished runs
+    python compare.py compare/cpu_budget.py                   # the spec file says what to run
+    python compare.py compare/cpu_budget.py --seeds 1337 --out out/try   # override its seeds or out dir
+    python compare.py compare/cpu_budget.py --report_only     # rebuild the table from finished runs
 
 A spec file is Python (like config files) assigning:
     RUNS = [("name", "novel_model.py", ["config/X.py", "--key=value", ...]), ...]  # the first is the reference
     BUDGET = {"max_time_s": 150}   or   {"max_iters": 1000}  # --key=value added to every run
     SEEDS = [1337, 1338]
-    OUT = "out/compare_cpu_excerpt"                            # runs go to OUT/NAME_sSEED, the table to OUT
+    OUT = "out/compare_cpu_budget"                            # runs go to OUT/NAME_sSEED, the table to OUT
 Finished runs (final.json present) are not run again, interrupted ones resume, so re-running the command
-continues where it stopped. Runs that differ from the first run in test data, eval stride, block size or
-budget are flagged in the table instead of being compared silently.
+continues where it stopped. Each run directory keeps the command it was run with (compare_run.json): a
+finished run whose command differs from the spec now is flagged, never silently counted as the new one
+(delete it to run it again). Runs that differ from the first run in eval stride, block size or budget are
+flagged in the table; runs scored on different test sets (the split's sha256, as each run recorded it)
+are refused. Throughput measured while other processes used the CPU is flagged as contended. One
+compare.py writes an OUT at a time (a lock). A relative OUT in a spec is under this repository; --out is
+relative to where you run it.
 """
 import argparse
 import json
@@ -24,6 +29,8 @@ import subprocess
 import sys
 
 import extraction
+from checkpoint import CheckpointError, RunLock
+from trainer import CONTENDED_CORES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL_KEYS = ("test set", "eval_stride", "block_size", "budget")
@@ -43,34 +50,94 @@ def load_spec(path):
     except Exception as e:
         raise CompareError(f"spec file {path} failed to run: {type(e).__name__}: {e}") from None
     runs, budget = ns.get("RUNS"), ns.get("BUDGET")
-    if not runs or not all(isinstance(r, tuple) and len(r) == 3 for r in runs):
-        raise CompareError(f"{path}: RUNS must be a non-empty list of (name, script, [args]) tuples")
+    if not runs or not isinstance(runs, list) or not all(
+            isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], str)
+            and isinstance(r[2], list) and all(isinstance(a, str) for a in r[2]) for r in runs):
+        raise CompareError(f"{path}: RUNS must be a non-empty list of (name, script, [args]) tuples of strings")
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CompareError(f"{path}: run names must differ, got {names}")
+    for name in names:
+        if not name or name.startswith(".") or not all(ch.isalnum() or ch in "._-" for ch in name):
+            raise CompareError(f"{path}: run name {name!r} must be letters, digits, '.', '_' or '-' (it names a "
+                               f"directory), such as 'asca_0.5'")
     if not isinstance(budget, dict) or not budget or set(budget) - {"max_time_s", "max_iters"}:
         raise CompareError(f"{path}: BUDGET must be a dict of max_time_s and/or max_iters, got {budget!r}")
-    return {"runs": runs, "budget": budget, "seeds": list(ns.get("SEEDS", [1337])),
-            "out": ns.get("OUT") or os.path.join("out", "compare_" + os.path.splitext(os.path.basename(path))[0])}
+    out = ns.get("OUT") or os.path.join("out", "compare_" + os.path.splitext(os.path.basename(path))[0])
+    if not isinstance(out, str) or not out.strip():
+        raise CompareError(f"{path}: OUT must be a directory name such as 'out/compare_x', got {out!r}")
+    return {"runs": runs, "budget": budget, "seeds": check_seeds(ns.get("SEEDS", [1337]), path),
+            "out": os.path.join(ROOT, out)}  # a spec's OUT, like its configs and data, is under the repository
+
+
+def check_seeds(seeds, where):
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+        raise CompareError(f"{where}: SEEDS must be a non-empty list of whole numbers >= 0, such as [1337, 1338]; "
+                           f"got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise CompareError(f"{where}: seeds {list(seeds)} repeat one; each seed is one run, a repeated one would "
+                           f"be counted twice")
+    return list(seeds)
 
 
 def run_dir(out, name, seed):
     return os.path.join(out, f"{name}_s{seed}")
 
 
+RUN_RECORD = "compare_run.json"  # in each run directory: the command it was run with
+
+
+def run_command(spec, script, args, seed):
+    """What one (run, seed) is, as stored with it: the script, its arguments, the budget and the seed."""
+    return {"script": script, "args": list(args), "budget": [f"--{k}={v}" for k, v in spec["budget"].items()],
+            "seed": seed}
+
+
+def stored_command(d):
+    """The command run directory d was run with (None: run by an older compare.py, or not by compare.py)."""
+    try:
+        with open(os.path.join(d, RUN_RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def finished(d):
+    """A final.json that is the run's latest word (not one a resumed run has gone past)."""
+    if not os.path.exists(os.path.join(d, "final.json")):
+        return False
+    try:
+        return extraction.Run(d).final is not None
+    except extraction.ExtractError:
+        return False
+
+
 def execute(spec, log=print):
     """Train every (run, seed) not finished yet, one after another; returns the number that failed."""
     failed = 0
-    budget = [f"--{k}={v}" for k, v in spec["budget"].items()]
     for name, script, args in spec["runs"]:
         for seed in spec["seeds"]:
             d = run_dir(spec["out"], name, seed)
-            if os.path.exists(os.path.join(d, "final.json")):
-                log(f"compare: {d} is finished; kept")
+            want = run_command(spec, script, args, seed)
+            if finished(d):
+                have = stored_command(d)
+                if have is not None and have != want:
+                    log(f"compare: {d} is finished but was run with another command ({have}); flagged in the "
+                        f"table, not counted: delete {d} to run it again")
+                else:
+                    log(f"compare: {d} is finished; kept")
+                continue
+            if os.path.exists(os.path.join(d, "ckpt.pt")) and stored_command(d) not in (None, want):
+                log(f"compare: {d} was started with another command; flagged, not resumed: delete {d} to run it again")
+                failed += 1
                 continue
             resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
-            cmd = [sys.executable, os.path.join(ROOT, script), *args, *budget, f"--seed={seed}", f"--out_dir={d}",
-                   "--progress=False", *resume]
+            cmd = [sys.executable, os.path.join(ROOT, script), *args, *want["budget"], f"--seed={seed}",
+                   f"--out_dir={d}", "--progress=False", *resume]
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, RUN_RECORD), "w") as f:
+                json.dump(want, f)
             log("compare: " + " ".join(cmd[1:]))
             with open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "w") as f:
                 rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -101,19 +168,33 @@ def protocol(run):
     return {"test set": test, "eval_stride": stride, "block_size": block, "budget": budget}
 
 
+def contended(run):
+    load = (run.final or {}).get("other_cpu_load")
+    return load is not None and load > CONTENDED_CORES
+
+
 def report(spec):
     """comparison.md and compare_*.png in spec['out'] from the finished runs; returns the table's path."""
     groups = []
     for name, script, args in spec["runs"]:
-        runs = []
+        runs, changed = [], []
         for seed in spec["seeds"]:
             d = run_dir(spec["out"], name, seed)
-            if os.path.exists(os.path.join(d, "final.json")):
-                runs.append(extraction.Run(d))
-        groups.append((name, script, args, runs))
+            if finished(d):
+                have = stored_command(d)
+                (changed if have is not None and have != run_command(spec, script, args, seed) else runs).append(
+                    extraction.Run(d))
+        groups.append((name, script, args, runs, changed))
     if not groups[0][3]:
-        raise CompareError(f"the reference run {groups[0][0]} has no finished seed in {spec['out']}; run the comparison first")
+        raise CompareError(f"the reference run {groups[0][0]} has no finished seed in {spec['out']} run with "
+                           f"this spec's command; run the comparison first")
     ref_protocol = protocol(groups[0][3][0])
+    other_tests = sorted({f"{r.name} ({protocol(r)['test set']})" for g in groups for r in g[3]
+                          if protocol(r)["test set"] != ref_protocol["test set"]})
+    if other_tests:
+        raise CompareError(f"these runs were scored on another test set than {groups[0][3][0].name} "
+                           f"({ref_protocol['test set']}): {', '.join(other_tests)}; the data was split again "
+                           f"since: delete those run directories to re-run them, or compare them in another OUT")
     ref_by_seed = {r.config.get("seed"): r.final.get("test_bpc") for r in groups[0][3]}
     lines = ["# Comparison", "",
              f"Command: `python compare.py {spec.get('path', 'SPEC')}`; budget {spec['budget']}, seeds {spec['seeds']}. "
@@ -122,7 +203,8 @@ def report(spec):
              "| run | command | seeds | iters | test bpc | test bpc - first | best val bpc | tokens/s | sparsity | "
              "protocol differs from first |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, script, args, runs in groups:
+    notes = []
+    for name, script, args, runs, changed in groups:
         f = [r.final for r in runs]
         test = mean_sd([x.get("test_bpc") for x in f])
         # paired by seed: the same seed draws the same batches, so its difference is the cleaner estimate
@@ -130,16 +212,30 @@ def report(spec):
                  if r.final.get("test_bpc") is not None and ref_by_seed.get(r.config.get("seed")) is not None]
         differs = sorted({k for r in runs for k, v in protocol(r).items() if v != ref_protocol[k]})
         diff = fmt(*mean_sd(diffs), "+.4f") if not differs else "not comparable"
+        tps = fmt(*mean_sd([x.get("tokens_per_s") for x in f]), ",.0f")
+        busy = [r.name for r in runs if contended(r)]
+        if busy:
+            tps += " (contended)"
+            notes.append(f"{', '.join(busy)}: other processes used more than {CONTENDED_CORES} cores on average "
+                         f"while it trained (final.json other_cpu_load); its tokens/s (and, at equal wall-clock, its "
+                         f"bpc) are not comparable")
+        unrecorded = [r.name for r in runs if stored_command(r.path) is None]
+        if unrecorded:
+            notes.append(f"{', '.join(unrecorded)}: run before compare.py stored commands; its command is assumed")
+        if changed:
+            differs.append(f"{len(changed)} finished seed(s) run with another command, not counted")
+            notes.append(f"{', '.join(r.name for r in changed)}: finished with another command than the spec's "
+                         f"now (compare_run.json); delete to run again")
         lines.append(f"| {name} | `{script} {' '.join(args)}` | {len(runs)}/{len(spec['seeds'])} | "
                      f"{fmt(*mean_sd([x.get('iters') for x in f]), '.0f')} | {fmt(*test, '.4f')} | {diff} | "
                      f"{fmt(*mean_sd([x.get('best_val_bpc') for x in f]), '.4f')} | "
-                     f"{fmt(*mean_sd([x.get('tokens_per_s') for x in f]), ',.0f')} | "
+                     f"{tps} | "
                      f"{fmt(*mean_sd([x.get('test_sparsity', x.get('sparsity')) for x in f]), '.3f')} | "
                      f"{', '.join(f'**{k}**' for k in differs) or '-'} |")
     lines += ["", "Protocol of the first run: " + "; ".join(f"{k} {v}" for k, v in ref_protocol.items()) + ".",
               "Test bpc: every byte of the test split scored once (sliding windows, stride eval_stride); tokens/s "
               "excludes evaluation and compile/warm-up; sparsity: measured over the whole test split (older runs: "
-              "its last batch)."]
+              "its last batch)."] + (["", "Flagged:"] + [f"- {n}" for n in notes] if notes else [])
     os.makedirs(spec["out"], exist_ok=True)
     path = os.path.join(spec["out"], "comparison.md")
     with open(path, "w") as fh:
@@ -152,7 +248,7 @@ def plot(groups, out):
     plt = extraction.plt_module()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, _, _, runs) in enumerate(groups):
+    for i, (name, _, _, runs, _) in enumerate(groups):
         color = colors[i % len(colors)]
         for j, r in enumerate(runs):
             for ax, x in zip(axes[:2], ("tokens", "elapsed_s")):
@@ -173,7 +269,7 @@ def plot(groups, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="a spec file such as compare/cpu_excerpt.py")
+    p.add_argument("spec", help="a spec file such as compare/cpu_budget.py")
     p.add_argument("--seeds", type=int, nargs="+", help="override the spec's SEEDS")
     p.add_argument("--out", help="override the spec's OUT directory")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and plots")
@@ -182,17 +278,24 @@ def main(argv=None):
         spec = load_spec(a.spec)
         spec["path"] = a.spec
         if a.seeds:
-            spec["seeds"] = a.seeds
+            spec["seeds"] = check_seeds(a.seeds, "--seeds")
         if a.out:
-            spec["out"] = a.out
+            spec["out"] = os.path.abspath(a.out)
+        if os.path.exists(spec["out"]) and not os.path.isdir(spec["out"]):
+            raise CompareError(f"OUT {spec['out']} is a file, not a directory; give another --out")
         os.makedirs(spec["out"], exist_ok=True)
-        failed = 0 if a.report_only else execute(spec)
-        path = report(spec)
+        with RunLock(spec["out"], what="--out"):  # two compare.py into one OUT would train every run twice at once
+            failed = 0 if a.report_only else execute(spec)
+            path = report(spec)
         print(open(path).read())
         print(f"wrote {path} and {os.path.join(spec['out'], 'compare_runs.png')}")
         return 1 if failed else 0
-    except (CompareError, extraction.ExtractError) as e:
+    except (CompareError, extraction.ExtractError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write {e.filename or 'the OUT directory'}: {e.strerror or e}; choose a writable --out "
+              f"(or free some space)", file=sys.stderr)
         return 1
 
 

@@ -51,11 +51,20 @@ class Run:
         mpath = os.path.join(path, "metrics.jsonl")
         if os.path.exists(mpath):
             with open(mpath) as f:
-                for line in f:  # a run in progress may have a half-written last line
-                    try:
-                        self.metrics.append(json.loads(line))
-                    except ValueError:
-                        pass
+                lines = f.read().split("\n")
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if not isinstance(row, dict):
+                    if i == len(lines):  # a run in progress may have a half-written last line
+                        continue
+                    raise ExtractError(f"{mpath}, line {i} is not a JSON object ({line[:60]!r}); the file was edited "
+                                       f"or damaged: delete or mend that line")
+                self.metrics.append(row)
         self.stale_final = None
         if self.final and self.metrics and self.final.get("iters", -1) < self.metrics[-1].get("iter", -1):
             # final.json of an earlier finish, and the run went on (resumed): its numbers are not the latest
@@ -75,16 +84,22 @@ class Run:
             raise ExtractError(f"{p} is not valid JSON ({e})") from None
 
     def test_set(self):
-        """What the test bpc was measured on: the test split's sha256 (from the data's meta.json), else the
-        data_dir; plus the protocol (block_size, eval_stride). Runs compare only if these are equal."""
+        """What the test bpc was measured on: the test split's sha256 as the run recorded it (final.json,
+        since 2026-12-01), else the data_dir's current one marked as unrecorded (the data may have been split
+        again since); plus the protocol (block_size, eval_stride). Runs compare only if these are equal."""
         data_dir = (self.final or {}).get("data_dir") or self.config.get("data_dir")
-        sha = None
-        try:
-            with open(os.path.join(data_dir, "meta.json")) as f:
-                sha = json.load(f)["splits"]["test"]["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return (sha[:12] if sha else data_dir, self.last("block_size") or self.config.get("block_size"),
+        recorded = (self.final or self.stale_final or {}).get("data_sha256")
+        if isinstance(recorded, dict) and recorded.get("test"):
+            test = recorded["test"][:12]
+        else:
+            sha = None
+            try:
+                with open(os.path.join(data_dir, "meta.json")) as f:
+                    sha = json.load(f)["splits"]["test"]["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            test = f"{sha[:12] if sha else data_dir} (now; not recorded by the run)"
+        return (test, self.last("block_size") or self.config.get("block_size"),
                 self.last("eval_stride") or self.config.get("eval_stride"))
 
     def label(self):
@@ -524,6 +539,10 @@ def main(argv=None):
                 print(path)
     except ExtractError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a read-only run directory, a file where plots/ should be, a full disk
+        print(f"error: cannot write {e.filename or 'the plots'}: {e.strerror or e}; make the run directory "
+              f"writable (or free some space)", file=sys.stderr)
         return 1
     return 0
 

@@ -86,6 +86,26 @@ def _atomic_write(path, data):
             os.remove(tmp)
 
 
+def remove_stale_temps(out_dir):
+    """Delete temp files (NAME.tmp.PID) that a killed process left in out_dir (a run's or a dataset's); a live
+    process's stay."""
+    removed = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        base, sep, pid = name.rpartition(".tmp.")
+        if not sep or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        os.remove(os.path.join(out_dir, name))
+        removed.append(name)
+    return removed
+
+
 def write_splits(data, out_dir, source, input_sha256=None):
     """Split `data` (bytes or a uint8 buffer) into out_dir/{train,val,test}.bin and meta.json.
 
@@ -329,6 +349,8 @@ def prepare(args):
         name = download_name(args.url)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    for name in remove_stale_temps(out_dir):
+        print(f"removed {os.path.join(out_dir, name)}, left by a process that no longer runs")
     done = is_complete(out_dir)
     if not args.force:
         if not written_by_us(out_dir):
@@ -361,8 +383,9 @@ def prepare(args):
             print(f"{out_dir} is already prepared from {source} (input and splits match their checksums); "
                   f"nothing to do (use --force to redo it)")
             return done
-        print(f"{source} changed since {out_dir} was prepared (input sha256 {input_sha[:12]}..., recorded "
-              f"{str(done.get('input_sha256'))[:12]}...): splitting it again")
+        raise DataError(f"{source} changed since {out_dir} was prepared (input sha256 {input_sha[:12]}..., recorded "
+                        f"{str(done.get('input_sha256'))[:12]}...): splitting it again would change the test set under "
+                        f"the runs trained on it; use --force to split it again, or another --out_dir")
     data, tmp = open_input(input_path, out_dir)
     try:
         if not args.input and args.url == ENWIK8_URL and not args.sha256 and len(data) != ENWIK8_SIZE:

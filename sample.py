@@ -5,6 +5,7 @@ Generate bytes from a trained run (baseline or ASCA; the checkpoint says which).
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -84,7 +85,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         check_args(a)
-        prompt = open(a.start[5:], "rb").read() if a.start.startswith("FILE:") else a.start.encode("utf-8")
+        prompt = read_prompt(a.start)
         model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         for i in range(a.num_samples):
@@ -105,10 +106,30 @@ class SampleError(Exception):
     pass
 
 
+MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflow float32 (to inf, and NaN probabilities)
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range
+
+
+def read_prompt(start):
+    """The prompt's bytes: --start's text, or with FILE:PATH that file's bytes (a one-line error if the file
+    is missing or empty)."""
+    if not start.startswith("FILE:"):
+        return start.encode("utf-8")
+    path = start[5:]
+    if not os.path.isfile(path):
+        raise SampleError(f"--start=FILE:{path}: no such file; give FILE:PATH of a text file")
+    with open(path, "rb") as f:
+        prompt = f.read()
+    if not prompt:
+        raise SampleError(f"--start=FILE:{path} is empty: give a file with at least one byte of prompt")
+    return prompt
+
+
 def check_args(a):
     """One-line errors for impossible arguments, before anything loads."""
-    if not (math.isfinite(a.temperature) and a.temperature > 0):
-        raise SampleError(f"--temperature must be a finite number > 0, got {a.temperature}")
+    if not (math.isfinite(a.temperature) and a.temperature >= MIN_TEMPERATURE):
+        raise SampleError(f"--temperature must be a finite number >= {MIN_TEMPERATURE}, got {a.temperature}; "
+                          f"for greedy decoding use --top_k=1")
     if a.top_k is not None and a.top_k < 1:
         raise SampleError(f"--top_k must be at least 1 (or left out), got {a.top_k}")
     for name in ("num_bytes", "num_samples"):
@@ -116,8 +137,8 @@ def check_args(a):
             raise SampleError(f"--{name} must be >= {0 if name == 'num_bytes' else 1}, got {getattr(a, name)}")
     if not a.start:
         raise SampleError("--start is empty: give at least one byte of prompt (the default is a newline)")
-    if a.seed < 0:
-        raise SampleError(f"--seed must be >= 0, got {a.seed}")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise SampleError(f"--seed must be in [0, 2**63 - 1], got {a.seed}")
     if a.device.lower() != a.device or not (a.device in ("cpu", "cuda") or a.device.startswith("cuda:")):
         raise SampleError(f"--device={a.device} is not one of cpu, cuda, cuda:N (lower case)")
     if a.device.startswith("cuda") and not torch.cuda.is_available():

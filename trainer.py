@@ -373,6 +373,46 @@ def append_jsonl(row, path):
         f.write(json.dumps(row) + "\n")
 
 
+class LoadMeter:
+    """How much of the machine other processes used while this run trained, in cores: the CPU time of every
+    process (/proc/stat) minus this process's own (os.times), over the wall-clock. A throughput measured next
+    to another job is 5-10x off on a small CPU, so metrics rows and final.json carry it and comparison tables
+    flag rows above CONTENDED_CORES. None where /proc/stat is missing (not Linux). DDP ranks on one machine
+    count each other as other processes."""
+
+    def __init__(self):
+        self.start = self.mark = self.read()
+
+    @staticmethod
+    def read():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+            busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        t = os.times()
+        return time.time(), busy, t.user + t.system
+
+    @staticmethod
+    def others(a, b):
+        if a is None or b is None or b[0] - a[0] <= 0:
+            return None
+        return round(max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0])), 3)
+
+    def interval(self):
+        """{'other_cpu_load': cores used by other processes since the last call}."""
+        now = self.read()
+        load, self.mark = self.others(self.mark, now), now
+        return {"other_cpu_load": load}
+
+    def summary(self):
+        return {"other_cpu_load": self.others(self.start, self.read()), "cpu_cores": os.cpu_count()}
+
+
+CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a run's throughput is flagged
+
+
 @dataclass
 class Counters:
     """Where the run stands; saved in checkpoints (the first five) so resume continues exactly."""
@@ -424,9 +464,13 @@ class Trainer:
         self.cfg, self.kind, self.rt, self.ds, self.say = cfg, kind, rt, ds, rt.say
         self.out_dir = cfg["out_dir"]
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
+        self.best_path = os.path.join(self.out_dir, "best.pt")
         self.model_args = {k: cfg[k] for k in MODELS[kind].defaults()}
         self.model_args["vocab_size"] = 256
         self.c = Counters()
+        self.data_sha256 = data_identity(ds)
+        self.sched_pos = 0.0  # where the schedules stand (set_schedule); saved, so a reload runs at it
+        self.load = LoadMeter()
         self.build(build_model)
         if ckpt is not None:
             self.resume(ckpt)
@@ -454,8 +498,13 @@ class Trainer:
 
     def resume(self, ckpt):
         rt, c = self.rt, self.c
-        self.model.load_state_dict(ckpt["model"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise TrainError(f"{self.ckpt_path}: its weights do not fit its model_args ({checkpoint.first_line(e, 160)}); "
+                             f"the file is damaged: resume from another checkpoint, or start again") from None
         c.iter_num, c.best_val = ckpt["iter_num"], ckpt["best_val_bpc"]
+        self.sched_pos = checkpoint.schedule_position(ckpt)
         c.best_iter, c.train_time, c.tokens = ckpt.get("best_iter", -1), ckpt.get("train_time_s", 0.0), ckpt.get("tokens", 0)
         if self.cfg["eval_only"]:
             return
@@ -471,8 +520,14 @@ class Trainer:
             self.say(f"note: checkpoint was written with {len(gens)} ranks, now {rt.world_size}: "
                      f"ranks beyond the saved ones keep their fresh seeds")
         if rt.rank < len(gens):
-            self.gen.set_state(gens[rt.rank])
-            checkpoint.set_rng_states(ckpt["rng"][rt.rank])
+            try:
+                self.gen.set_state(gens[rt.rank])
+                checkpoint.set_rng_states(ckpt["rng"][rt.rank])
+            except Exception as e:  # a damaged file: the RNG states are the last thing read
+                raise TrainError(f"{self.ckpt_path}: its RNG states are damaged ({type(e).__name__}: "
+                                 f"{checkpoint.first_line(e, 120)}); resume from another checkpoint, or start again") from None
+        if rt.master:
+            self.repair_best(ckpt)
         self.say(f"resumed from {self.ckpt_path} at iter {c.iter_num} (best val {c.best_val:.4f} bpc at iter {c.best_iter})")
 
     # --- the loop
@@ -517,6 +572,7 @@ class Trainer:
 
     def set_schedule(self):
         pos, self.progress = self.schedule_position()
+        self.sched_pos = pos
         lr = get_lr(self.c.iter_num, self.cfg, pos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
@@ -615,7 +671,8 @@ class Trainer:
             row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3),
                    "progress": round(self.progress, 6), "lr": lr,
                    "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
-                   "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None}
+                   "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None,
+                   **self.load.interval()}
             row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
             row.update({k: v for k, v in self.val_measured.items() if not k.startswith("kept_blocks_hist")})
             append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
@@ -639,17 +696,34 @@ class Trainer:
               "iter_num": c.iter_num, "best_val_bpc": c.best_val, "best_iter": c.best_iter, "config": self.cfg,
               "model_args": self.model_args, "model_kind": self.kind, "rng": [r for _, r in per_rank],
               "data_generator": [g for g, _ in per_rank], "train_time_s": c.train_time, "tokens": c.tokens,
-              "env": rt.env()}
+              "schedule_pos": float(self.sched_pos), "data_sha256": self.data_sha256, "env": rt.env()}
         if not rt.master:
             return
         try:
             checkpoint.save(ck, self.ckpt_path)
-            if best:
-                checkpoint.atomic_write(os.path.join(self.out_dir, "best.pt"),
-                                        lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
-        except OSError as e:
-            raise TrainError(f"cannot write a checkpoint in {self.out_dir}: {e.strerror or e}; the previous one is "
-                             f"intact; free some space (or use another --out_dir) and resume") from None
+            if best:  # best.pt is a copy of this ckpt.pt: it holds its iter_num, checked before it is used
+                checkpoint.atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            raise TrainError(f"cannot write a checkpoint in {self.out_dir}: {getattr(e, 'strerror', None) or checkpoint.first_line(e)}; "
+                             f"the previous one is intact; free some space (or use another --out_dir) and resume") from None
+
+    def best_iter_on_disk(self):
+        """The iteration best.pt holds (None: no readable best.pt)."""
+        if not os.path.exists(self.best_path):
+            return None
+        try:
+            return checkpoint.load(self.best_path, require=("iter_num",))["iter_num"]
+        except CheckpointError:
+            return None
+
+    def repair_best(self, ckpt):
+        """A best.pt copy that failed after ckpt.pt was written (a full disk, a kill) leaves best.pt older than
+        the recorded best. If the recorded best is ckpt.pt itself, copy it again; the final test checks the rest."""
+        c = self.c
+        if c.best_iter == ckpt["iter_num"] and self.best_iter_on_disk() != c.best_iter:
+            checkpoint.atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
+            self.say(f"note: best.pt did not hold the best iteration {c.best_iter} (a copy was interrupted); "
+                     f"copied it again from ckpt.pt")
 
     def stop_on_signal(self):
         self.check_finite(f"at iter {self.c.iter_num}, when the signal came")
@@ -671,7 +745,8 @@ class Trainer:
                  "tokens_per_s": c.run_tokens / c.run_time if c.run_time > 0 else None,
                  "n_params": self.model.num_params(), "val_bpc": self.last_val, "best_val_bpc": c.best_val,
                  "best_iter": c.best_iter, "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"],
-                 "data_dir": cfg["data_dir"], "env": rt.env()}
+                 "data_dir": cfg["data_dir"], "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos,
+                 **self.load.summary(), "env": rt.env()}
         final.update(self.model.diagnostics())
         if rt.ddp:  # every rank checksums its own weights; equal sums show the ranks stayed in sync
             final["rank_param_checksums"] = rt.gather(float(sum(p.detach().double().sum().item()
@@ -681,12 +756,16 @@ class Trainer:
         if cfg["final_test"]:
             t0 = time.time()
             final["test_bpc"], final["test_bytes_scored"] = self.test_bpc(into=final)
-            best_path = os.path.join(self.out_dir, "best.pt")
-            if c.best_iter not in (-1, c.iter_num) and os.path.exists(best_path):
-                best = checkpoint.load(best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
-                self.model.load_state_dict(best["model"])
-                self.model.set_step(best["iter_num"])
-                final["test_bpc_best_val_ckpt"], _ = self.test_bpc()
+            if c.best_iter not in (-1, c.iter_num) and os.path.exists(self.best_path):
+                best = checkpoint.load(self.best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
+                if best["iter_num"] == c.best_iter:
+                    self.model.load_state_dict(best["model"])
+                    self.model.set_step(checkpoint.schedule_position(best))
+                    final["test_bpc_best_val_ckpt"], _ = self.test_bpc()
+                else:  # never score or name a stale copy as the best one
+                    final["best_ckpt_stale"] = f"best.pt holds iter {best['iter_num']}, not the best iter {c.best_iter}"
+                    self.say(f"warning: {self.best_path} holds iter {best['iter_num']}, not the best iter "
+                             f"{c.best_iter} (a copy was interrupted); not scoring it")
             final["test_eval_s"] = time.time() - t0
         checkpoint.write_json(final, os.path.join(self.out_dir, "final.json"))
         test = f", test {final['test_bpc']:.4f} bpc" if "test_bpc" in final else ""
@@ -699,7 +778,7 @@ class Trainer:
 
     def eval_only(self):
         cfg, c = self.cfg, self.c
-        self.model.set_step(c.iter_num)
+        self.model.set_step(self.sched_pos)  # the checkpoint's schedule position (a time budget's, too)
         if not self.rt.master:
             return 0
         val = self.val_bpc()
@@ -707,7 +786,7 @@ class Trainer:
         test, n = self.test_bpc(into=measured)
         out = {**measured, "iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
-               "env": self.rt.env()}
+               "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env()}
         out.update(self.model.diagnostics())
         checkpoint.write_json(out, os.path.join(self.out_dir, "eval.json"))
         self.say(f"checkpoint at iter {c.iter_num}: val {val:.4f} bpc, test {test:.4f} bpc "
@@ -749,6 +828,42 @@ def main(argv, kind, build_model=None):
 
 def run(cfg, kind, explicit=(), build_model=None):
     rt = Runtime(cfg)
+    out_dir = cfg["out_dir"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    if cfg["init_from"] == "scratch":
+        finalize_config(cfg, kind, rt)  # a bad setting is named before out_dir is created
+    lock = contextlib.nullcontext()
+    if rt.master and (cfg["init_from"] == "scratch" or os.path.isdir(out_dir)):
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"cannot create out_dir {out_dir}: {e.strerror or e}; choose a writable --out_dir") from None
+        lock = checkpoint.RunLock(out_dir)  # one writer per run directory, before anything there is read
+    with lock:
+        return _run(cfg, kind, explicit, build_model, rt)
+
+
+def restart_incomplete(out_dir, say):
+    """A run killed after its first metrics row but before its first checkpoint holds nothing to resume:
+    set its metrics.jsonl (and config.json) aside as *.incomplete so it starts again cleanly."""
+    there = {f for f in RUN_FILES + ("config.json",) if os.path.lexists(os.path.join(out_dir, f))}
+    if not there or there - {"metrics.jsonl", "config.json"}:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for f in sorted(there):
+        os.replace(os.path.join(out_dir, f), os.path.join(out_dir, f"{f}.incomplete-{stamp}"))
+    say(f"note: {out_dir} held a run that stopped before its first checkpoint ({', '.join(sorted(there))}); "
+        f"set aside as *.incomplete-{stamp}, starting again")
+
+
+def data_identity(ds):
+    """The sha256 of each split (from the dataset's meta.json): what a run was trained and scored on."""
+    splits = ds.meta.get("splits") if isinstance(ds.meta.get("splits"), dict) else {}
+    return {name: rec.get("sha256") for name, rec in splits.items() if isinstance(rec, dict)} or None
+
+
+def _run(cfg, kind, explicit, build_model, rt):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = None
     if cfg["init_from"] == "resume":
@@ -760,16 +875,21 @@ def run(cfg, kind, explicit=(), build_model=None):
     if ckpt is not None:
         check_architecture(ckpt, kind, cfg, ckpt_path)
     elif not cfg["eval_only"]:
+        if rt.master:
+            restart_incomplete(cfg["out_dir"], rt.say)
         there = [f for f in RUN_FILES if os.path.lexists(os.path.join(cfg["out_dir"], f))]
         if there:
             raise TrainError(f"{cfg['out_dir']} already holds a run ({', '.join(there)}); continue it with "
                              f"--init_from=resume, or start over with another --out_dir (or delete that one first)")
     ds = ByteDataset(cfg["data_dir"])
     ds.check_block_size(cfg["block_size"])
+    if ckpt is not None and ckpt.get("data_sha256") and ckpt["data_sha256"] != data_identity(ds):
+        changed = sorted(k for k in ckpt["data_sha256"] if ckpt["data_sha256"][k] != (data_identity(ds) or {}).get(k))
+        rt.say(f"warning: the data in {cfg['data_dir']} changed since this checkpoint was written (split "
+               f"{', '.join(changed) or 'set'} differs): its curves and test bpc will not compare with the earlier ones")
     rt.init_distributed()
     try:
         if rt.master:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
             for name in checkpoint.remove_stale_temps(cfg["out_dir"]):
                 rt.say(f"removed {name}, left by a process that no longer runs")
         trainer = Trainer(cfg, kind, rt, ds, ckpt, build_model)

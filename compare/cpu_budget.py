@@ -4,7 +4,7 @@
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_budget.py
 COMMON = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
           "--sparse_block_size=32", "--target_sparsity=0.75", "--sparsity_warmup_iters=150", "--eval_interval=100",
-          "--eval_stride=256"]
+          "--eval_stride=256", "--gate_input=unrotated"]  # as README's table was measured (the default then)
 RUNS = [
     ("fixed", "novel_model.py", COMMON + ["--budget=fixed"]),
     ("adaptive", "novel_model.py", COMMON + ["--budget=adaptive"]),

@@ -364,17 +364,42 @@ def test_zip_with_bad_crc_is_refused(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.bin"))
 
 
-def test_changed_input_is_split_again(tmp_path, capsys):
+def test_changed_input_is_not_split_again_without_force(tmp_path, capsys):
+    # issue 19.8: re-splitting silently changed the test set under finished runs
     src = tmp_path / "in.txt"
-    src.write_bytes(make_source(20_000, seed=1))
+    first = make_source(20_000, seed=1)
+    src.write_bytes(first)
     out = tmp_path / "out"
     assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 0
     src.write_bytes(make_source(20_000, seed=9))  # same name, same size, other bytes
     capsys.readouterr()
-    assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 0
-    assert "changed" in capsys.readouterr().out
+    assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "changed" in err and "--force" in err
+    check_splits(out, first)  # the old split is intact
+    assert pd.main(["--input", str(src), "--out_dir", str(out), "--force"]) == 0
     check_splits(out, src.read_bytes())
     assert json.load(open(out / "meta.json"))["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_temp_files_of_a_killed_prepare_are_removed_by_the_next(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_bytes(make_source(20_000, seed=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, as a killed prepare_dataset.py leaves behind
+    stale = [out / f"train.bin.tmp.{dead.pid}", out / f".input.tmp.{dead.pid}"]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = out / f"val.bin.tmp.{alive.pid}"  # a live process's temp file stays
+    for p in stale + [live]:
+        p.write_bytes(b"x" * 100)
+    try:
+        assert pd.main(["--input", str(src), "--out_dir", str(out)]) == 0
+    finally:
+        alive.kill()
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert "removed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,needle", [

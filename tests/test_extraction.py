@@ -144,9 +144,12 @@ def test_comparison_flags_other_test_sets_and_stale_final_json(runs, tmp_path):
     for src, dst in ((runs / "base", base), (runs / "asca", other), (runs / "asca", stale)):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("plots", "extract"))
     other_data = make_dataset(tmp_path / "otherdata", seed=7)
-    for f in ("config.json", "final.json"):
+    other_meta = json.load(open(os.path.join(other_data, "meta.json")))
+    for f in ("config.json", "final.json"):  # a run trained and scored on other data: it records that data
         d = json.load(open(other / f))
         d["data_dir"] = other_data
+        if f == "final.json":
+            d["data_sha256"] = {k: v["sha256"] for k, v in other_meta["splits"].items()}
         json.dump(d, open(other / f, "w"))
     rows = [json.loads(l) for l in open(stale / "metrics.jsonl")]
     newer = dict(rows[-1], iter=rows[-1]["iter"] + 8, val_bpc=1.2345, tokens=rows[-1]["tokens"] * 2)

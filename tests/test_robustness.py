@@ -261,7 +261,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, data_dir, capsys, arg, needl
 
 @pytest.mark.parametrize("args,needle", [
     (["--top_k=-3"], "--top_k must be at least 1"),
-    (["--temperature=nan"], "--temperature must be a finite number > 0"),
+    (["--temperature=nan"], "--temperature must be a finite number >="),
     (["--num_bytes=-1"], "--num_bytes must be >= 0"),
     pytest.param(["--device=cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),

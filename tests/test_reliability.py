@@ -1,0 +1,461 @@
+"""Nothing lost, nothing silently wrong, round two (issue 19): one writer per run directory, the schedule
+travels with the checkpoint, best.pt is checked before it is scored, comparisons cannot mix runs, and the
+listed tracebacks are one-line errors. Each test failed on the code before the fix."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import baseline_model
+import checkpoint
+import compare
+import extraction
+import novel_model
+import prepare_dataset
+import trainer
+from helpers import ROOT, TINY, make_dataset, make_text, run_script, train_in_process
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
+                                             "--final_test=False"]) == 0
+    return out
+
+
+def one_line(err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+def start_trainer(data_dir, out, *extra):
+    """A tiny baseline training run in a subprocess that takes a while; returns once it holds out_dir."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "baseline_model.py"), TINY, f"--data_dir={data_dir}",
+                          f"--out_dir={out}", "--max_iters=100000", "--eval_interval=50", *extra],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "ckpt.pt")):  # past its first checkpoint: it is training
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.2)
+    return p
+
+
+def lock_is_free(d):
+    try:
+        with checkpoint.RunLock(str(d)):
+            return True
+    except checkpoint.CheckpointError:
+        return False
+
+
+# ----------------------------------------------------------------------------- one writer per run
+
+def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, data_dir, capsys):
+    out = tmp_path / "c"
+    first = start_trainer(data_dir, out)
+    try:
+        before = (out / "config.json").read_bytes()
+        for args in ([], ["--init_from=resume"], ["--init_from=resume", "--eval_only=True"]):
+            rc = train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20",
+                                                   "--learning_rate=0.0001", "--seed=7", *args])
+            assert rc == 1
+            line = one_line(capsys.readouterr().err)
+            assert "in use by another process" in line and f"pid {first.pid}" in line and "another --out_dir" in line
+        assert (out / "config.json").read_bytes() == before and not (out / "eval.json").exists()
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
+    assert first.returncode == 128 + signal.SIGTERM
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path, data_dir):
+    out = tmp_path / "k"
+    p = start_trainer(data_dir, out)
+    p.kill()  # SIGKILL: no handler runs, the OS drops the lock
+    p.wait(30)
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                                             "--max_iters=2", "--final_test=False"]) == 0
+
+
+@pytest.mark.slow
+def test_killing_the_main_job_stops_its_trainer(tmp_path):
+    out = tmp_path / "main"
+    env = dict(os.environ, OUT_DIR=str(out), ASCA_SKIP_SETUP="1", PYTHONUNBUFFERED="1")
+    job = subprocess.Popen(["bash", "scripts/main_job.sh", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                            "--batch_size=2", "--max_iters=100000", "--eval_interval=20", "--eval_iters=1",
+                            "--progress=false"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (out / "ckpt.pt").exists():
+            assert job.poll() is None and time.time() < deadline, job.communicate()
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)  # `kill <the script's pid>`: the trainer is its child, not signalled itself
+        job.wait(120)
+        assert job.returncode == 143
+        assert lock_is_free(out)  # no orphaned trainer holds the run
+        assert checkpoint.load(str(out / "ckpt.pt"))["iter_num"] > 0  # it checkpointed as it stopped
+    finally:
+        kill_processes_naming(str(out))  # an orphan (the bug) must not train on after the test
+
+
+def kill_processes_naming(text):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_a_second_compare_into_one_out_is_refused(tmp_path, data_dir, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    with checkpoint.RunLock(str(out)):
+        assert compare.main([spec]) == 1
+    assert "in use by another process" in one_line(capsys.readouterr().err)
+    assert not any((out / d).exists() for d in ("dense_s1", "sparse_s1"))
+
+
+# ----------------------------------------------------------------------------- the schedule travels with the checkpoint
+
+def test_a_time_budget_run_reloads_at_the_sparsity_it_was_trained_at(tmp_path, data_dir):
+    out = tmp_path / "t"
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--sparse_block_size=8",
+                                          "--target_sparsity=0.6", "--sparsity_warmup_iters=500",
+                                          "--max_iters=1000", "--max_time_s=2", "--eval_interval=100000"]) == 0
+    final = json.load(open(out / "final.json"))
+    ck = checkpoint.load(str(out / "ckpt.pt"))
+    trained_at = final["sparsity_target_now"]
+    assert final["stop_reason"] == "max_time_s" and ck["iter_num"] < 500  # the iteration alone would say less
+    assert trained_at == pytest.approx(0.6) and ck["schedule_pos"] == pytest.approx(1000)
+    model, _ = checkpoint.model_from_checkpoint(str(out / "ckpt.pt"))
+    assert all(a.sparsity == pytest.approx(trained_at) for a in model.attention_modules())
+    assert train_in_process(novel_model, [f"--out_dir={out}", "--init_from=resume", "--eval_only=True"]) == 0
+    assert json.load(open(out / "eval.json"))["sparsity_target_now"] == pytest.approx(trained_at)
+    old = dict(ck)
+    del old["schedule_pos"]  # a checkpoint from before: its iteration, as then
+    checkpoint.save(old, str(tmp_path / "old.pt"))
+    model, _ = checkpoint.model_from_checkpoint(str(tmp_path / "old.pt"))
+    assert model.attention_modules()[0].sparsity == pytest.approx(0.6 * ck["iter_num"] / 500)
+
+
+# ----------------------------------------------------------------------------- best.pt is what it claims
+
+def fake_state(out, best_iter, best_val, best_source):
+    """ckpt.pt saying its best is best_iter (at best_val), and best.pt a copy of best_source."""
+    ck = checkpoint.load(str(out / "ckpt.pt"))
+    ck["best_iter"], ck["best_val_bpc"] = best_iter, best_val
+    checkpoint.save(ck, str(out / "ckpt.pt"))
+    shutil.copyfile(best_source, out / "best.pt")
+    return ck
+
+
+def test_a_stale_best_pt_is_repaired_or_never_scored(tmp_path, data_dir, capsys):
+    early = tmp_path / "early"
+    common = [f"--data_dir={data_dir}", "--eval_interval=5", "--final_test=False"]
+    assert train_in_process(baseline_model, common + [f"--out_dir={early}", "--max_iters=5"]) == 0
+    run = tmp_path / "run"
+    assert train_in_process(baseline_model, common + [f"--out_dir={run}", "--max_iters=10"]) == 0
+    assert checkpoint.load(str(early / "ckpt.pt"))["iter_num"] == 5
+    # 1. the copy of best.pt failed after ckpt.pt (iter 10, the best) was written: resume copies it again
+    fake_state(run, 10, 0.0, early / "ckpt.pt")
+    capsys.readouterr()
+    assert train_in_process(baseline_model, [f"--out_dir={run}", "--init_from=resume", "--max_iters=10",
+                                             "--final_test=True"]) == 0
+    assert "copied it again" in capsys.readouterr().out
+    assert checkpoint.load(str(run / "best.pt"))["iter_num"] == 10
+    # 2. best.pt holds another iteration than the recorded best: it is neither scored nor named the best
+    os.remove(run / "final.json")
+    fake_state(run, 3, 0.0, early / "ckpt.pt")
+    assert train_in_process(baseline_model, [f"--out_dir={run}", "--init_from=resume", "--max_iters=10",
+                                             "--final_test=True"]) == 0
+    final = json.load(open(run / "final.json"))
+    assert final["best_iter"] == 3 and "test_bpc_best_val_ckpt" not in final
+    assert "holds iter 5, not the best iter 3" in final["best_ckpt_stale"]
+
+
+# ----------------------------------------------------------------------------- comparisons that cannot mix runs
+
+def write_spec(path, data_dir, out, sparse_args=(), extra_run=None, seeds="[1]"):
+    runs = [("dense", "baseline_model.py", [TINY, f"--data_dir={data_dir}"]),
+            ("sparse", "novel_model.py", [TINY, f"--data_dir={data_dir}", "--sparse_block_size=8",
+                                          "--target_sparsity=0.5", "--sparsity_warmup_iters=4", *sparse_args])]
+    if extra_run:
+        runs.append(extra_run)
+    path.write_text(f"RUNS = {runs!r}\nBUDGET = {{'max_iters': 6}}\nSEEDS = {seeds}\nOUT = {str(out)!r}\n")
+    return str(path)
+
+
+def row_of(table, name):
+    return next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
+
+
+def test_compare_from_elsewhere_flags_edited_specs_and_refuses_other_test_sets(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data", seed=3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # compare.py run from another working directory, --out relative to it
+    spec = write_spec(tmp_path / "spec.py", data, "unused")
+    assert compare.main([spec, "--out", "cmp"]) == 0
+    out = elsewhere / "cmp"
+    assert json.load(open(out / "sparse_s1" / "compare_run.json"))["args"][-1] == "--sparsity_warmup_iters=4"
+    # the spec is edited after its runs finished: the old run is flagged, not shown as the new command's
+    spec = write_spec(tmp_path / "spec.py", data, "unused", sparse_args=["--target_sparsity=0.3"])
+    assert compare.main([spec, "--out", "cmp"]) == 0
+    row = row_of((out / "comparison.md").read_text(), "sparse")
+    assert "| 0/1 |" in row and "another command, not counted" in row
+    assert "flagged in the table, not counted" in capsys.readouterr().out
+    # the data is split again under the finished runs; a new run is scored on the new test set: refused
+    prepare_dataset.write_splits(make_text(60_000, seed=4), data, "test-made text")
+    spec = write_spec(tmp_path / "spec.py", data, "unused", extra_run=("dense2", "baseline_model.py",
+                                                                        [TINY, f"--data_dir={data}"]))
+    capsys.readouterr()
+    assert compare.main([spec, "--out", "cmp"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "another test set" in line and "dense2_s1" in line
+
+
+def test_compare_flags_contended_throughput(tmp_path, data_dir):
+    out = tmp_path / "busy"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    assert compare.main([spec]) == 0
+    final_path = out / "dense_s1" / "final.json"
+    final = json.load(open(final_path))
+    assert "other_cpu_load" in final and final["cpu_cores"] == os.cpu_count()
+    final["other_cpu_load"] = 1.5
+    final_path.write_text(json.dumps(final))
+    assert compare.main([spec, "--report_only"]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "(contended)" in row_of(table, "dense") and "(contended)" not in row_of(table, "sparse")
+
+
+def test_the_load_meter_sees_another_process():
+    meter = trainer.LoadMeter()
+    if meter.start is None:
+        pytest.skip("no /proc/stat")
+    time.sleep(1.0)
+    idle = meter.interval()["other_cpu_load"]  # whatever else runs now
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    spin.wait()
+    busy = meter.interval()["other_cpu_load"]
+    own = trainer.LoadMeter()  # this process's own work is not counted
+    t = time.time()
+    while time.time() - t < 1.0:
+        pass
+    assert busy > idle + 0.5 and own.interval()["other_cpu_load"] < busy - 0.4, (idle, busy)
+
+
+@pytest.mark.parametrize("seeds,needle", [("[1337, 1337]", "repeat one"), ("1337", "SEEDS must be a non-empty list")])
+def test_compare_seed_errors(tmp_path, data_dir, capsys, seeds, needle):
+    spec = write_spec(tmp_path / "spec.py", data_dir, tmp_path / "o", seeds=seeds)
+    assert compare.main([spec]) == 1
+    assert needle in one_line(capsys.readouterr().err)
+    spec = write_spec(tmp_path / "spec.py", data_dir, tmp_path / "o")
+    assert compare.main([spec, "--seeds", "5", "5"]) == 1
+    assert "repeat one" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o" / "dense_s5").exists()
+
+
+def test_compare_bad_run_name_and_stale_final(tmp_path, data_dir, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"RUNS = [('a/b', 'baseline_model.py', [{TINY!r}])]\nBUDGET = {{'max_iters': 2}}\n")
+    assert compare.main([str(bad)]) == 1
+    assert "run name 'a/b'" in one_line(capsys.readouterr().err)
+    out = tmp_path / "st"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    assert compare.main([spec]) == 0
+    d = out / "sparse_s1"
+    with open(d / "metrics.jsonl", "a") as f:  # the run went on after its final.json (a resume, interrupted)
+        f.write(json.dumps({"iter": 99, "val_bpc": 5.0}) + "\n")
+    capsys.readouterr()
+    assert compare.main([spec, "--report_only"]) == 0
+    assert "| 0/1 |" in row_of((out / "comparison.md").read_text(), "sparse")
+
+
+def test_every_spec_pins_the_predictor_input_its_table_claims():
+    """README's ASCA tables were measured while gate_input defaulted to 'unrotated'; a spec that leaves it to
+    the default (now 'rotated') would re-measure something else."""
+    for name in sorted(os.listdir(os.path.join(ROOT, "compare"))):
+        if not name.startswith("cpu_"):  # the README tables' specs (tiny.py is a smoke run)
+            continue
+        spec = compare.load_spec(os.path.join(ROOT, "compare", name))
+        for run, script, args in spec["runs"]:
+            if script == "novel_model.py":
+                assert any(a.startswith("--gate_input=") for a in args), (name, run)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_resume_warns_when_the_data_changed(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", seed=5)
+    out = tmp_path / "r"
+    assert train_in_process(baseline_model, [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2",
+                                             "--final_test=False"]) == 0
+    assert checkpoint.load(str(out / "ckpt.pt"))["data_sha256"] == {
+        k: v["sha256"] for k, v in json.load(open(os.path.join(data, "meta.json")))["splits"].items()}
+    capsys.readouterr()
+    assert train_in_process(baseline_model, [f"--out_dir={out}", "--init_from=resume", "--max_iters=3",
+                                             "--final_test=False"]) == 0
+    assert "warning:" not in capsys.readouterr().out  # the same data: no warning
+    prepare_dataset.write_splits(make_text(60_000, seed=6), data, "test-made text")
+    assert train_in_process(baseline_model, [f"--out_dir={out}", "--init_from=resume", "--max_iters=4",
+                                             "--final_test=False"]) == 0
+    warn = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    assert len(warn) == 1 and "changed since this checkpoint" in warn[0]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, data_dir, capsys):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"iter": 0, "val_bpc": 8.0}) + "\n")
+    (out / "config.json").write_text("{}\n")
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+                                             "--final_test=False"]) == 0
+    assert "stopped before its first checkpoint" in capsys.readouterr().out
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iter"] for r in rows] == [0, 2] and rows[0]["val_bpc"] != 8.0
+    assert len(list(out.glob("metrics.jsonl.incomplete-*"))) == 1
+
+
+# ----------------------------------------------------------------------------- tracebacks become one line
+
+def damaged_copy(tmp_path, trained, change):
+    ck = checkpoint.load(str(trained / "ckpt.pt"))
+    change(ck)
+    out = tmp_path / "d"
+    out.mkdir(exist_ok=True)
+    checkpoint.save(ck, str(out / "ckpt.pt"))
+    return out
+
+
+def set_rng(ck, value):
+    ck["rng"][0]["numpy"] = value
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda ck: ck.__setitem__("iter_num", "5"), "iter_num='5' is not a whole number"),
+    (lambda ck: ck.__setitem__("iter_num", -100), "iter_num=-100 is not a whole number"),
+    (lambda ck: set_rng(ck, {"name": "MT19937", "keys": torch.zeros(3), "pos": 1, "has_gauss": 0,
+                             "cached_gaussian": 0.0}), "RNG states are damaged"),
+    (lambda ck: ck["data_generator"].__setitem__(0, torch.zeros(7, dtype=torch.uint8)), "RNG states are damaged"),
+    (lambda ck: ck["model"].__setitem__("lm_head.weight", torch.zeros(3, 3)), "weights do not fit"),
+])
+def test_a_damaged_checkpoint_on_resume_is_one_line(tmp_path, trained, data_dir, capsys, change, needle):
+    out = damaged_copy(tmp_path, trained, change)
+    rc = train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                                           "--max_iters=6", "--final_test=False"])
+    assert rc == 1 and needle in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("block_size", -1, "impossible"), ("n_layer", 10 ** 6, "describe a model of about"),
+    ("n_head", "2", "should be a int"), ("n_embd", 32.5, "should be a int")])
+def test_absurd_model_args_in_sample_are_one_line_before_allocating(tmp_path, trained, key, value, needle):
+    out = damaged_copy(tmp_path, trained, lambda ck: ck["model_args"].__setitem__(key, value))
+    t0 = time.time()
+    r = run_script("sample.py", f"--out_dir={out}", "--num_bytes=5", timeout=120)
+    assert r.returncode == 1 and needle in one_line(r.stderr) and time.time() - t0 < 60
+
+
+def test_nan_weights_and_an_empty_checkpoint_are_one_line(tmp_path, trained, data_dir):
+    out = damaged_copy(tmp_path, trained, lambda ck: ck["model"]["lm_head.weight"].fill_(float("nan")))
+    r = run_script("sample.py", f"--out_dir={out}", "--num_bytes=5")
+    assert r.returncode == 1 and "non-finite weights" in one_line(r.stderr)
+    (out / "ckpt.pt").write_bytes(b"")  # what a full disk or a killed copy leaves
+    r = run_script("sample.py", f"--out_dir={out}", "--num_bytes=5")
+    assert r.returncode == 1 and "cannot read checkpoint" in one_line(r.stderr)
+    r = run_script("baseline_model.py", TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume")
+    assert r.returncode == 1 and "cannot read checkpoint" in one_line(r.stderr)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature=1e-39"], "--temperature must be a finite number >="),
+    (["--seed=99999999999999999999999"], "--seed must be in"),
+    (["--start=FILE:EMPTY"], "is empty"),
+    (["--start=FILE:/nonexistent/prompt.txt"], "no such file"),
+])
+def test_sample_arguments_are_one_line(tmp_path, trained, args, needle):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    r = run_script("sample.py", f"--out_dir={trained}", "--num_bytes=5", *args)
+    assert r.returncode == 1 and needle in one_line(r.stderr)
+
+
+def test_a_full_disk_inside_torch_save_is_one_line(tmp_path, data_dir, capsys, monkeypatch):
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 1:  # the first checkpoint is written, the second hits a full disk inside the zip writer
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = tmp_path / "full"
+    rc = train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=10",
+                                           "--eval_interval=5"])
+    assert rc == 1
+    line = one_line(capsys.readouterr().err)
+    assert "cannot write a checkpoint" in line and "file write failed" in line
+    assert checkpoint.load(str(out / "ckpt.pt"))["iter_num"] == 0  # the old one is intact
+    assert not list(out.glob("*.tmp.*"))
+
+
+def test_out_dir_naming_a_file_and_malformed_metrics_are_one_line(tmp_path, trained, data_dir, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={f}"]) == 1
+    assert "is a file, not a directory" in one_line(capsys.readouterr().err)
+    run = tmp_path / "m"
+    shutil.copytree(trained, run)
+    rows = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("{not json\n" + rows)
+    r = run_script("extraction.py", str(run))
+    assert r.returncode == 1 and "line 1 is not a JSON object" in one_line(r.stderr)
+    (run / "metrics.jsonl").write_text(rows + '{"iter": 9, "val')  # a half-written last line is skipped
+    assert len(extraction.Run(str(run)).metrics) == len(rows.splitlines())
+
+
+@pytest.fixture
+def read_only_copy(tmp_path, trained):
+    """A read-only file system holding a copy of the trained run (skips where tmpfs cannot be mounted)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        shutil.copytree(trained, mnt / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_read_only_out_dir_is_one_line_everywhere(tmp_path, read_only_copy, data_dir, capsys):
+    run = read_only_copy / "run"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={read_only_copy / 'new'}"]) == 1
+    assert "Read-only file system" in one_line(capsys.readouterr().err)
+    for extra in (["--init_from=resume", "--max_iters=6"], ["--init_from=resume", "--eval_only=True"]):
+        assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={run}", *extra]) == 1
+        assert "Read-only file system" in one_line(capsys.readouterr().err)
+    r = run_script("extraction.py", str(run))
+    assert r.returncode == 1 and "Read-only file system" in one_line(r.stderr)
+    spec = write_spec(tmp_path / "spec.py", data_dir, read_only_copy / "cmp")
+    assert compare.main([spec]) == 1
+    assert "Read-only file system" in one_line(capsys.readouterr().err)
