@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import configurator
+import trackers
 from baseline_model import MODELS
 from checkpoint import CheckpointError
 from prepare_dataset import ByteDataset, DataError, sliding_windows, stack_windows
@@ -37,6 +38,9 @@ TRAIN_DEFAULTS = dict(
     eval_interval=500, log_interval=10, eval_iters=20, eval_only=False, final_test=True,
     eval_stride=None,  # test stride; None = block_size // 2
     progress=True,  # tqdm bar
+    # optional live trackers (trackers.py; each needs its package): every metrics row, as it is written
+    wandb_log=False, wandb_project="asca", wandb_run_name=None,  # run name None = the out_dir's name
+    tensorboard_log=False,  # event files in out_dir/tb/
     # schedule
     max_iters=5000, max_time_s=0.0,  # training stops at whichever comes first (0 = no time limit)
     batch_size=32, gradient_accumulation_steps=1,  # accumulation is the total across DDP ranks
@@ -47,7 +51,8 @@ TRAIN_DEFAULTS = dict(
     # system
     device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,
 )
-TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str)
+TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str,
+             wandb_run_name=str)
 # On resume these come from this command, everything else from the checkpoint unless given as --key=value.
 THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress")
 # (plus each model config's DEVICE_DEFAULTS keys, such as ASCA's attn_impl)
@@ -152,6 +157,10 @@ def finalize_config(cfg, kind, rt):
         cfg["eval_stride"] = max(1, cfg["block_size"] // 2)
     _check(1 <= cfg["eval_stride"] <= cfg["block_size"],
            f"eval_stride={cfg['eval_stride']} must be in [1, block_size={cfg['block_size']}]")
+    try:
+        trackers.require(cfg)
+    except trackers.TrackerError as e:
+        raise TrainError(str(e)) from None
     _check(cfg["gradient_accumulation_steps"] % rt.world_size == 0,
            f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible by the number "
            f"of DDP ranks ({rt.world_size})")
@@ -537,6 +546,7 @@ class Trainer:
         self.loss_sum, self.loss_n = torch.zeros((), device=rt.device), 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         self.last_val, self.bar = None, self.progress_bar()
+        self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0, say=self.say) if rt.master else None
         self.stop.install()
         try:
             while True:
@@ -557,6 +567,8 @@ class Trainer:
             return self.finish("max_time_s" if time_up else "max_iters")
         finally:
             self.stop.restore()
+            if self.trackers is not None:
+                self.trackers.close()
 
     def schedule_position(self):
         """(position along the schedules in iterations, progress in [0, 1]). Without a time budget the
@@ -676,6 +688,7 @@ class Trainer:
             row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
             row.update({k: v for k, v in self.val_measured.items() if not k.startswith("kept_blocks_hist")})
             append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
+            self.trackers.log(row)  # the same row, as it is written
             if self.bar is not None:
                 self.bar.set_postfix_str(progress_text(row), refresh=True)
         self.save(best=rt.any_rank(improved))
@@ -768,6 +781,7 @@ class Trainer:
                              f"{c.best_iter} (a copy was interrupted); not scoring it")
             final["test_eval_s"] = time.time() - t0
         checkpoint.write_json(final, os.path.join(self.out_dir, "final.json"))
+        self.trackers.summary(final)
         test = f", test {final['test_bpc']:.4f} bpc" if "test_bpc" in final else ""
         tps = f"{final['tokens_per_s']:,.0f}" if final["tokens_per_s"] else "n/a"
         self.say(f"done ({stop_reason}): {c.iter_num} iters, {c.tokens:,} tokens, {c.train_time:.1f}s training "
