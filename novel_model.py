@@ -36,9 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from asca_kernels import attend_gather
 from baseline_model import CausalSelfAttention, GPTConfig, ModelKind, register
 
-ATTN_IMPLS = ("auto", "reference", "flex")
+ATTN_IMPLS = ("auto", "reference", "flex", "gather")
+SELECTORS = ("learned", "local", "random")
+# attn_impl='auto' on a CPU takes the gather path from this sequence length on: measured 0.17-0.43x the
+# reference's time at T=1024 and 4096, sparsity 0.25-0.75 (README). Shorter sequences (the main job, the CPU
+# tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
+GATHER_MIN_T = 1024
 
 
 @dataclass
@@ -54,7 +60,9 @@ class ASCAConfig(GPTConfig):
     #                        per-layer threshold, the threshold steered between steps to the scheduled sparsity
     budget_ema: float = 0.5  # adaptive: weight of the last step's estimate in the threshold's moving average
     budget_scope: str = "layer"  # adaptive: one threshold per 'layer' (its heads share the budget) or per 'head'
-    attn_impl: str = "auto"  # 'auto' = flex on CUDA, reference elsewhere; 'reference'; 'flex'
+    selector: str = "learned"  # which past blocks a tile keeps: 'learned' (the predictor); controls at the same
+    #                            budget: 'local' (the nearest, plus the sink) or 'random' (a new draw each forward)
+    attn_impl: str = "auto"  # 'auto' (flex on CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}
@@ -80,6 +88,13 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"gate_input={self.gate_input!r} must be 'unrotated' or 'rotated'")
         if self.budget not in ("fixed", "adaptive"):
             raise ValueError(f"budget={self.budget!r} must be 'fixed' or 'adaptive'")
+        if self.attn_impl == "gather" and self.budget == "adaptive" and self.dropout > 0:
+            # the gather path pads each group of tiles to its largest count, which the adaptive budget lets
+            # later tiles' content set: dropout's random draws would then depend on later bytes
+            raise ValueError("attn_impl='gather' with budget='adaptive' has no attention dropout: set dropout=0, "
+                             "or attn_impl='reference'")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector={self.selector!r} must be one of {', '.join(SELECTORS)}")
         if self.budget_scope not in ("layer", "head"):
             raise ValueError(f"budget_scope={self.budget_scope!r} must be 'layer' or 'head'")
         if not 0.0 < self.budget_ema <= 1.0:
@@ -223,6 +238,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # README), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
+        self.selector = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         nb = config.block_size // self.S
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
         # changes Python values that torch.compile would guard on (no recompiles during warm-up)
@@ -251,10 +267,17 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         nb = self.block_size // self.S
         self.n_keep.copy_(keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first))
 
-    def resolved_impl(self, device):
-        if self.impl == "auto":
-            return "flex" if device.type == "cuda" else "reference"
-        return self.impl
+    def resolved_impl(self, device, T=0):
+        """The path for this forward. 'auto': flex on CUDA; on a CPU the gather path from T >= GATHER_MIN_T
+        (uncompiled), else the reference. Both compute one function (tests/test_kernels.py)."""
+        if self.impl != "auto":
+            return self.impl
+        if device.type == "cuda":
+            return "flex"
+        if T < GATHER_MIN_T or torch.compiler.is_compiling():  # compiled CPU runs keep the compiled reference
+            return "reference"
+        no_gather = self.adaptive and self.training and self.dropout > 0  # the gather path refuses that
+        return "reference" if no_gather else "gather"
 
     # --- selection
     def select(self, q, k):
@@ -266,8 +289,21 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         """
         if q.shape[2] > self.block_size:
             raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
-        scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
+        if self.selector == "learned":
+            scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
+        else:
+            scores = self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
         return (scores, *self.rank(scores))
+
+    def rule_scores(self, B, H, nb, device):
+        """The control rules' scores (B, nh, nb, nb), read by rank() as the predictor's are: 'local' ranks a
+        tile's past blocks by nearness (score j - b); 'random' by a uniform draw from torch's generator (the
+        trainer seeds it from the run's seed and checkpoints it), new each forward. Neither reads the
+        content, so both are causal by construction."""
+        if self.selector == "local":
+            b = torch.arange(nb, device=device, dtype=torch.float32)
+            return (b[None, :] - b[:, None]).expand(B, H, nb, nb)
+        return torch.rand(B, H, nb, nb, device=device)
 
     def rank(self, scores):
         """(order, n_past) of select() from the scores (B, nh, nb, nb) alone."""
@@ -341,8 +377,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             -1, order, rank_kept.expand(order.shape))
 
     def gate_bias(self, scores, selected):
-        """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32."""
+        """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32. The control rules
+        add nothing: their blocks enter the attention as the dense model's do."""
         nb = scores.shape[-1]
+        if self.selector != "learned":
+            return torch.zeros(scores.shape, dtype=torch.promote_types(scores.dtype, torch.float32), device=scores.device)
         past = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril(-1)
         acc = torch.promote_types(scores.dtype, torch.float32)
         return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
@@ -370,12 +409,18 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     # --- attention paths
     def attend(self, q, k, v):
         T0 = q.shape[2]
-        impl = self.resolved_impl(q.device)
+        impl = self.resolved_impl(q.device, T0)
         qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
         gq, gk = (qr, kr) if self.gate_rotated else (q, k)
         qr, kr, v, gq, gk = self.pad_to_blocks(qr, kr, v, gq, gk, bucket=impl == "flex")
         sel = self.plan(gq, gk, T0)
-        y = self.attend_flex(qr, kr, v, sel) if impl == "flex" else self.attend_reference(qr, kr, v, sel)
+        if impl == "flex":
+            y = self.attend_flex(qr, kr, v, sel)
+        elif impl == "gather":  # the kept blocks only, any device (asca_kernels.py)
+            y = attend_gather(qr, kr, v, sel.order, sel.n_past, sel.gate_bias, self.S,
+                              dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = self.attend_reference(qr, kr, v, sel)
         self.last_selection = sel.detach()  # diagnostics(), extraction.py and tests read it
         return y[:, :, :T0]
 
@@ -433,6 +478,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def after_prefill(self, q, qr, lc):
         """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
         from its first query, which only the prefill saw."""
+        if self.selector != "learned":
+            raise ValueError(f"cached decoding supports selector='learned' only (this model: {self.selector!r}); "
+                             f"sample with --kv_cache=false")
         L, S = q.shape[2], self.S
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
 

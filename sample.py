@@ -93,7 +93,7 @@ def main(argv=None):
             print((prompt + out).decode("utf-8", errors="replace"))
             if i + 1 < a.num_samples:
                 print("-" * 40)
-    except (CheckpointError, SampleError) as e:
+    except (CheckpointError, SampleError, ValueError) as e:  # ValueError: what a model cannot do (one line)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

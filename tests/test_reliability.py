@@ -258,7 +258,8 @@ def test_the_load_meter_sees_another_process():
     t = time.time()
     while time.time() - t < 1.0:
         pass
-    assert busy > idle + 0.5 and own.interval()["other_cpu_load"] < busy - 0.4, (idle, busy)
+    # an idle machine gives busy - idle of about 1 core; a loaded one still leaves the spinner a good share
+    assert busy > idle + 0.3 and own.interval()["other_cpu_load"] < busy - 0.25, (idle, busy)
 
 
 @pytest.mark.parametrize("seeds,needle", [("[1337, 1337]", "repeat one"), ("1337", "SEEDS must be a non-empty list")])

@@ -1,0 +1,194 @@
+"""asca_kernels.attend_gather (attn_impl='gather') against the reference path, which defines the function:
+outputs and every gradient (q, k, v, the predictor's parameters) in float64 and float32, fixed and adaptive
+budgets, lengths that are not a multiple of S, every architecture option through the whole model, causality
+in train and eval mode, and a negative control that a skipped block is never read."""
+import pytest
+import torch
+
+import novel_model as nm
+from asca_kernels import attend_gather, tile_groups
+from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention, make_model
+
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5)}  # (outputs, gradients)
+
+
+def module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, budget="fixed", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
+                     sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference", budget=budget, **kw)
+    return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)
+
+
+def run(a, impl, q, k, v, w):
+    """(output, grads of q, k, v and every predictor parameter) of attend() on the given path."""
+    a.impl = impl
+    a.zero_grad()
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    y = a.attend(q, k, v)
+    (y * w).sum().backward()
+    grads = [q.grad, k.grad, v.grad] + [p.grad.clone() for p in a.predictor.parameters()]
+    return y.detach(), grads, a.last_selection
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["fixed", "fixed_no_sink", "adaptive", "adaptive_head", "odd_length", "rope_S16"])
+def test_gather_equals_reference_outputs_and_gradients(dtype, case):
+    opts = {"fixed": {}, "fixed_no_sink": dict(keep_first=False), "adaptive": dict(budget="adaptive"),
+            "adaptive_head": dict(budget="adaptive", budget_scope="head"), "odd_length": dict(target=0.6),
+            "rope_S16": dict(S=16, pos_encoding="rope", target=0.5)}[case]
+    opts.setdefault("pos_encoding", "learned")
+    a = module(dtype=dtype, **opts)
+    T = 122 if case == "odd_length" else 128  # 122: the last block is padding past the real bytes
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, T, 8, dtype=dtype, generator=g) for _ in range(3))
+    w = torch.randn(2, 2, T, 8, dtype=dtype, generator=g)
+    if opts.get("budget") == "adaptive":  # a threshold that keeps a varying number of blocks per tile and head
+        a.threshold.fill_(float(a.predictor(q, k, a.S).detach().median()))
+    y_ref, g_ref, sel = run(a, "reference", q, k, v, w)
+    y, grads, sel2 = run(a, "gather", q, k, v, w)
+    tol_y, tol_g = TOL[dtype]
+    assert torch.equal(sel.selected, sel2.selected)
+    n_past = sel.n_past
+    assert (n_past.max() > n_past.min()) and sel.selected.float().mean() < 0.9  # a real, varying selection
+    assert (y - y_ref).abs().max().item() < tol_y
+    for got, want in zip(grads, g_ref):
+        assert got.abs().max() > 0 and (got - want).abs().max().item() < tol_g * max(1.0, want.abs().max().item())
+
+
+def test_a_skipped_block_is_never_read():
+    """NaN in every key and value of the blocks a tile skips leaves the gather path's output unchanged; the same
+    NaN in a kept block poisons it (so the check can fail), as it poisons the reference, which reads all."""
+    a = module(T=64, S=8, target=0.75, pos_encoding="learned", dtype=torch.float64)
+    a.impl = "gather"
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    with torch.no_grad():
+        clean = a.attend(q, k, v)
+        sel = a.last_selection.selected[0]  # (nh, nb, nb)
+        last = sel.shape[1] - 1
+        skipped = [j for j in range(last) if not sel[:, last, j].any()]  # blocks no head's last tile keeps
+        assert skipped
+        k2, v2 = k.clone(), v.clone()
+        for j in skipped:
+            k2[..., j * 8:(j + 1) * 8, :] = float("nan")
+            v2[..., j * 8:(j + 1) * 8, :] = float("nan")
+        a.predictor.forward = lambda q_, k_, S: nm.ContentBasedAdaptiveSparsity.forward(a.predictor, q, k, S)
+        rows = slice(last * 8, None)  # the last tile's queries: they skip those blocks
+        out = a.attend(q, k2, v2)
+        assert torch.isfinite(out[..., rows, :]).all() and torch.equal(out[..., rows, :], clean[..., rows, :])
+        a.impl = "reference"
+        assert torch.isnan(a.attend(q, k2, v2)[..., rows, :]).any()  # the reference reads every block
+        a.impl = "gather"
+        kept = next(j for j in range(last) if sel[0, last, j])  # a block head 0's last tile keeps
+        k3 = k.clone()
+        k3[..., kept * 8:(kept + 1) * 8, :] = float("nan")
+        assert torch.isnan(a.attend(q, k3, v)[:, 0, rows, :]).any()
+
+
+MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=16, target_sparsity=0.6,
+             sparsity_warmup_iters=0)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(pos_encoding="learned", qk_norm=False, mlp_act="gelu", tie_embeddings=True,
+                                           gate_input="unrotated"), dict(budget="adaptive", budget_scope="head")])
+def test_whole_model_on_the_gather_path_equals_the_reference(opts):
+    torch.manual_seed(0)
+    ref = make_model(**MODEL, attn_impl="reference", **opts).double()
+    gat = make_model(**MODEL, attn_impl="gather", **opts).double()
+    gat.load_state_dict(ref.state_dict())
+    if opts.get("budget") == "adaptive":
+        for m in (ref, gat):
+            for a in m.attention_modules():
+                a.threshold.fill_(1.9)
+    idx = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for m in (ref, gat):
+        m.train()
+        logits, loss = m(idx, tgt)
+        loss.backward()
+        losses.append((logits.detach(), loss.item()))
+    assert (losses[0][0] - losses[1][0]).abs().max().item() < 1e-9 and abs(losses[0][1] - losses[1][1]) < 1e-12
+    gr, gg = dict(ref.named_parameters()), dict(gat.named_parameters())
+    assert any("predictor" in n for n in gr)
+    for name, p in gr.items():
+        assert (p.grad - gg[name].grad).abs().max().item() < 1e-9, name
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+def test_gather_path_is_causal(mode, budget):
+    torch.manual_seed(0)
+    # dropout in train mode with the fixed budget (the adaptive one refuses it on this path, see below)
+    dropout = 0.1 if mode == "train" and budget == "fixed" else 0.0
+    model = make_model(**MODEL, attn_impl="gather", budget=budget, dropout=dropout)
+    if budget == "adaptive":
+        for a in model.attention_modules():
+            a.threshold.fill_(1.9)
+    model.train(mode == "train")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 256, (2, 128), generator=g)
+    for t in (1, 17, 64, 100):
+        other = idx.clone()
+        other[:, t:] = torch.randint(0, 256, other[:, t:].shape, generator=g)
+        torch.manual_seed(1)
+        a, _ = model(idx)
+        torch.manual_seed(1)
+        b, _ = model(other)
+        assert (a[:, :t] - b[:, :t]).abs().max().item() < 1e-5
+        assert (a[:, t:] - b[:, t:]).abs().max().item() > 1e-3  # later positions do see the change
+    assert model.diagnostics()["sparsity"] > (0.3 if budget == "fixed" else 0.1)  # the selection is active
+
+
+def test_tile_groups_cover_every_tile_once():
+    for nb in (1, 2, 3, 5, 16, 64, 127):
+        for groups in (1, 2, 4, 8):
+            g = tile_groups(nb, groups)
+            assert g[0][0] == 0 and g[-1][1] == nb and all(a < b for a, b in g)
+            assert all(g[i][1] == g[i + 1][0] for i in range(len(g) - 1)) and len(g) == min(nb, groups)
+
+
+def test_gather_groups_give_the_same_result():
+    a = module(T=128, S=8, target=0.75, pos_encoding="learned")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 128, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    with torch.no_grad():
+        sel = a.plan(q, k)
+        outs = [attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, 8, groups=n) for n in (1, 3, 16)]
+    assert all((o - outs[0]).abs().max().item() < 1e-12 for o in outs)
+
+
+def test_gather_refuses_dropout_with_the_adaptive_budget():
+    with pytest.raises(ValueError, match="has no attention dropout"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, attn_impl="gather", budget="adaptive",
+                   dropout=0.1).validate()
+
+
+def test_auto_takes_the_gather_path_on_cpu_from_t_1024():
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=1024, sparse_block_size=64, sparsity_warmup_iters=100)
+    a = make_model(**cfg, target_sparsity=0.8).attention_modules()[0]
+    cpu = torch.device("cpu")
+    assert a.resolved_impl(cpu, 1024) == "gather" and a.resolved_impl(cpu, 512) == "reference"
+    ad = make_model(**cfg, target_sparsity=0.8, budget="adaptive", dropout=0.1).attention_modules()[0]
+    assert ad.resolved_impl(cpu, 1024) == "reference"  # the gather path has no dropout with that budget
+    ad.eval()
+    assert ad.resolved_impl(cpu, 1024) == "gather"
+
+
+def test_bad_attn_impl_is_one_line():
+    with pytest.raises(ValueError, match="attn_impl='gathr' must be one of auto, reference, flex, gather"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, attn_impl="gathr").validate()
+
+
+def test_a_training_run_on_the_gather_path(tmp_path):
+    import json
+    import novel_model
+    from helpers import make_dataset, train_in_process
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "g"
+    assert train_in_process(novel_model, [f"--data_dir={data}", f"--out_dir={out}", "--attn_impl=gather",
+                                          "--sparse_block_size=8", "--target_sparsity=0.6", "--sparsity_warmup_iters=4",
+                                          "--max_iters=10", "--eval_interval=5"]) == 0
+    final = json.load(open(out / "final.json"))
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert final["test_bpc"] < rows[0]["val_bpc"] and abs(final["test_sparsity"] - 0.6) < 0.05
