@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 import prepare_dataset
 
@@ -41,3 +42,22 @@ def train_in_process(module, args, build_model=None):
     import trainer
     kind = {"baseline_model": "baseline", "novel_model": "asca"}[module.__name__]
     return trainer.main([TINY, *args], kind, build_model=build_model)
+
+
+def causality_violation(model, mode, ts=(1, 9, 40, 64, 100, 127)):
+    """Largest change of logits before t when bytes >= t change; and the smallest change after (sequences of
+    128 bytes; the same dropout draws for both forwards)."""
+    model.train(mode == "train")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 256, (2, 128), generator=g)
+    worst_before, least_after = 0.0, float("inf")
+    for t in ts:
+        other = idx.clone()
+        other[:, t:] = torch.randint(0, 256, other[:, t:].shape, generator=g)
+        torch.manual_seed(1)
+        a, _ = model(idx)
+        torch.manual_seed(1)
+        b, _ = model(other)
+        worst_before = max(worst_before, (a[:, :t] - b[:, :t]).abs().max().item())
+        least_after = min(least_after, (a[:, t:] - b[:, t:]).abs().max().item())
+    return worst_before, least_after

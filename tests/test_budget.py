@@ -16,7 +16,8 @@ import novel_model as nm
 import prepare_dataset
 from helpers import ROOT, make_dataset, train_in_process
 from novel_model import AdaptiveSparseCausalSelfAttention, ASCAConfig, keep_counts, make_model
-from test_novel import causality_violation, naive_block_attention
+from helpers import causality_violation
+from test_novel import naive_block_attention
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8, sparsity_warmup_iters=0,
              budget="adaptive")

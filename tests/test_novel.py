@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import novel_model as nm
-from helpers import TINY, make_dataset, run_script
+from helpers import TINY, causality_violation, make_dataset, run_script
 from novel_model import AdaptiveSparseCausalSelfAttention, ASCAConfig, keep_counts, make_model, max_sparsity
 
 CUDA = torch.cuda.is_available()
@@ -122,24 +122,6 @@ def leaky_predictor_forward(self, q, k, S):  # pools the tile's queries: the pri
     qt = q.view(B, H, nb, S, hs).mean(3)
     kb = k.view(B, H, nb, S, hs).mean(3)
     return torch.einsum("bhnd,hdg->bhng", qt, self.wk) @ torch.einsum("bhnd,hdg->bhng", kb, self.wk).transpose(-1, -2)
-
-
-def causality_violation(model, mode, ts=(1, 9, 40, 64, 100, 127)):
-    """Largest change of logits before t when bytes >= t change; and the smallest change after."""
-    model.train(mode == "train")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 256, (2, 128), generator=g)
-    worst_before, least_after = 0.0, float("inf")
-    for t in ts:
-        other = idx.clone()
-        other[:, t:] = torch.randint(0, 256, other[:, t:].shape, generator=g)
-        torch.manual_seed(1)
-        a, _ = model(idx)
-        torch.manual_seed(1)
-        b, _ = model(other)
-        worst_before = max(worst_before, (a[:, :t] - b[:, :t]).abs().max().item())
-        least_after = min(least_after, (a[:, t:] - b[:, t:]).abs().max().item())
-    return worst_before, least_after
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
