@@ -238,8 +238,11 @@ def test_compare_flags_contended_throughput(tmp_path, data_dir):
     final_path = out / "dense_s1" / "final.json"
     final = json.load(open(final_path))
     assert "other_cpu_load" in final and final["cpu_cores"] == os.cpu_count()
-    final["other_cpu_load"] = 1.5
-    final_path.write_text(json.dumps(final))
+    for name, load in (("dense_s1", 1.5), ("sparse_s1", 0.0)):  # what the meter would record (tested below)
+        path = out / name / "final.json"
+        f = json.load(open(path))
+        f["other_cpu_load"] = load
+        path.write_text(json.dumps(f))
     assert compare.main([spec, "--report_only"]) == 0
     table = (out / "comparison.md").read_text()
     assert "(contended)" in row_of(table, "dense") and "(contended)" not in row_of(table, "sparse")
@@ -251,6 +254,8 @@ def test_the_load_meter_sees_another_process():
         pytest.skip("no /proc/stat")
     time.sleep(1.0)
     idle = meter.interval()["other_cpu_load"]  # whatever else runs now
+    if idle > os.cpu_count() - 1.2:  # saturated by other jobs: a spinner only takes their share, the sum stays
+        pytest.skip(f"the machine is busy ({idle:.1f} cores used by other processes)")
     spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
     spin.wait()
     busy = meter.interval()["other_cpu_load"]
