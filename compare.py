@@ -9,6 +9,7 @@ the difference to the first run.
 
 A spec file is Python (like config files) assigning:
     RUNS = [("name", "novel_model.py", ["config/X.py", "--key=value", ...]), ...]  # the first is the reference
+    #        a 4th element, a list of seeds, runs that row on those seeds only (SEEDS for the others)
     BUDGET = {"max_time_s": 150}   or   {"max_iters": 1000}  # --key=value added to every run
     SEEDS = [1337, 1338]
     OUT = "out/compare_cpu_budget"                            # runs go to OUT/NAME_sSEED, the table to OUT
@@ -51,9 +52,12 @@ def load_spec(path):
         raise CompareError(f"spec file {path} failed to run: {type(e).__name__}: {e}") from None
     runs, budget = ns.get("RUNS"), ns.get("BUDGET")
     if not runs or not isinstance(runs, list) or not all(
-            isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], str)
+            isinstance(r, tuple) and len(r) in (3, 4) and isinstance(r[0], str) and isinstance(r[1], str)
             and isinstance(r[2], list) and all(isinstance(a, str) for a in r[2]) for r in runs):
-        raise CompareError(f"{path}: RUNS must be a non-empty list of (name, script, [args]) tuples of strings")
+        raise CompareError(f"{path}: RUNS must be a non-empty list of (name, script, [args]) tuples of strings "
+                           f"(optionally with a 4th element, that row's list of seeds)")
+    seeds = check_seeds(ns.get("SEEDS", [1337]), path)
+    runs = [(r[0], r[1], r[2], check_seeds(r[3], f"{path}: run {r[0]!r}") if len(r) == 4 else None) for r in runs]
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CompareError(f"{path}: run names must differ, got {names}")
@@ -66,8 +70,13 @@ def load_spec(path):
     out = ns.get("OUT") or os.path.join("out", "compare_" + os.path.splitext(os.path.basename(path))[0])
     if not isinstance(out, str) or not out.strip():
         raise CompareError(f"{path}: OUT must be a directory name such as 'out/compare_x', got {out!r}")
-    return {"runs": runs, "budget": budget, "seeds": check_seeds(ns.get("SEEDS", [1337]), path),
+    return {"runs": runs, "budget": budget, "seeds": seeds,
             "out": os.path.join(ROOT, out)}  # a spec's OUT, like its configs and data, is under the repository
+
+
+def run_seeds(spec, own):
+    """The seeds of one row: its own list, else the spec's (or --seeds')."""
+    return spec["seeds"] if own is None or spec.get("seeds_overridden") else own
 
 
 def check_seeds(seeds, where):
@@ -116,8 +125,8 @@ def finished(d):
 def execute(spec, log=print):
     """Train every (run, seed) not finished yet, one after another; returns the number that failed."""
     failed = 0
-    for name, script, args in spec["runs"]:
-        for seed in spec["seeds"]:
+    for name, script, args, own in spec["runs"]:
+        for seed in run_seeds(spec, own):
             d = run_dir(spec["out"], name, seed)
             want = run_command(spec, script, args, seed)
             if finished(d):
@@ -176,15 +185,15 @@ def contended(run):
 def report(spec):
     """comparison.md and compare_*.png in spec['out'] from the finished runs; returns the table's path."""
     groups = []
-    for name, script, args in spec["runs"]:
+    for name, script, args, own in spec["runs"]:
         runs, changed = [], []
-        for seed in spec["seeds"]:
+        for seed in run_seeds(spec, own):
             d = run_dir(spec["out"], name, seed)
             if finished(d):
                 have = stored_command(d)
                 (changed if have is not None and have != run_command(spec, script, args, seed) else runs).append(
                     extraction.Run(d))
-        groups.append((name, script, args, runs, changed))
+        groups.append((name, script, args, runs, changed, len(run_seeds(spec, own))))
     if not groups[0][3]:
         raise CompareError(f"the reference run {groups[0][0]} has no finished seed in {spec['out']} run with "
                            f"this spec's command; run the comparison first")
@@ -197,14 +206,15 @@ def report(spec):
                            f"since: delete those run directories to re-run them, or compare them in another OUT")
     ref_by_seed = {r.config.get("seed"): r.final.get("test_bpc") for r in groups[0][3]}
     lines = ["# Comparison", "",
-             f"Command: `python compare.py {spec.get('path', 'SPEC')}`; budget {spec['budget']}, seeds {spec['seeds']}. "
+             f"Command: `python compare.py {spec.get('path', 'SPEC')}`; budget {spec['budget']}, seeds {spec['seeds']} "
+             f"(where a row names its own, those). "
              f"Mean ± sample standard deviation over the finished seeds; differences are to `{groups[0][0]}`, "
              f"paired by seed.", "",
              "| run | command | seeds | iters | test bpc | test bpc - first | best val bpc | tokens/s | sparsity | "
              "protocol differs from first |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
-    for name, script, args, runs, changed in groups:
+    for name, script, args, runs, changed, n_seeds in groups:
         f = [r.final for r in runs]
         test = mean_sd([x.get("test_bpc") for x in f])
         # paired by seed: the same seed draws the same batches, so its difference is the cleaner estimate
@@ -226,7 +236,7 @@ def report(spec):
             differs.append(f"{len(changed)} finished seed(s) run with another command, not counted")
             notes.append(f"{', '.join(r.name for r in changed)}: finished with another command than the spec's "
                          f"now (compare_run.json); delete to run again")
-        lines.append(f"| {name} | `{script} {' '.join(args)}` | {len(runs)}/{len(spec['seeds'])} | "
+        lines.append(f"| {name} | `{script} {' '.join(args)}` | {len(runs)}/{n_seeds} | "
                      f"{fmt(*mean_sd([x.get('iters') for x in f]), '.0f')} | {fmt(*test, '.4f')} | {diff} | "
                      f"{fmt(*mean_sd([x.get('best_val_bpc') for x in f]), '.4f')} | "
                      f"{tps} | "
@@ -248,7 +258,7 @@ def plot(groups, out):
     plt = extraction.plt_module()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, _, _, runs, _) in enumerate(groups):
+    for i, (name, _, _, runs, _, _) in enumerate(groups):
         color = colors[i % len(colors)]
         for j, r in enumerate(runs):
             for ax, x in zip(axes[:2], ("tokens", "elapsed_s")):
@@ -278,7 +288,7 @@ def main(argv=None):
         spec = load_spec(a.spec)
         spec["path"] = a.spec
         if a.seeds:
-            spec["seeds"] = check_seeds(a.seeds, "--seeds")
+            spec["seeds"], spec["seeds_overridden"] = check_seeds(a.seeds, "--seeds"), True
         if a.out:
             spec["out"] = os.path.abspath(a.out)
         if os.path.exists(spec["out"]) and not os.path.isdir(spec["out"]):

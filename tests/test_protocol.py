@@ -120,3 +120,21 @@ def test_compare_spec_errors_are_one_line(tmp_path, capsys):
     bad.write_text("RUNS = []\nBUDGET = {'max_iters': 1}\n")
     assert compare.main([str(bad)]) == 1
     assert "RUNS must be a non-empty list" in capsys.readouterr().err
+
+
+def test_compare_rows_may_name_their_own_seeds(tmp_path, capsys):
+    """A row's 4th element gives its seeds (the headline pair of compare/cpu_long.py has two, the controls one);
+    --seeds overrides every row; bad per-row seeds are one-line errors naming the row."""
+    spec = tmp_path / "own.py"
+    spec.write_text("RUNS = [('a', 'baseline_model.py', [], [1, 2]), ('b', 'novel_model.py', [])]\n"
+                    "BUDGET = {'max_iters': 1}\nSEEDS = [7]\n")
+    s = compare.load_spec(str(spec))
+    assert [compare.run_seeds(s, r[3]) for r in s["runs"]] == [[1, 2], [7]]
+    s["seeds"], s["seeds_overridden"] = [3], True
+    assert [compare.run_seeds(s, r[3]) for r in s["runs"]] == [[3], [3]]
+    spec.write_text("RUNS = [('a', 'baseline_model.py', [], [1, 1])]\nBUDGET = {'max_iters': 1}\n")
+    assert compare.main([str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "run 'a'" in err and "repeat" in err and err.count("\n") == 1
+    long = compare.load_spec(os.path.join(os.path.dirname(compare.__file__), "compare", "cpu_long.py"))
+    assert {r[0]: compare.run_seeds(long, r[3]) for r in long["runs"]}["learned_0.875"] == [1337, 1338]

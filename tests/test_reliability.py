@@ -301,7 +301,7 @@ def test_every_spec_pins_the_predictor_input_its_table_claims():
         if not name.startswith("cpu_"):  # the README tables' specs (tiny.py is a smoke run)
             continue
         spec = compare.load_spec(os.path.join(ROOT, "compare", name))
-        for run, script, args in spec["runs"]:
+        for run, script, args, _ in spec["runs"]:
             if script == "novel_model.py":
                 assert any(a.startswith("--gate_input=") for a in args), (name, run)
 
