@@ -1,7 +1,12 @@
 """
-ASCA's stateless kernels that skip work on any device. Each computes the function the reference path
-defines (novel_model.AdaptiveSparseCausalSelfAttention.attend_reference: dense attention under the expanded
-block mask, + the gate bias on kept past blocks) but reads only the kept blocks.
+ASCA's stateless kernels: given q, k, v and one layer's block choice (a Selection, asca_selector.py), each
+computes one function, attend_reference's: softmax attention over the kept blocks (the own block under a
+causal mask), with the gate bias added to the logits of kept past blocks. They differ in what they read.
+
+attend_reference: dense attention under the expanded (T x T) block mask, any device: the definition.
+attend_flex: FlexAttention (CUDA) with a BlockMask built from the selected block indices, so skipped blocks
+are never loaded; plus the torch-version workarounds it needs (flex_kernel_options, flex_backward_problem),
+the part most likely to change with a new torch.
 
 attend_gather: for every query tile, gather its kept past blocks' keys and values (per sequence and head),
 append its own block under a causal mask, and run one scaled_dot_product_attention per group of tiles over
@@ -9,6 +14,8 @@ append its own block under a causal mask, and run one scaled_dot_product_attenti
 gather, the gate bias included), runs on any device and never builds a T x T tensor: its largest tensor is
 (B, nh, tiles, S, (K + 1) * S) for a group whose tiles keep at most K past blocks.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +100,119 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
                                   vals.reshape(M, (K + 1) * S, hs), slot_bias.reshape(M, K + 1), own, hs ** -0.5, S)
         outs.append(y.view(B, H, n, S, hs))
     return torch.cat(outs, dim=2).reshape(B, H, T, hs)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def reference_probs(q, k, selected, gate_bias, S):
+    """(keep mask (B, nh, T, T) bool, attention probabilities (B, nh, T, T) in >= fp32) for padded q, k
+    (B, nh, T, hs) and a Selection's selected / gate_bias (B, nh, nb, nb)."""
+    T = q.shape[2]
+    mask = selected.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)  # (B, nh, T, T)
+    mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    acc = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in >= fp32
+    add = gate_bias.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1).to(acc)
+    att = (q @ k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(q.shape[-1])) + add
+    return mask, F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def attend_reference(q, k, v, sel, S, dropout_p=0.0):
+    """Dense attention under the expanded block mask: any device, the definition of the function."""
+    att = reference_probs(q, k, sel.selected, sel.gate_bias, S)[1].to(q.dtype)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
+# ----------------------------------------------------------------------------- flex (CUDA)
+
+def attend_flex(q, k, v, sel, S, compiled=True):
+    """FlexAttention over the selected blocks only (see build_block_mask), gate bias in score_mod. No dropout."""
+    bias = sel.gate_bias
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx // S, kv_idx // S]
+
+    # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
+    block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())
+    return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                       kernel_options=flex_kernel_options(S, q.device.type))
+
+def build_block_mask(sel, S, state_selection=True):
+    """The FlexAttention BlockMask of a Selection, from its block indices (no mask evaluated over T x T).
+
+    Partial (masked) blocks: each tile's own block. Full blocks: its kept past blocks, best first. A
+    compiled kernel visits exactly these blocks and applies mask_mod to the partial ones only, where
+    causality is the whole rule. Uncompiled flex_attention ignores the lists and applies only the
+    mask_mod, so with state_selection=True the mask_mod also states the selection (the function is the
+    same either way). Inside a torch.compile'd model pass False: inductor's CPU flex template computes
+    wrong attention when a mask_mod reads a tensor made in the same graph (torch 2.13,
+    scripts/repro_flex_cpu_captured_mask.py); the block lists carry the selection there.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    B, H, nb, _ = sel.order.shape
+    idx = sel.order.to(torch.int32)
+    partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=idx.device)
+    full_num = sel.n_past.to(torch.int32).expand(B, H, nb).contiguous()
+    full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (the own block was first)
+    selected = sel.selected
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def causal_and_selected(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
+
+    return BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(), BLOCK_SIZE=S,
+                                    mask_mod=causal_and_selected if state_selection else causal,
+                                    seq_lengths=(nb * S, nb * S))
+
+
+def flex_kernel_options(S, device_type="cuda"):
+    """Kernel tiles must divide the BlockMask blocks (S x S); the CUDA defaults (BLOCK_M 128) do not
+    when S < 128. None keeps the defaults (always on CPU, whose template takes no tile options)."""
+    if S >= 128 or device_type != "cuda":
+        return None
+    n = min(S, 64)
+    return {"fwd_BLOCK_M": n, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": min(32, n), "bwd_BLOCK_N1": n,
+            "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": min(32, n)}
+
+
+def flex_backward_problem(S, head_dim, dtype):
+    """None if FlexAttention's backward can compile for S x S mask blocks on this CUDA device, else why.
+
+    torch before 2.14.1 checks the mask block size against inductor's DEFAULT backward tiles before
+    any bwd_* kernel option is applied (pytorch issue 176025; torch 2.11 and 2.13
+    _inductor/kernel/flex/flex_attention.py, the `for conf in configs` loop of the backward lowering).
+    On an H100/H200 in bf16 with head dim 64-128 the only default is (64, 128, 128, 64), so S=64 leaves
+    no candidate and compilation ends in NoValidChoicesError. We ask inductor for the same list."""
+    from torch.torch_version import TorchVersion
+    if TorchVersion(torch.__version__.split("+")[0]) >= "2.14.1":
+        return None
+    try:
+        from torch._inductor.choices import InductorChoices
+        configs = InductorChoices().get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
+        tiles = [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
+    except Exception:  # private API moved: assume the sm90 default, the strictest we know
+        tiles = [(64, 128, 128, 64)]
+    if any(all(S % t == 0 for t in tile) for tile in tiles):
+        return None
+    need = min(max(tile) for tile in tiles)
+    return (f"sparse_block_size={S} cannot compile FlexAttention's backward with torch {torch.__version__} on this GPU "
+            f"(its backward tiles {sorted(set(tiles))} must divide S; pytorch issue 176025, fixed in 2.14.1): "
+            f"use sparse_block_size={need} (or a multiple), or attn_impl='reference'")
+
+
+_FLEX_COMPILED = None
+
+
+def flex_attention_fn(compiled=True):
+    """flex_attention, compiled once: uncompiled it runs a dense math path that skips nothing.
+    Inside a torch.compile'd model the plain function is traced into the model's graph."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+    if not compiled or torch.compiler.is_compiling():
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED

@@ -10,7 +10,7 @@ References: nanoGPT model.py (Karpathy), GPT-2 (Radford et al. 2019) for the ini
 import inspect
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,10 @@ class GPTConfig:
 
     def check_device(self, device_type, dtype, training):
         """Raise ValueError (one line) if this config cannot run on the device; the dense GPT runs anywhere."""
+
+    def check_memory(self, batch_size, device_type, compile, free_bytes):
+        """Raise ValueError (one line) if a training step's estimated memory exceeds free_bytes (None: unknown).
+        Dense SDPA never builds a T x T tensor; its activations grow like the batch, which users size already."""
 
 
 class Rotary(nn.Module):
@@ -146,8 +150,31 @@ class CausalSelfAttention(nn.Module):
         mask = torch.arange(L, device=qr.device)[None, :] <= (pos0 + torch.arange(t, device=qr.device))[:, None]
         return F.scaled_dot_product_attention(qr, lc.k, lc.v, attn_mask=mask)
 
+    # --- hooks the trainer and the tools call on every attention module (GPT.set_step, diagnostics, ...).
+    # Dense attention has no state behind them: these no-op defaults are the whole declaration, so a sparse
+    # attention overrides what it needs and nothing asks hasattr.
     def after_prefill(self, q, qr, lc):
-        """Hook for attentions that keep decoding state beyond K and V (ASCA: the tile in progress)."""
+        """Decoding state beyond K and V (ASCA: the tile in progress), after the prompt's prefill."""
+
+    def set_step(self, iter_num):
+        """The schedule position (in iterations) of the step about to run."""
+
+    def update_budget(self, reduce=None):
+        """After an optimizer step: controller state moves (reduce averages a tensor over DDP ranks)."""
+
+    def diagnostics(self):
+        """What the last forward measured, as a flat dict of floats and lists (logged per eval)."""
+        return {}
+
+    def start_tally(self):
+        """Begin summing measurements over the following forwards (evaluation)."""
+
+    def tally_step(self):
+        """Add the last forward to the tally."""
+
+    def end_tally(self):
+        """The tally since start_tally, as a dict ({} when nothing was measured)."""
+        return {}
 
     @torch.no_grad()
     def attention_map(self, x):
@@ -308,8 +335,8 @@ class GPT(nn.Module):
     def new_cache(self):
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style).
-    # A module that needs an auxiliary loss would expose it the same way; none does yet.
+    # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style; the hooks
+    # are declared with no-op defaults on CausalSelfAttention). An auxiliary loss would come the same way.
     def attention_modules(self):
         return [b.attn for b in self.transformer.h]
 
@@ -337,9 +364,9 @@ class GPT(nn.Module):
         return self._per_layer("end_tally")
 
     def _per_layer(self, name, *args):
-        """Call `name` on every attention module that has it; a flat dict of their returned dicts: floats
+        """Call hook `name` on every attention module; a flat dict of their returned dicts: floats
         averaged over layers as `key`, every value per layer as `key_per_layer` (empty if none returns)."""
-        per_layer = [getattr(a, name)(*args) for a in self.attention_modules() if hasattr(a, name)]
+        per_layer = [getattr(a, name)(*args) for a in self.attention_modules()]  # no-op defaults on dense
         if not per_layer or not per_layer[0]:
             return {}
         out = {}
@@ -416,45 +443,10 @@ class Optimizers(torch.optim.Optimizer):
             o.load_state_dict(s)
 
 
-# ----------------------------------------------------------------------------- registry
+def make_model(**overrides):
+    """A dense GPT from the defaults plus model-config overrides (an unknown key is a TypeError)."""
+    return GPT(GPTConfig(**overrides))
 
-@dataclass(frozen=True)
-class ModelKind:
-    """What the trainer, sample.py and extraction.py need to know about a model: its config class and
-    attention class (so they build it from a config or a checkpoint's model_args), and its script."""
-    name: str
-    config_cls: type
-    attn_cls: type
-    script: str
-    out_dir: str  # default out_dir of its script
-
-    def defaults(self):
-        return {f.name: f.default for f in fields(self.config_cls) if f.name != "vocab_size"}
-
-    def build(self, cfg):
-        """The model for a dict holding (at least) this kind's config keys; others are ignored."""
-        return GPT(self.config_cls.from_dict(cfg), attn_cls=self.attn_cls)
-
-    def make_model(self, **overrides):
-        """This kind's defaults plus model-config overrides; an unknown key is a TypeError."""
-        cfg = self.defaults()
-        unknown = sorted(set(overrides) - set(cfg))
-        if unknown:
-            raise TypeError(f"make_model: unknown keys {unknown}; known: {', '.join(sorted(cfg))}")
-        cfg.update(overrides)
-        return self.build(cfg)
-
-
-MODELS = {}  # model_kind -> ModelKind; novel_model.py adds "asca" when imported
-
-
-def register(kind):
-    MODELS[kind.name] = kind
-    return kind
-
-
-BASELINE = register(ModelKind("baseline", GPTConfig, CausalSelfAttention, "baseline_model.py", "out/baseline"))
-make_model = BASELINE.make_model
 
 if __name__ == "__main__":  # python baseline_model.py [config/X.py ...] [--key=value ...]
     import trainer

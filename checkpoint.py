@@ -16,12 +16,9 @@ import sys
 import numpy as np
 import torch
 
-import baseline_model
-import novel_model  # noqa: F401  (registers "asca" in baseline_model.MODELS)
-
+from models import MODELS
 from prepare_dataset import remove_stale_temps  # noqa: F401  (one helper for run and data directories)
 
-MODELS = baseline_model.MODELS
 TRAINING_KEYS = ("model", "optimizer", "iter_num", "best_val_bpc", "data_generator", "rng", "config",
                  "model_args", "model_kind")
 MODEL_KEYS = ("model", "model_args", "model_kind")

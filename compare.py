@@ -31,7 +31,7 @@ import sys
 
 import extraction
 from checkpoint import CheckpointError, RunLock
-from trainer import CONTENDED_CORES
+from runtime import CONTENDED_CORES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL_KEYS = ("test set", "eval_stride", "block_size", "budget")

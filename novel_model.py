@@ -22,25 +22,30 @@ How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = qu
    The schedule ramps from dense to the target over sparsity_warmup_iters.
 3. Trainable end to end: each kept past block's logits get + logsigmoid(score), so the LM loss
    differentiates the gate (routers do the same with top-k gate values). Skipped blocks get nothing.
-4. Two paths compute that one function: 'reference' (dense attention under the expanded mask, any
-   device) and 'flex' (CUDA: FlexAttention with a BlockMask built from the selected block indices,
-   so skipped blocks are never loaded or computed).
-Sharing the decision per query tile is what lets the kernel skip work: FlexAttention visits a KV
-tile if any query in the Q tile needs it (DESIGN.md section 5).
+4. Three kernels compute that one function (asca_kernels.py): 'reference' (dense attention under the
+   expanded mask, any device), 'gather' (the kept blocks' keys and values gathered per tile, any device)
+   and 'flex' (CUDA: FlexAttention with a BlockMask built from the selected block indices, so skipped
+   blocks are never loaded or computed).
+Sharing the decision per query tile is what lets a kernel skip work: FlexAttention visits a KV tile if any
+query in the Q tile needs it (docs/design.md, "why tiles").
+
+Where things live: the selection, its schedule, budget, controller and diagnostics in asca_selector.py
+(BlockSelector); the kernels in asca_kernels.py; this file holds the config and the attention that glues
+them: q, k, v, positions, the predictor's inputs, padding, plan, kernel; plus attention maps and decoding.
 """
-import math
 import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from asca_kernels import attend_gather
-from baseline_model import CausalSelfAttention, GPTConfig, ModelKind, register
+import asca_kernels
+from asca_kernels import attend_gather, build_block_mask, flex_backward_problem, flex_kernel_options  # noqa: F401
+from asca_selector import (SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity, Selection,  # noqa: F401
+                           keep_counts, max_sparsity, padded_length)
+from baseline_model import GPT, CausalSelfAttention, GPTConfig
 
 ATTN_IMPLS = ("auto", "reference", "flex", "gather")
-SELECTORS = ("learned", "local", "random")
 # attn_impl='auto' on a CPU takes the gather path from this sequence length on: measured 0.17-0.43x the
 # reference's time at T=1024 and 4096, sparsity 0.25-0.75 (README). Shorter sequences (the main job, the CPU
 # tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
@@ -117,283 +122,124 @@ class ASCAConfig(GPTConfig):
                 raise ValueError(why)
 
 
-# ----------------------------------------------------------------------------- schedule
-
-def _skippable(nb, keep_first):
-    b = torch.arange(nb)
-    return b - ((b >= 1) & keep_first).long()  # past blocks of tile b that may be skipped
-
-
-def max_sparsity(T, S, keep_first):
-    nb = -(-T // S)
-    return _skippable(nb, keep_first).sum().item() * S * S / (T * (T + 1) / 2)
-
-
-def padded_length(T, S, bucket_max=None):
-    """T rounded up to whole blocks of S; with bucket_max, to S * 2^k blocks (capped at bucket_max)."""
-    Tp = -(-T // S) * S
-    if bucket_max is not None and Tp < bucket_max:
-        Tp = min(bucket_max, S * (1 << (Tp // S - 1).bit_length()))
-    return Tp
+    def check_memory(self, batch_size, device_type, compile, free_bytes):
+        """The gather path's memory grows with the kept blocks, (B, nh, T, (K + 1) * S) per layer: a run whose
+        estimate (gather_step_bytes) exceeds the free memory stops at start-up, naming a batch or T that fits."""
+        if free_bytes is None or self.attn_impl not in ("gather", "auto") or device_type == "cuda":
+            return
+        if self.attn_impl == "auto" and (self.block_size < GATHER_MIN_T or compile):
+            return  # auto takes the reference path there
+        need = gather_step_bytes(self, batch_size)
+        if need <= 0.9 * free_bytes:
+            return
+        fit_b = max(0, int(batch_size * 0.9 * free_bytes / need))
+        fix = (f"batch_size={fit_b}" if fit_b >= 1 else
+               f"block_size={self.block_size // 2} (or less)") + " or a higher target_sparsity"
+        raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for a step at batch_size={batch_size}, "
+                         f"block_size={self.block_size}, target_sparsity={self.target_sparsity} but "
+                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix}")
 
 
-def keep_counts(nb, S, T, sparsity, keep_first):
-    """Past blocks kept per query tile (own block not counted), LongTensor (nb,).
-
-    Skips round(sparsity * causal_pairs / S^2) blocks in all, spread over tiles in proportion to
-    how many each may skip (cumulative rounding), so every tile keeps about the same fraction.
-    """
-    skippable = _skippable(nb, keep_first)
-    total = int(skippable.sum())
-    n_skip = min(total, round(sparsity * T * (T + 1) / 2 / (S * S)))
-    if total == 0 or n_skip == 0:
-        return torch.arange(nb)
-    cum = torch.round(n_skip * torch.cumsum(skippable, 0).double() / total).long()
-    skip = torch.diff(cum, prepend=torch.zeros(1, dtype=torch.long))
-    return torch.arange(nb) - skip
-
-
-@dataclass
-class Selection:
-    """One layer's block choice in one forward: the record the kernels, diagnostics, extraction.py and
-    the tests all read (nb = padded length / S; tile b = queries b*S .. b*S+S-1; block j = keys likewise)."""
-    scores: torch.Tensor  # (B, nh, nb, nb) predictor scores; meaningful for j < b only
-    order: torch.Tensor  # (B, nh, nb, nb) int64: own block first, then the sink, then past blocks by score
-    n_past: torch.Tensor  # (nb,) or adaptive (B, nh, nb) int64: past blocks each tile keeps (own block not counted)
-    selected: torch.Tensor  # (B, nh, nb, nb) bool: kept blocks, own block included
-    gate_bias: torch.Tensor  # (B, nh, nb, nb) >= fp32: logsigmoid(score) on kept past blocks, 0 elsewhere
-    seq_len: int  # real tokens; blocks past them are padding
-
-    def detach(self):
-        return Selection(*(t.detach() for t in (self.scores, self.order, self.n_past, self.selected, self.gate_bias)),
-                         self.seq_len)
+def gather_attention_bytes(cfg, batch_size, elem=4):
+    """(bytes one layer's gather attention keeps for backward, its largest transient) for one forward at
+    T = block_size and the target sparsity, from the shapes alone: per tile group, the gathered keys and values
+    (B, nh, n, (K+1)*S, hs) each, the probabilities (B, nh, n, S, (K+1)*S) and the output; transient: the mask
+    and, in backward, the logits' gradient, of the probabilities' size (asca_kernels._BlockAttention)."""
+    from asca_kernels import tile_groups
+    S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
+    hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
+    counts = keep_counts(nb, S, T, cfg.target_sparsity, cfg.keep_first_block)
+    saved, transient = 0, 0
+    for t0, t1 in tile_groups(nb):
+        n, L = t1 - t0, (int(counts[t0:t1].max()) + 1) * S
+        probs = batch_size * H * n * S * L
+        saved += 2 * batch_size * H * n * L * hs + probs + batch_size * H * n * S * hs
+        transient = max(transient, 2 * probs)
+    return saved * elem, transient * elem
 
 
-# ----------------------------------------------------------------------------- predictor
-
-class ContentBasedAdaptiveSparsity(nn.Module):
-    """Scores (B, nh, nb, nb): for query tile b and key block j < b, how much tile b wants block j.
-
-    score[b, j] = <MLP_h(q at b*S), W_h mean(k of block j)> / sqrt(gate_dim) + dist_h[b - j - 1] + c_h
-    Entries with j >= b are meaningless and masked by the caller.
-    """
-
-    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True):
-        super().__init__()
-        self.gate_dim = gate_dim
-        self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
-        self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
-        self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
-        # index: b - j - 1; without it the scores see no distance (a content-only gate)
-        self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks))) if dist_bias else None
-        self.offset = nn.Parameter(torch.empty(n_head))
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # nn.Parameters, not Linear/Embedding: GPT._init_weights leaves them to this
-        for w in (self.wq1, self.wq2, self.wk):
-            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
-        if self.dist_bias is not None:
-            nn.init.zeros_(self.dist_bias)
-        # start near-neutral: logsigmoid(2) = -0.13 on every past block
-        nn.init.constant_(self.offset, 2.0)
-
-    def forward(self, q, k, S):
-        B, H, T, hs = q.shape
-        nb = T // S
-        qt = q[:, :, ::S, :]  # (B, nh, nb, hs): first query of each tile
-        kb = k.view(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): mean key of each block
-        return self.score(qt, kb, torch.arange(nb, device=q.device))
-
-    def score(self, qt, kb, rows):
-        """Scores (B, nh, r, n) of tiles `rows` (r,), whose first queries are qt (B, nh, r, hs), for the
-        blocks 0..n-1 whose mean keys are kb (B, nh, n, hs). Decoding asks for one row."""
-        gq = torch.einsum("bhng,hgf->bhnf", F.gelu(torch.einsum("bhnd,hdg->bhng", qt, self.wq1)), self.wq2)
-        gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
-        scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, r, n)
-        scores = scores + self.offset[None, :, None, None]
-        if self.dist_bias is None:
-            return scores
-        j = torch.arange(kb.shape[2], device=kb.device)
-        dist = (rows[:, None] - j[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (r, n)
-        return scores + self.dist_bias[:, dist][None]
+def gather_step_bytes(cfg, batch_size, elem=4):
+    """A training step's peak estimate on the gather path: every layer's attention saved for backward, the rest
+    of a layer's activations (about 20 B*T*C values: norms, q/k/v, rotary, projections, the 4C MLP twice), the
+    logits three times (logits, fp32 copy, softmax), the largest transient, and the weights with Adam's state."""
+    attn, transient = gather_attention_bytes(cfg, batch_size, elem)
+    btc = batch_size * cfg.block_size * cfg.n_embd
+    weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + 2 * 256 * cfg.n_embd
+    return (cfg.n_layer * (attn + 20 * btc * elem) + 3 * batch_size * cfg.block_size * 256 * elem + transient
+            + 4 * weights * elem)
 
 
 # ----------------------------------------------------------------------------- attention
 
+@dataclass
+class TileState:
+    """Decoding state of the tile in progress (LayerCache.tile): chosen once, at the tile's first byte."""
+    b: int  # the tile
+    keys: torch.Tensor  # (B, nh, m*S + S, hs): the m kept past blocks gathered once, then S slots for the
+    vals: torch.Tensor  # tile's own bytes, which the steps fill in place (values likewise)
+    mask: torch.Tensor  # (B, nh, m*S + S): logsigmoid(score) per kept block, -inf on a head's unused slots, 0 own
+    start: int  # m*S: where the own block's slots begin
+
+
 class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
-    """Causal self-attention over the own block, the sink, and the predictor's top past blocks."""
+    """Causal self-attention over the own block, the sink, and the selector's top past blocks."""
 
     def __init__(self, config):
         super().__init__(config)
         self.S = config.sparse_block_size
-        self.keep_first = config.keep_first_block
-        self.target = config.target_sparsity
-        self.warmup = config.sparsity_warmup_iters
         self.impl = config.attn_impl
         self.block_size = config.block_size
-        self.predictor = ContentBasedAdaptiveSparsity(config.n_head, config.n_embd // config.n_head,
-                                                      config.gate_dim, config.block_size // self.S,
-                                                      dist_bias=config.gate_dist_bias)
+        self.selector = BlockSelector(config)
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # README), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
-        self.selector = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
-        nb = config.block_size // self.S
-        # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
-        # changes Python values that torch.compile would guard on (no recompiles during warm-up)
-        self.register_buffer("n_keep", keep_counts(nb, self.S, config.block_size, 0.0, self.keep_first),
-                             persistent=False)
-        self.sparsity = 0.0
-        self.set_step(0)
-        self.last_selection = None  # Selection of the last forward
-        self.adaptive = config.budget == "adaptive"
-        self.budget_ema = config.budget_ema
-        self.per_head = config.budget_scope == "head"
-        if self.adaptive:  # per head: keep a past block if its score > threshold; -inf = keep all; in checkpoints
-            self.register_buffer("threshold", torch.full((config.n_head,), float("-inf")))
-        self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "threshold"  # checkpoints from before budget_scope hold one threshold per layer
-        if self.adaptive and key in state_dict and state_dict[key].dim() == 0:
-            state_dict[key] = state_dict[key].expand(self.threshold.shape).clone()
+        # checkpoints from before the selector had its own module (2026-12-01) hold attn.predictor.* and
+        # attn.threshold: the same tensors, now under attn.selector.
+        for key in [k for k in state_dict if k.startswith(prefix + "predictor.") or k == prefix + "threshold"]:
+            state_dict[prefix + "selector." + key[len(prefix):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # --- schedule (owned here, adaptive-span style; the trainer only calls set_step)
+    # --- the hooks the trainer calls (CausalSelfAttention declares them): the selector owns the behaviour
     def set_step(self, iter_num):
-        frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
-        self.sparsity = self.target * frac
-        nb = self.block_size // self.S
-        self.n_keep.copy_(keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first))
+        self.selector.set_step(iter_num)
+
+    def update_budget(self, reduce=None):
+        self.selector.update_budget(reduce)
+
+    def diagnostics(self):
+        return self.selector.diagnostics()
+
+    def start_tally(self):
+        self.selector.start_tally()
+
+    def tally_step(self):
+        self.selector.tally_step()
+
+    def end_tally(self):
+        return self.selector.end_tally()
+
+    @property
+    def last_selection(self):
+        return self.selector.last
+
+    def attn_flops_per_token(self, T):
+        """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
+        plus the predictor's (small) matmuls."""
+        return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T)
 
     def resolved_impl(self, device, T=0):
         """The path for this forward. 'auto': flex on CUDA; on a CPU the gather path from T >= GATHER_MIN_T
-        (uncompiled), else the reference. Both compute one function (tests/test_kernels.py)."""
+        (uncompiled), else the reference. All compute one function (tests/test_kernels.py)."""
         if self.impl != "auto":
             return self.impl
         if device.type == "cuda":
             return "flex"
         if T < GATHER_MIN_T or torch.compiler.is_compiling():  # compiled CPU runs keep the compiled reference
             return "reference"
-        no_gather = self.adaptive and self.training and self.dropout > 0  # the gather path refuses that
+        no_gather = self.selector.adaptive and self.training and self.dropout > 0  # the gather path refuses that
         return "reference" if no_gather else "gather"
-
-    # --- selection
-    def select(self, q, k):
-        """Scores, per-tile order of blocks and counts. q, k: (B, nh, T, hs) with T % S == 0.
-
-        Returns scores (B, nh, nb, nb), order (B, nh, nb, nb) int64 (own block first, then the sink,
-        then past blocks by descending score), n_past = past blocks kept per tile: (nb,) with a fixed
-        budget, (B, nh, nb) with an adaptive one.
-        """
-        if q.shape[2] > self.block_size:
-            raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
-        if self.selector == "learned":
-            scores = self.predictor(q.detach(), k.detach(), self.S)  # the predictor learns via the gate bias
-        else:
-            scores = self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
-        return (scores, *self.rank(scores))
-
-    def rule_scores(self, B, H, nb, device):
-        """The control rules' scores (B, nh, nb, nb), read by rank() as the predictor's are: 'local' ranks a
-        tile's past blocks by nearness (score j - b); 'random' by a uniform draw from torch's generator (the
-        trainer seeds it from the run's seed and checkpoints it), new each forward. Neither reads the
-        content, so both are causal by construction."""
-        if self.selector == "local":
-            b = torch.arange(nb, device=device, dtype=torch.float32)
-            return (b[None, :] - b[:, None]).expand(B, H, nb, nb)
-        return torch.rand(B, H, nb, nb, device=device)
-
-    def rank(self, scores):
-        """(order, n_past) of select() from the scores (B, nh, nb, nb) alone."""
-        nb = scores.shape[-1]
-        device = scores.device
-        b = torch.arange(nb, device=device)
-        past = b[None, :] < b[:, None]  # (nb, nb): block j is complete and before tile b
-        if self.adaptive:  # (B, nh, nb): the sink plus every other past block above the threshold
-            acc = torch.promote_types(scores.dtype, torch.float32)  # as budget_estimate: no rounding either side
-            above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, device)
-            n_past = above.sum(-1) + ((b >= 1) & self.keep_first).long()
-        else:  # a shorter sequence uses the first tiles' counts: tile b's choice never depends on the length
-            n_past = self.n_keep[:nb]
-        prio = scores.detach().float().masked_fill(~past, float("-inf"))
-        prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=device), float("inf"))
-        if self.keep_first and nb > 1:
-            prio[..., 1:, 0] = torch.finfo(torch.float32).max  # sink: after own block, before the rest
-        order = torch.argsort(prio, dim=-1, descending=True, stable=True)
-        return order, n_past
-
-    def candidates(self, nb, device):
-        """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the sink excepted."""
-        b = torch.arange(nb, device=device)
-        cand = b[None, :] < b[:, None]
-        if self.keep_first:
-            cand[:, 0] = False
-        return cand
-
-    @torch.no_grad()
-    def budget_estimate(self):
-        """(nh,) thresholds that would have skipped exactly the scheduled number of blocks in the last
-        forward: the midpoint between the K-th and (K+1)-th lowest candidate score of a pool. The pool is
-        the layer's (all sequences and heads: heads and inputs share the budget unevenly) or, with
-        budget_scope='head', each head's own (its sequences and tiles share it). -inf: nothing to skip."""
-        sel = self.last_selection
-        S, T = self.S, sel.seq_len
-        nb = T // S  # complete tiles (training windows are whole blocks)
-        B, H = sel.scores.shape[:2]
-        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first)).sum())
-        acc = torch.promote_types(sel.scores.dtype, torch.float32)
-        vals = sel.scores[..., :nb, :nb].to(acc)[..., self.candidates(nb, sel.scores.device)]  # (B, nh, n)
-        vals = vals.transpose(0, 1).reshape(H, -1) if self.per_head else vals.reshape(1, -1)  # (pools, m)
-        K = per_seq * B * (1 if self.per_head else H)  # blocks the fixed budget would skip, per pool
-        if K == 0 or vals.shape[1] == 0:
-            est = vals.new_full((vals.shape[0],), float("-inf"))
-        elif K >= vals.shape[1]:
-            est = vals.max(dim=1).values
-        else:
-            low = vals.sort(dim=1).values
-            est = (low[:, K - 1] + low[:, K]) / 2
-        return est.expand(H)
-
-    @torch.no_grad()
-    def update_budget(self, reduce=None):
-        """Between optimizer steps (the trainer calls it after each one): move the threshold towards
-        budget_estimate() of the last training forward; `reduce` averages it over DDP ranks."""
-        if not self.adaptive or self.last_selection is None:
-            return
-        est = self.budget_estimate()
-        if reduce is not None:
-            est = reduce(est)
-        t = self.threshold
-        self.threshold.copy_(torch.where(torch.isfinite(t) & torch.isfinite(est), t + self.budget_ema * (est - t), est))
-
-    @staticmethod
-    def block_selection(order, n_past):
-        """Boolean (B, nh, nb, nb): which key blocks each query tile keeps (own block included)."""
-        nb = order.shape[-1]
-        rank_kept = (torch.arange(nb, device=order.device) < (n_past + 1)[..., None])  # (..., nb, nb) by rank
-        return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter(
-            -1, order, rank_kept.expand(order.shape))
-
-    def gate_bias(self, scores, selected):
-        """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32. The control rules
-        add nothing: their blocks enter the attention as the dense model's do."""
-        nb = scores.shape[-1]
-        if self.selector != "learned":
-            return torch.zeros(scores.shape, dtype=torch.promote_types(scores.dtype, torch.float32), device=scores.device)
-        past = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril(-1)
-        acc = torch.promote_types(scores.dtype, torch.float32)
-        return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
-
-    def plan(self, q, k, seq_len=None):
-        """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
-        scores, order, n_past = self.select(q, k)
-        return self.selection(scores, order, n_past, q.shape[2] if seq_len is None else seq_len)
-
-    def selection(self, scores, order, n_past, seq_len):
-        selected = self.block_selection(order, n_past)
-        return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected), seq_len)
 
     def pad_to_blocks(self, *ts, bucket=False):
         """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future.
@@ -406,42 +252,30 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         Tp = padded_length(T, self.S, self.block_size if bucket else None)
         return [F.pad(t, (0, 0, 0, Tp - T)) for t in ts] if Tp > T else list(ts)
 
-    # --- attention paths
+    def prepare(self, q, k, v=None, bucket=False):
+        """Rotated q, k (and v), the predictor's inputs, all padded to whole blocks, and their Selection."""
+        T0 = q.shape[2]
+        qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
+        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
+        ts = self.pad_to_blocks(*((qr, kr, gq, gk) if v is None else (qr, kr, v, gq, gk)), bucket=bucket)
+        sel = self.selector.plan(ts[-2], ts[-1], T0)
+        return ts[:-2], sel
+
     def attend(self, q, k, v):
         T0 = q.shape[2]
         impl = self.resolved_impl(q.device, T0)
-        qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
-        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
-        qr, kr, v, gq, gk = self.pad_to_blocks(qr, kr, v, gq, gk, bucket=impl == "flex")
-        sel = self.plan(gq, gk, T0)
+        (qr, kr, v), sel = self.prepare(q, k, v, bucket=impl == "flex")
+        dropout = self.dropout if self.training else 0.0
         if impl == "flex":
-            y = self.attend_flex(qr, kr, v, sel)
-        elif impl == "gather":  # the kept blocks only, any device (asca_kernels.py)
-            y = attend_gather(qr, kr, v, sel.order, sel.n_past, sel.gate_bias, self.S,
-                              dropout_p=self.dropout if self.training else 0.0)
+            if dropout > 0:
+                raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
+            y = asca_kernels.attend_flex(qr, kr, v, sel, self.S)
+        elif impl == "gather":  # the kept blocks only, any device
+            y = attend_gather(qr, kr, v, sel.order, sel.n_past, sel.gate_bias, self.S, dropout_p=dropout)
         else:
-            y = self.attend_reference(qr, kr, v, sel)
-        self.last_selection = sel.detach()  # diagnostics(), extraction.py and tests read it
+            y = asca_kernels.attend_reference(qr, kr, v, sel, self.S, dropout_p=dropout)
+        self.selector.remember(sel)
         return y[:, :, :T0]
-
-    def reference_probs(self, q, k, sel):
-        """(keep mask (B, nh, T, T) bool, attention probabilities (B, nh, T, T) in >= fp32)."""
-        T = q.shape[2]
-        S = self.S
-        selected, bias = sel.selected, sel.gate_bias
-        mask = selected.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)  # (B, nh, T, T)
-        mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        acc = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in >= fp32
-        add = bias.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1).to(acc)
-        att = (q @ k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(q.shape[-1])) + add
-        return mask, F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-
-    def attend_reference(self, q, k, v, sel):
-        """Dense attention under the expanded block mask: any device, the definition of the function."""
-        att = self.reference_probs(q, k, sel)[1].to(q.dtype)
-        if self.training and self.dropout > 0:
-            att = F.dropout(att, p=self.dropout)
-        return att @ v
 
     @torch.no_grad()
     def attention_map(self, x):
@@ -449,27 +283,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         scores for layer input x (B, T, C), as the reference path computes them."""
         q, k, _ = self.qkv(x)
         T0 = q.shape[2]
-        qr, kr = self.position(q, k)
-        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
-        qr, kr, gq, gk = self.pad_to_blocks(qr, kr, gq, gk)
-        sel = self.plan(gq, gk, T0)
-        mask, probs = self.reference_probs(qr, kr, sel)
+        (qr, kr), sel = self.prepare(q, k)
+        mask, probs = asca_kernels.reference_probs(qr, kr, sel.selected, sel.gate_bias, self.S)
         return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
                 "block_selection": sel.selected, "gate_scores": sel.scores.float()}
-
-    def attend_flex(self, q, k, v, sel, compiled=True):
-        """FlexAttention over the selected blocks only (see build_block_mask), gate bias in score_mod."""
-        if self.training and self.dropout > 0:
-            raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
-        S, bias = self.S, sel.gate_bias
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[b, h, q_idx // S, kv_idx // S]
-
-        # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
-        block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())
-        return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                           kernel_options=flex_kernel_options(S, q.device.type))
 
     # --- decoding with a KV cache (sample.py): a tile's blocks are chosen once, at its first byte
     def gate_query(self, q, qr):
@@ -478,28 +295,25 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def after_prefill(self, q, qr, lc):
         """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
         from its first query, which only the prefill saw."""
-        if self.selector != "learned":
-            raise ValueError(f"cached decoding supports selector='learned' only (this model: {self.selector!r}); "
-                             f"sample with --kv_cache=false")
+        if self.selector.rule != "learned":
+            raise ValueError(f"cached decoding supports selector='learned' only (this model: "
+                             f"{self.selector.rule!r}); sample with --kv_cache=false")
         L, S = q.shape[2], self.S
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
 
     def choose_tile(self, lc, b, q_first):
-        """Tile b's decoding state, chosen by the training forward's own plan() from the tile's first query
-        q_first (B, nh, hs) and the b complete blocks before it: (b, keys, values, additive mask, m*S) with
-        keys/values (B, nh, m*S + S, hs) = the m kept past blocks gathered once (m: the largest count over
-        heads; a head that keeps fewer has -inf on the rest), then S slots for the tile's own bytes, which
-        the steps fill in place; the mask (B, nh, m*S + S) = logsigmoid(score) per kept block, 0 on the own
-        block."""
-        S = self.S
+        """Tile b's TileState, chosen by the training forward's own selection from the tile's first query
+        q_first (B, nh, hs) and the b complete blocks before it (m: the largest count over heads; a head that
+        keeps fewer has -inf on the rest)."""
+        S, sl = self.S, self.selector
         B, H, _, hs = lc.k.shape
         keys = lc.k if self.gate_rotated else lc.k_raw
         kb = keys[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3)  # (B, nh, b, hs): as the forward's
-        row = self.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))  # (B, nh, 1, b)
+        row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))  # (B, nh, 1, b)
         scores = row.new_zeros(B, H, b + 1, b + 1)  # rows < b are never read for tile b: rank() ranks per row
         scores[:, :, b, :b] = row[:, :, 0]
-        sel = self.selection(scores, *self.rank(scores), (b + 1) * S)
-        n = sel.n_past[..., b]  # () fixed or (B, nh) adaptive: each head its own count, padded to the largest
+        sel = sl.selection(scores, *sl.rank(scores), (b + 1) * S)
+        n = sel.n_past[..., b]  # (B, nh): each head its own count, padded to the largest
         blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
         m = blocks.shape[-1]
         bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
@@ -513,7 +327,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
         k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
         mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
-        return b, k_buf, v_buf, mask.to(lc.k.dtype), m * S
+        return TileState(b, k_buf, v_buf, mask.to(lc.k.dtype), m * S)
 
     def attend_step(self, q, qr, lc, pos0):
         """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block so
@@ -522,189 +336,64 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             raise ValueError("ASCA decodes one byte per step after the prefill")
         S = self.S
         b = pos0 // S
-        if lc.tile is None or lc.tile[0] != b:
+        if lc.tile is None or lc.tile.b != b:
             if pos0 % S:
                 raise RuntimeError(f"decoding state lost: position {pos0} is inside tile {b}, whose choice is unknown")
             lc.tile = self.choose_tile(lc, b, self.gate_query(q, qr)[:, :, 0])
-        _, keys, vals, mask, start = lc.tile
-        n = start + pos0 + 1 - b * S
-        keys[:, :, n - 1], vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
-        return F.scaled_dot_product_attention(qr, keys[:, :, :n], vals[:, :, :n], attn_mask=mask[:, :, None, :n])
-
-    # --- diagnostics and FLOPs (the trainer logs whatever this returns)
-    def selection_stats(self, last):
-        """Per (sequence, head) of one forward's Selection: kept causal pairs (B, nh), all causal pairs (a
-        float), kept past blocks per real tile (B, nh, nb), the kept/causal/past block masks (nb, nb)."""
-        selected, T = last.selected, last.seq_len
-        S = self.S
-        nb = -(-T // S)  # blocks holding real tokens (the flex path may pad further)
-        sel = selected[..., :nb, :nb].float()
-        lens = torch.full((nb,), float(S), device=sel.device)
-        lens[-1] = T - S * (nb - 1)  # real tokens in each block (the last may be padded)
-        pairs = lens[:, None] * lens[None, :]
-        eye = torch.eye(nb, dtype=torch.bool, device=sel.device)
-        pairs = torch.where(eye, lens[:, None] * (lens[:, None] + 1) / 2, pairs)
-        causal = torch.ones(nb, nb, device=sel.device).tril()
-        past = torch.ones(nb, nb, device=sel.device).tril(-1)
-        n_past = (sel * past).sum(-1).long()  # (B, nh, nb)
-        return (sel * pairs * causal).sum(dim=(-1, -2)), (pairs * causal).sum().item(), n_past, sel, causal, past
-
-    def diagnostics(self):
-        """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
-        skipped), skipped-block fraction (of causal blocks, own block included), per head; the
-        scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks; with an
-        adaptive budget the threshold and the spread of kept past blocks over tiles and sequences."""
-        if self.last_selection is None:
-            return {}
-        last = self.last_selection
-        kept_pairs, total_pairs, n_past, sel, causal, past = self.selection_stats(last)
-        nb = sel.shape[-1]
-        pair_sparsity = (1 - kept_pairs / total_pairs).mean(0)  # (nh,)
-        block_sparsity = (1 - (sel * causal).sum(dim=(-1, -2)) / causal.sum()).mean(0)
-        dist = (torch.arange(nb, device=sel.device)[:, None] - torch.arange(nb, device=sel.device)[None, :]).float()
-        kept_past = sel * past
-        mean_dist = ((kept_past * dist).sum(dim=(-1, -2)) / kept_past.sum(dim=(-1, -2)).clamp(min=1)).mean(0)
-        bias = last.gate_bias[..., :nb, :nb]
-        gate = (bias.exp() * kept_past).sum() / kept_past.sum().clamp(min=1)
-        out = {"sparsity": pair_sparsity.mean().item(), "block_sparsity": block_sparsity.mean().item(),
-               "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
-               "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
-               "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
-        if self.adaptive:
-            t = self.threshold.tolist()  # None: -inf, every block kept (strict JSON has no -inf)
-            out["budget_threshold"] = sum(t) / len(t) if all(map(math.isfinite, t)) else None
-            out["budget_threshold_per_head"] = [x if math.isfinite(x) else None for x in t]
-            out["kept_blocks_sd"] = n_past.float().std().item() if n_past.numel() > 1 else 0.0
-        return out
-
-    # --- a tally over many forwards (the trainer counts the test split with it)
-    def start_tally(self):
-        self.tally = None
-        self.counting = True
-
-    def tally_step(self):
-        """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
-        per head of how many past blocks the tiles kept (the sink counts; the own block does not)."""
-        if not self.counting or self.last_selection is None:
-            return
-        kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(self.last_selection)
-        hist = F.one_hot(n_past, self.block_size // self.S).sum(dim=(0, 2))  # (nh, max past blocks + 1)
-        if self.tally is None:
-            self.tally = {"kept": kept_pairs.new_zeros(kept_pairs.shape[1], dtype=torch.float64), "total": 0.0,
-                          "hist": torch.zeros_like(hist)}
-        self.tally["kept"] += kept_pairs.double().sum(0)
-        self.tally["total"] += total_pairs * n_past.shape[0]
-        self.tally["hist"] += hist
-
-    def end_tally(self):
-        """{'sparsity', 'sparsity_per_head', 'kept_blocks_hist_per_head'} over the tallied forwards."""
-        self.counting = False
-        t, self.tally = self.tally, None
-        if t is None:
-            return {}
-        per_head = 1 - t["kept"] / t["total"]
-        return {"sparsity": per_head.mean().item(), "sparsity_per_head": per_head.tolist(),
-                "kept_blocks_hist_per_head": t["hist"].tolist()}
-
-    def attn_flops_per_token(self, T):
-        """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
-        plus the predictor's (small) matmuls."""
-        nb = T // self.S
-        kept = (keep_counts(nb, self.S, T, self.sparsity, self.keep_first).sum().item() * self.S ** 2
-                + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
-        g = self.predictor.gate_dim
-        hs = self.n_embd // self.n_head
-        # predictor per head and sequence: q MLP (hs*g + g*g) and key projection (hs*g) on nb rows each, and
-        # the nb x nb score matrix (g*nb per row); x2 for multiply-add, x3 for forward + backward = 6,
-        # spread over the T tokens of the sequence
-        gate = 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb) / T)
-        return 6 * self.n_embd * T * kept + gate
+        t = lc.tile
+        n = t.start + pos0 + 1 - b * S
+        t.keys[:, :, n - 1], t.vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
+        return F.scaled_dot_product_attention(qr, t.keys[:, :, :n], t.vals[:, :, :n], attn_mask=t.mask[:, :, None, :n])
 
 
-def build_block_mask(sel, S, state_selection=True):
-    """The FlexAttention BlockMask of a Selection, from its block indices (no mask evaluated over T x T).
+# ----------------------------------------------------------------------------- start-up self-check
 
-    Partial (masked) blocks: each tile's own block. Full blocks: its kept past blocks, best first. A
-    compiled kernel visits exactly these blocks and applies mask_mod to the partial ones only, where
-    causality is the whole rule. Uncompiled flex_attention ignores the lists and applies only the
-    mask_mod, so with state_selection=True the mask_mod also states the selection (the function is the
-    same either way). Inside a torch.compile'd model pass False: inductor's CPU flex template computes
-    wrong attention when a mask_mod reads a tensor made in the same graph (torch 2.13,
-    scripts/repro_flex_cpu_captured_mask.py); the block lists carry the selection there.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-    B, H, nb, _ = sel.order.shape
-    idx = sel.order.to(torch.int32)
-    partial_num = torch.ones(B, H, nb, dtype=torch.int32, device=idx.device)
-    full_num = sel.n_past.to(torch.int32).expand(B, H, nb).contiguous()
-    full_idx = torch.roll(idx, shifts=-1, dims=-1)  # kept past blocks first (the own block was first)
-    selected = sel.selected
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    def causal_and_selected(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & selected[b, h, q_idx // S, kv_idx // S]
-
-    return BlockMask.from_kv_blocks(partial_num, idx.contiguous(), full_num, full_idx.contiguous(), BLOCK_SIZE=S,
-                                    mask_mod=causal_and_selected if state_selection else causal,
-                                    seq_lengths=(nb * S, nb * S))
+STARTUP_TOL = {True: 5e-2, False: 1e-4}  # relative to the largest value; low precision (bf16/fp16 autocast): 5e-2
 
 
-def flex_kernel_options(S, device_type="cuda"):
-    """Kernel tiles must divide the BlockMask blocks (S x S); the CUDA defaults (BLOCK_M 128) do not
-    when S < 128. None keeps the defaults (always on CPU, whose template takes no tile options)."""
-    if S >= 128 or device_type != "cuda":
+def startup_check(model, fwd, x, y, ctx, low_precision):
+    """Compare the path this run trains on with an independent one, on one batch, before the first step (issue 23):
+    the compiled flex path against the gather path (or the gather path against the reference), logits and every
+    parameter's gradient. Eval mode (no dropout draws) with the same RNG draws on both sides (the random selector)
+    and the global RNG left as it was. Returns None when the run uses the reference path (nothing to compare),
+    else {'fast', 'reference', 'logits', 'grad', 'worst', 'tol'}: the largest differences relative to their scale."""
+    import copy
+    attns = model.attention_modules()
+    fast = {a.resolved_impl(x.device, x.shape[1]) for a in attns}
+    if fast == {"reference"}:
         return None
-    n = min(S, 64)
-    return {"fwd_BLOCK_M": n, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": min(32, n), "bwd_BLOCK_N1": n,
-            "bwd_BLOCK_M2": n, "bwd_BLOCK_N2": min(32, n)}
+    ref_impl = "gather" if "flex" in fast else "reference"
+    ref = copy.deepcopy(model)
+    for a in ref.attention_modules():
+        a.impl = ref_impl
+    was_training = model.training
+    outs = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for m, call in ((model, fwd), (ref, ref)):
+            m.eval()
+            torch.manual_seed(0)
+            with ctx:
+                logits, loss = call(x, y)
+            grads = torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+            names = [n for n, p in m.named_parameters() if p.requires_grad]
+            outs.append((logits.detach().float(), {n: g.float() for n, g in zip(names, grads) if g is not None}))
+    model.train(was_training)
+    (lf, gf), (lr, gr) = outs
+
+    def rel(a, b):
+        return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+
+    grad_diffs = {n: rel(gf[n], gr[n]) for n in gr if n in gf}
+    worst = max(grad_diffs, key=grad_diffs.get) if grad_diffs else None
+    return {"fast": "compiled " + "/".join(sorted(fast)) if fwd is not model else "/".join(sorted(fast)),
+            "reference": ref_impl, "logits": rel(lf, lr), "grad": grad_diffs.get(worst, 0.0), "worst": worst,
+            "tol": STARTUP_TOL[bool(low_precision)]}
 
 
-def flex_backward_problem(S, head_dim, dtype):
-    """None if FlexAttention's backward can compile for S x S mask blocks on this CUDA device, else why.
+def make_model(**overrides):
+    """An ASCA GPT from the defaults plus model-config overrides (an unknown key is a TypeError)."""
+    return GPT(ASCAConfig(**overrides), attn_cls=AdaptiveSparseCausalSelfAttention)
 
-    torch before 2.14.1 checks the mask block size against inductor's DEFAULT backward tiles before
-    any bwd_* kernel option is applied (pytorch issue 176025; torch 2.11 and 2.13
-    _inductor/kernel/flex/flex_attention.py, the `for conf in configs` loop of the backward lowering).
-    On an H100/H200 in bf16 with head dim 64-128 the only default is (64, 128, 128, 64), so S=64 leaves
-    no candidate and compilation ends in NoValidChoicesError. We ask inductor for the same list."""
-    from torch.torch_version import TorchVersion
-    if TorchVersion(torch.__version__.split("+")[0]) >= "2.14.1":
-        return None
-    try:
-        from torch._inductor.choices import InductorChoices
-        configs = InductorChoices().get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
-        tiles = [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
-    except Exception:  # private API moved: assume the sm90 default, the strictest we know
-        tiles = [(64, 128, 128, 64)]
-    if any(all(S % t == 0 for t in tile) for tile in tiles):
-        return None
-    need = min(max(tile) for tile in tiles)
-    return (f"sparse_block_size={S} cannot compile FlexAttention's backward with torch {torch.__version__} on this GPU "
-            f"(its backward tiles {sorted(set(tiles))} must divide S; pytorch issue 176025, fixed in 2.14.1): "
-            f"use sparse_block_size={need} (or a multiple), or attn_impl='reference'")
-
-
-_FLEX_COMPILED = None
-
-
-def flex_attention_fn(compiled=True):
-    """flex_attention, compiled once: uncompiled it runs a dense math path that skips nothing.
-    Inside a torch.compile'd model the plain function is traced into the model's graph."""
-    global _FLEX_COMPILED
-    from torch.nn.attention.flex_attention import flex_attention
-    if not compiled or torch.compiler.is_compiling():
-        return flex_attention
-    if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_COMPILED
-
-
-# ----------------------------------------------------------------------------- registry
-
-ASCA = register(ModelKind("asca", ASCAConfig, AdaptiveSparseCausalSelfAttention, "novel_model.py", "out/novel"))
-make_model = ASCA.make_model
 
 if __name__ == "__main__":  # python novel_model.py [config/X.py ...] [--key=value ...]
     import trainer

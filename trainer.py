@@ -1,18 +1,18 @@
 """
 The one training loop both scripts share: `python baseline_model.py ...` and `python novel_model.py ...`
-both call main(argv, kind) here, and differ only by the model kind (baseline_model.MODELS).
+both call main(argv, kind) here, and differ only by the model kind (models.MODELS).
 
-Read it top to bottom: configuration (defaults <- config files <- --key=value; a resumed run keeps its
-checkpoint's settings unless overridden on the command line), the runtime (device, dtype, compile, DDP),
-evaluation in bits per byte, then the Trainer: build, resume, one optimizer step, evaluate and
-checkpoint, finish. Attention modules that own behaviour (ASCA's sparsity schedule and diagnostics)
-expose it through GPT.set_step / GPT.diagnostics; the loop only calls and logs them.
+Read it top to bottom: the lr schedule, the run's counters and signal handling, then the Trainer: build,
+resume, the loop (fit, train_step, evaluate_and_save), checkpoints, finish; then the entry point. The rooms
+around it: train_config.py (keys, resume rules, start-up checks), runtime.py (device, dtype, compile, DDP),
+evaluate.py (the bits-per-byte protocol), checkpoint.py (files), trackers.py (W&B, TensorBoard). Attention
+modules that own behaviour (ASCA's sparsity schedule and diagnostics) expose it through GPT.set_step /
+GPT.diagnostics; the loop only calls and logs them.
 """
 import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -22,290 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import configurator
+import evaluate
 import trackers
-from baseline_model import MODELS
 from checkpoint import CheckpointError
-from prepare_dataset import ByteDataset, DataError, sliding_windows, stack_windows
-
-LN2 = math.log(2)
-TRAIN_DEFAULTS = dict(
-    # I/O
-    out_dir="out/run", data_dir="data/enwik8", init_from="scratch",  # 'scratch' or 'resume'
-    eval_interval=500, log_interval=10, eval_iters=20, eval_only=False, final_test=True,
-    eval_stride=None,  # test stride; None = block_size // 2
-    progress=True,  # tqdm bar
-    # optional live trackers (trackers.py; each needs its package): every metrics row, as it is written
-    wandb_log=False, wandb_project="asca", wandb_run_name=None,  # run name None = the out_dir's name
-    tensorboard_log=False,  # event files in out_dir/tb/
-    # schedule
-    max_iters=5000, max_time_s=0.0,  # training stops at whichever comes first (0 = no time limit)
-    batch_size=32, gradient_accumulation_steps=1,  # accumulation is the total across DDP ranks
-    learning_rate=1e-3, min_lr=None, warmup_iters=200, lr_decay_iters=None, decay_lr=True,
-    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    optimizer="muon",  # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
-    muon_lr=0.02, muon_momentum=0.95,  # Muon's peak lr (same warm-up and decay shape) and momentum
-    # system
-    device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,
-)
-TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str,
-             wandb_run_name=str)
-# On resume these come from this command, everything else from the checkpoint unless given as --key=value.
-THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress")
-# (plus each model config's DEVICE_DEFAULTS keys, such as ASCA's attn_impl)
-RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
-TRAIN_LEGACY = {"optimizer": "adamw"}  # what a checkpoint from before a key existed ran with
-SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
-
-# Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 125e12, "4090": 165e12, "3090": 71e12}
-
-
-class TrainError(Exception):
-    """A user-facing problem: one line, no traceback."""
-
-
-def defaults_for(kind):
-    """Every key a script accepts, with its default: the loop's, then the model kind's."""
-    cfg = dict(TRAIN_DEFAULTS)
-    cfg.update(MODELS[kind].defaults())
-    cfg["out_dir"] = MODELS[kind].out_dir
-    return cfg
-
-
-# ----------------------------------------------------------------------------- configuration
-
-def explicit_keys(argv):
-    """Keys given as --key=value on the command line (they override a resumed checkpoint)."""
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a}
-
-
-def resume_config(cfg, kind, saved, explicit, say):
-    """The resumed run's config: the checkpoint's, except this command's THIS_RUN_KEYS and --key=value
-    overrides (each override is reported). Keys newer than the checkpoint keep their defaults."""
-    merged, overridden, kept = dict(cfg), [], []
-    this_run = THIS_RUN_KEYS + tuple(MODELS[kind].config_cls.DEVICE_DEFAULTS)
-    for key, old in saved.items():
-        if key not in merged or key in this_run:
-            continue
-        if key in explicit:
-            if merged[key] != old:
-                overridden.append(f"{key} {old!r} -> {merged[key]!r}")
-            continue
-        if merged[key] is not None and merged[key] != old:
-            kept.append(f"{key}={old!r} (this command's config: {merged[key]!r})")
-        merged[key] = old
-    legacy = {**TRAIN_LEGACY, **MODELS[kind].config_cls.LEGACY}
-    for key, old in legacy.items():  # a key the checkpoint predates: the behaviour of its time
-        if key not in saved and key not in explicit and key in merged:
-            merged[key] = old
-    if overridden:
-        say("resume: overriding the checkpoint's settings from the command line: " + ", ".join(overridden))
-    if kept:
-        say("resume: kept the checkpoint's " + ", ".join(kept) + "; pass --key=value to change one")
-    return merged
-
-
-def _check(ok, msg):
-    if not ok:
-        raise TrainError(msg)
-
-
-def finalize_config(cfg, kind, rt):
-    """Fill the derived keys (min_lr, lr_decay_iters, eval_stride) and reject impossible settings with one
-    line each; the model's own shape checks come first, so a bad block_size is named as such."""
-    cfg = dict(cfg)
-    mcfg = MODELS[kind].config_cls.from_dict(cfg)
-    try:
-        mcfg.validate()
-        mcfg.check_device(rt.device_type, rt.ptdtype, training=not cfg["eval_only"])
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    _check(cfg["out_dir"].strip() != "", "out_dir is empty; give a directory such as --out_dir=out/run")
-    _check(cfg["init_from"] in ("scratch", "resume"), f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
-    _check(not cfg["eval_only"] or cfg["init_from"] == "resume",
-           "--eval_only=True evaluates a checkpoint: add --init_from=resume")
-    lr = cfg["learning_rate"]
-    _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
-    if cfg["min_lr"] is None:
-        cfg["min_lr"] = lr / 10
-    _check(math.isfinite(cfg["min_lr"]) and 0 <= cfg["min_lr"] <= lr,
-           f"min_lr={cfg['min_lr']} must be in [0, learning_rate={lr}]")
-    for k in ("max_iters", "warmup_iters", "seed"):
-        _check(cfg[k] >= 0, f"{k} must be >= 0, got {cfg[k]}")
-    _check(cfg["seed"] < 2 ** 63 // SEED_STRIDE - 1024, f"seed={cfg['seed']} is too large")
-    if cfg["lr_decay_iters"] is None:
-        cfg["lr_decay_iters"] = cfg["max_iters"]
-    _check(cfg["lr_decay_iters"] >= 0, f"lr_decay_iters must be >= 0, got {cfg['lr_decay_iters']}")
-    for k in ("max_time_s", "weight_decay", "grad_clip"):
-        _check(math.isfinite(cfg[k]) and cfg[k] >= 0, f"{k} must be a finite number >= 0, got {cfg[k]}")
-    for k in ("beta1", "beta2", "muon_momentum"):
-        _check(0 <= cfg[k] < 1, f"{k} must be in [0, 1), got {cfg[k]}")
-    _check(cfg["optimizer"] in ("adamw", "muon"), f"optimizer={cfg['optimizer']!r} must be 'adamw' or 'muon'")
-    if cfg["optimizer"] == "muon":
-        _check(hasattr(torch.optim, "Muon"), f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), this is "
-                                             f"torch {torch.__version__}; use optimizer='adamw'")
-        _check(math.isfinite(cfg["muon_lr"]) and cfg["muon_lr"] > 0, f"muon_lr must be a positive finite number, "
-                                                                      f"got {cfg['muon_lr']}")
-    for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
-        _check(cfg[k] >= 1, f"{k} must be at least 1, got {cfg[k]}")
-    if cfg["eval_stride"] is None:
-        cfg["eval_stride"] = max(1, cfg["block_size"] // 2)
-    _check(1 <= cfg["eval_stride"] <= cfg["block_size"],
-           f"eval_stride={cfg['eval_stride']} must be in [1, block_size={cfg['block_size']}]")
-    try:
-        trackers.require(cfg)
-    except trackers.TrackerError as e:
-        raise TrainError(str(e)) from None
-    _check(cfg["gradient_accumulation_steps"] % rt.world_size == 0,
-           f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible by the number "
-           f"of DDP ranks ({rt.world_size})")
-    return cfg
-
-
-def check_kind(ckpt, kind, path):
-    if ckpt["model_kind"] != kind:
-        other = MODELS.get(ckpt["model_kind"])
-        raise TrainError(f"{path} holds a '{ckpt['model_kind']}' model, not '{kind}'; "
-                         f"use {other.script if other else 'the script that wrote it'} for it, or another --out_dir")
-
-
-def check_architecture(ckpt, kind, cfg, path):
-    runtime = MODELS[kind].config_cls.RUNTIME_KEYS
-    old = ckpt["model_args"]
-    diff = [f"{k}={old[k]!r} (run: {cfg[k]!r})" for k in MODELS[kind].defaults()
-            if k in old and k not in runtime and old[k] != cfg[k]]
-    if diff:
-        raise TrainError(f"{path} has a different architecture: {', '.join(diff)}; "
-                         f"drop those overrides to resume, or use another --out_dir")
-
-
-# ----------------------------------------------------------------------------- runtime
-
-DEVICES = "auto, cpu, cuda, cuda:N"
-
-
-class Runtime:
-    """Device, dtype, autocast context, DDP rank info: resolved once, with the reasons logged."""
-
-    def __init__(self, cfg):
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.master = self.rank == 0
-        notes = []
-        dev = cfg["device"]
-        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise TrainError(f"device={dev!r} is not one of {DEVICES} (lower case)")
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            notes.append(f"device=auto -> {dev} ({'CUDA available' if dev == 'cuda' else 'no CUDA'})")
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise TrainError(f"device={dev} requested but torch.cuda.is_available() is False; use --device=cpu")
-        if dev == "cuda" and self.ddp:
-            dev = f"cuda:{self.local_rank}"
-        self.device = dev
-        self.device_type = "cuda" if dev.startswith("cuda") else "cpu"
-        dt = cfg["dtype"]
-        if dt == "auto":
-            if self.device_type == "cuda":
-                dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-                notes.append(f"dtype=auto -> {dt} ({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})")
-            else:
-                dt = "float32"
-                notes.append("dtype=auto -> float32 (CPU)")
-        if dt not in ("float32", "bfloat16", "float16"):
-            raise TrainError(f"dtype={dt} is not one of float32, bfloat16, float16, auto")
-        self.dtype = dt
-        self.ptdtype = getattr(torch, dt)
-        comp = cfg["compile"]
-        if comp == "auto":
-            comp = self.device_type == "cuda"
-            notes.append(f"compile=auto -> {comp} ({'CUDA' if comp else 'CPU: compile time would dominate'})")
-        self.compile = comp
-        backend = cfg["backend"]
-        if backend == "auto":
-            backend = "nccl" if self.device_type == "cuda" else "gloo"
-        self.backend = backend
-        self.notes = notes
-        self.ctx = (contextlib.nullcontext() if dt == "float32"
-                    else torch.autocast(device_type=self.device_type, dtype=self.ptdtype))
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dt == "float16"))
-        self.control_group = None
-        self.say = print if self.master else (lambda *a, **k: None)
-
-    def init_distributed(self):
-        if not self.ddp:
-            return
-        import torch.distributed as dist
-        if self.device_type == "cuda":
-            torch.cuda.set_device(self.device)
-        dist.init_process_group(backend=self.backend)
-        # a CPU group for stop flags: agreeing on "stop now" costs no GPU sync
-        self.control_group = dist.new_group(backend="gloo")
-
-    def close(self):
-        if self.ddp:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-    def any_rank(self, flag):
-        """True if `flag` is true on any rank (CPU all-reduce; identity without DDP)."""
-        if not self.ddp:
-            return bool(flag)
-        import torch.distributed as dist
-        t = torch.tensor([1 if flag else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(t.item())
-
-    def max_over_ranks(self, value):
-        """The largest `value` over the ranks (a float; CPU all-reduce; identity without DDP)."""
-        if not self.ddp:
-            return value
-        import torch.distributed as dist
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return t.item()
-
-    def mean_over_ranks(self, t):
-        """The mean of tensor `t` over the ranks (an all-reduce on the model's device; identity without DDP)."""
-        if not self.ddp:
-            return t
-        import torch.distributed as dist
-        t = t.clone()
-        dist.all_reduce(t)
-        return t / self.world_size
-
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] (a one-element list without DDP)."""
-        if not self.ddp:
-            return [obj]
-        import torch.distributed as dist
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.control_group)
-        return out
-
-    def device_name(self):
-        if self.device_type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-    def peak_flops(self):
-        if self.device_type != "cuda" or self.dtype == "float32":
-            return None
-        return next((f for key, f in PEAK_BF16_FLOPS.items() if key in self.device_name()), None)
-
-    def env(self):
-        return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
-                "device": self.device_name(), "device_type": self.device_type, "dtype": self.dtype,
-                "compile": self.compile, "world_size": self.world_size,
-                "cuda": torch.version.cuda if self.device_type == "cuda" else None}
-
+from evaluate import LN2
+from models import MODELS
+from prepare_dataset import ByteDataset, DataError
+from runtime import LoadMeter, Runtime, TrainError
+from train_config import (RUN_FILES, SEED_STRIDE, TYPES, check_architecture, check_kind, defaults_for,
+                          explicit_keys, finalize_config, resume_config)
 
 def get_lr(it, cfg, pos=None):
     """Linear warm-up over the first warmup_iters iterations, then cosine decay to min_lr at lr_decay_iters,
@@ -323,52 +51,6 @@ def get_lr(it, cfg, pos=None):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def eval_windows(model, data, starts, block_size, batch_size, device, ctx, after_forward=None):
-    """Mean bits per byte over fixed windows data[s : s+block_size] -> next bytes (after_forward: as
-    evaluate_stream's)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        x, y = (t.to(device) for t in stack_windows(data, starts[i:i + batch_size], block_size))
-        with ctx:
-            logits, _ = model(x)
-        if after_forward is not None:
-            after_forward()
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
-        count += y.numel()
-    return total / count / LN2
-
-
-@torch.no_grad()
-def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext(), after_forward=None):
-    """Bits per byte over every target byte 1..n-1 of `data`, each scored exactly once, with sliding
-    windows of block_size and the given stride (DESIGN.md section 4). Returns (bpc, n_scored).
-    after_forward() is called after each forward (to tally what the model measured on it)."""
-    model.eval()
-    windows = sliding_windows(len(data), block_size, stride)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        by_len = {}
-        for w in windows[i:i + batch_size]:  # all windows have length block_size unless the data is shorter
-            by_len.setdefault(w[1], []).append(w)
-        for length, ws in by_len.items():
-            x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in ws], length))
-            with ctx:
-                logits, _ = model(x)
-            if after_forward is not None:
-                after_forward()
-            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, length)
-            keep = torch.zeros_like(nll, dtype=torch.bool)
-            for r, (_, _, n_score) in enumerate(ws):
-                keep[r, length - n_score:] = True
-            total += nll[keep].double().sum().item()
-            count += int(keep.sum().item())
-    return total / count / LN2, count
-
-
 # ----------------------------------------------------------------------------- small pieces of the loop
 
 def append_jsonl(row, path):
@@ -380,46 +62,6 @@ def append_jsonl(row, path):
                          f"or use another --out_dir") from None
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-class LoadMeter:
-    """How much of the machine other processes used while this run trained, in cores: the CPU time of every
-    process (/proc/stat) minus this process's own (os.times), over the wall-clock. A throughput measured next
-    to another job is 5-10x off on a small CPU, so metrics rows and final.json carry it and comparison tables
-    flag rows above CONTENDED_CORES. None where /proc/stat is missing (not Linux). DDP ranks on one machine
-    count each other as other processes."""
-
-    def __init__(self):
-        self.start = self.mark = self.read()
-
-    @staticmethod
-    def read():
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-            busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-        t = os.times()
-        return time.time(), busy, t.user + t.system
-
-    @staticmethod
-    def others(a, b):
-        if a is None or b is None or b[0] - a[0] <= 0:
-            return None
-        return round(max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0])), 3)
-
-    def interval(self):
-        """{'other_cpu_load': cores used by other processes since the last call}."""
-        now = self.read()
-        load, self.mark = self.others(self.mark, now), now
-        return {"other_cpu_load": load}
-
-    def summary(self):
-        return {"other_cpu_load": self.others(self.start, self.read()), "cpu_cores": os.cpu_count()}
-
-
-CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a run's throughput is flagged
 
 
 @dataclass
@@ -547,6 +189,7 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         self.last_val, self.bar = None, self.progress_bar()
         self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0, say=self.say) if rt.master else None
+        self.startup_check()
         self.stop.install()
         try:
             while True:
@@ -570,6 +213,71 @@ class Trainer:
             if self.trackers is not None:
                 self.trackers.close()
 
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches, then the counters (account)."""
+        cfg, rt = self.cfg, self.rt
+        t0 = time.time()
+        for micro in range(self.grad_accum):
+            x, y = self.batch()
+            if rt.ddp:  # sync gradients only on the last micro step
+                self.train_fwd.require_backward_grad_sync = micro == self.grad_accum - 1
+            with rt.ctx:
+                _, loss = self.train_fwd(x, y)
+            rt.scaler.scale(loss / self.grad_accum).backward()
+            self.loss_sum += loss.detach().float()
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+            self.loss_n += 1
+        if cfg["grad_clip"] > 0:
+            rt.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        rt.scaler.step(self.optimizer)
+        rt.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_budgets(rt.mean_over_ranks)  # controller state moves between steps only
+        self.account(t0)
+
+    def evaluate_and_save(self, lr):
+        rt, c = self.rt, self.c
+        t0 = time.time()
+        self.check_finite(f"before iter {c.iter_num}")
+        improved = False
+        if rt.master:
+            val = self.last_val = self.val_bpc()
+            improved = val < c.best_val
+            if improved:
+                c.best_val, c.best_iter = val, c.iter_num
+            row = self.metrics_row(lr, val)
+            append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
+            self.trackers.log(row)  # the same row, as it is written
+            if self.bar is not None:
+                self.bar.set_postfix_str(progress_text(row), refresh=True)
+        self.save(best=rt.any_rank(improved))
+        self.loss_sum.zero_()
+        self.loss_n, c.interval_time, c.interval_tokens = 0, 0.0, 0
+        self.model.train()
+        c.eval_s += time.time() - t0
+
+    # --- pieces of the loop
+    def startup_check(self):
+        """Before the first step (of this process): the path this run trains on against an independent one, on
+        one batch (the model kind's startup_check); a mismatch stops the run with the way on (issue 23)."""
+        cfg, rt = self.cfg, self.rt
+        check = MODELS[self.kind].startup_check
+        if check is None or cfg["startup_check"] == "off" or (cfg["startup_check"] == "auto" and rt.device_type != "cuda"):
+            return
+        t0 = time.time()
+        x, y = self.ds.get_batch("train", 1, cfg["block_size"], torch.Generator().manual_seed(cfg["seed"]))  # not the run's stream
+        r = check(self.model, self.fwd, x.to(rt.device), y.to(rt.device), rt.ctx, rt.dtype != "float32")
+        if r is None:
+            return
+        where = f"logits {r['logits']:.2g}, gradients {r['grad']:.2g}" + (f" (worst: {r['worst']})" if r["worst"] else "")
+        if rt.any_rank(r["logits"] > r["tol"] or r["grad"] > r["tol"]):
+            raise TrainError(f"start-up check failed: the {r['fast']} path differs from the {r['reference']} path on one batch "
+                             f"by {where} of their scale (tolerance {r['tol']:g}); this torch/device computes it wrongly: "
+                             f"train with --attn_impl={r['reference']}, or skip the check with --startup_check=off")
+        self.say(f"start-up check: the {r['fast']} path equals the {r['reference']} path on one batch ({where} of "
+                 f"their scale, tolerance {r['tol']:g}; {time.time() - t0:.1f}s)")
+
     def schedule_position(self):
         """(position along the schedules in iterations, progress in [0, 1]). Without a time budget the
         position is the iteration. With max_time_s, progress = the larger of iterations / max_iters and
@@ -591,30 +299,16 @@ class Trainer:
         self.model.set_step(pos)
         return lr
 
-    def train_step(self):
-        """One optimizer step over grad_accum micro-batches; its time counts as training time, except the
-        first step after a (re)start, which carries compile and warm-up."""
+    def batch(self):
+        x, y = self.ds.get_batch("train", self.cfg["batch_size"], self.cfg["block_size"], self.gen)
+        if self.rt.device_type == "cuda":
+            x, y = x.pin_memory().to(self.rt.device, non_blocking=True), y.pin_memory().to(self.rt.device, non_blocking=True)
+        return x, y
+
+    def account(self, t0):
+        """After a step that began at t0: the counters (its time counts as training time, except the first step
+        after a (re)start, which carries compile and warm-up), the finiteness check and the progress bar."""
         cfg, rt, c = self.cfg, self.rt, self.c
-        t0 = time.time()
-        for micro in range(self.grad_accum):
-            x, y = self.ds.get_batch("train", cfg["batch_size"], cfg["block_size"], self.gen)
-            if rt.device_type == "cuda":
-                x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-            if rt.ddp:  # sync gradients only on the last micro step
-                self.train_fwd.require_backward_grad_sync = micro == self.grad_accum - 1
-            with rt.ctx:
-                _, loss = self.train_fwd(x, y)
-            rt.scaler.scale(loss / self.grad_accum).backward()
-            self.loss_sum += loss.detach().float()
-            self.nonfinite |= ~torch.isfinite(loss.detach())
-            self.loss_n += 1
-        if cfg["grad_clip"] > 0:
-            rt.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
-        rt.scaler.step(self.optimizer)
-        rt.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_budgets(rt.mean_over_ranks)  # controller state moves between steps only
         c.iter_num += 1
         c.tokens += self.tokens_per_iter
         log_now = c.iter_num % cfg["log_interval"] == 0
@@ -644,58 +338,33 @@ class Trainer:
             raise TrainError(f"the training loss became NaN or inf ({where}); the last good checkpoint in "
                              f"{self.out_dir} was kept; lower learning_rate or warm up longer, and resume or restart")
 
-    # --- evaluate and checkpoint
+    def metrics_row(self, lr, val):
+        """One metrics.jsonl row: where the run stands, its losses and throughput, and what the model measured."""
+        c, rt = self.c, self.rt
+        tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else None
+        peak, fpt = rt.peak_flops(), self.model.flops_per_token()
+        row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3),
+               "progress": round(self.progress, 6), "lr": lr,
+               "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
+               "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None, **self.load.interval()}
+        row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
+        row.update({k: v for k, v in self.val_measured.items() if not k.startswith("kept_blocks_hist")})
+        return row
+
+    # --- evaluate (evaluate.py holds the protocol) and checkpoint
     def val_bpc(self):
         """Bits per byte on the fixed val windows; what the model measured over all of them (ASCA: the
         sparsity, which varies with content) is kept in self.val_measured."""
-        cfg = self.cfg
-        starts = self.ds.val_windows(cfg["block_size"], cfg["eval_iters"] * cfg["batch_size"])
-        self.model.start_tally()
-        bpc = eval_windows(self.fwd, self.ds.splits["val"], starts, cfg["block_size"], cfg["batch_size"],
-                           self.rt.device, self.rt.ctx, after_forward=self.model.tally_step)
-        self.val_measured = self.model.end_tally()
+        bpc, self.val_measured = evaluate.val_bpc(self.model, self.fwd, self.ds, self.cfg, self.rt.device, self.rt.ctx)
         return bpc
 
     def test_bpc(self, into=None):
         """(bpc, bytes scored) on the test split; into: a dict that gets what the model measured over the
         whole split as test_KEY (ASCA: test_sparsity, per head, kept-block histograms; it varies with content)."""
-        cfg = self.cfg
-        self.model.start_tally()
-        out = evaluate_stream(self.fwd, self.ds.splits["test"], cfg["block_size"], cfg["eval_stride"],
-                              cfg["batch_size"], self.rt.device, self.rt.ctx, after_forward=self.model.tally_step)
-        measured = self.model.end_tally()
+        bpc, n, measured = evaluate.test_bpc(self.model, self.fwd, self.ds, self.cfg, self.rt.device, self.rt.ctx)
         if into is not None:
             into.update({f"test_{k}": v for k, v in measured.items()})
-        return out
-
-    def evaluate_and_save(self, lr):
-        rt, c = self.rt, self.c
-        t0 = time.time()
-        self.check_finite(f"before iter {c.iter_num}")
-        improved = False
-        if rt.master:
-            val = self.last_val = self.val_bpc()
-            improved = val < c.best_val
-            if improved:
-                c.best_val, c.best_iter = val, c.iter_num
-            tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else None
-            peak, fpt = rt.peak_flops(), self.model.flops_per_token()
-            row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3),
-                   "progress": round(self.progress, 6), "lr": lr,
-                   "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
-                   "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None,
-                   **self.load.interval()}
-            row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
-            row.update({k: v for k, v in self.val_measured.items() if not k.startswith("kept_blocks_hist")})
-            append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
-            self.trackers.log(row)  # the same row, as it is written
-            if self.bar is not None:
-                self.bar.set_postfix_str(progress_text(row), refresh=True)
-        self.save(best=rt.any_rank(improved))
-        self.loss_sum.zero_()
-        self.loss_n, c.interval_time, c.interval_tokens = 0, 0.0, 0
-        self.model.train()
-        c.eval_s += time.time() - t0
+        return bpc, n
 
     def save(self, best=False):
         """ckpt.pt (and best.pt) atomically, from finite weights only: a NaN never replaces a good file."""

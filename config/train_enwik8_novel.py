@@ -3,7 +3,7 @@
 include("train_enwik8.py")
 out_dir = "out/enwik8_novel"
 # 128-byte blocks: FlexAttention's backward on an H100/H200 with torch < 2.14.1 needs S % 128 == 0
-# (novel_model.flex_backward_problem); at T=1024 the most S=128 can skip is 0.66 of the causal pairs
+# (asca_kernels.flex_backward_problem); at T=1024 the most S=128 can skip is 0.66 of the causal pairs
 sparse_block_size = 128
 target_sparsity = 0.5
 sparsity_warmup_iters = 2000

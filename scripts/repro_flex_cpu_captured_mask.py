@@ -7,7 +7,7 @@ a boolean tensor computed inside the same compiled graph.
 Measured 2026-11-28, torch 2.13.0+cpu, this repository's 2-core CPU machine:
     sel     eager err 0.0     compiled err 2.25
     causal  eager err 1.73    compiled err 2.4e-07   (eager flex ignores the block lists: dense, as documented)
-The same selection passed in as a graph input (flex compiled alone) is exact. novel_model.attend_flex
+The same selection passed in as a graph input (flex compiled alone) is exact. asca_kernels.attend_flex
 therefore passes the causal-only mask_mod when it is traced into a compiled model.
 """
 import torch, sys

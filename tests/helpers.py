@@ -1,12 +1,18 @@
-"""Shared test helpers: a small learnable text dataset, and running the training scripts."""
+"""Shared test helpers: a small learnable text dataset, running the training scripts, the one-line error
+check, a naive per-query attention loop, causality checks, and models with injected faults. Test files
+import from here, never from each other."""
+import itertools
+import math
 import os
 import subprocess
 import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import prepare_dataset
+from baseline_model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "train_tiny.py")
@@ -61,3 +67,39 @@ def causality_violation(model, mode, ts=(1, 9, 40, 64, 100, 127)):
         worst_before = max(worst_before, (a[:, :t] - b[:, :t]).abs().max().item())
         least_after = min(least_after, (a[:, t:] - b[:, t:]).abs().max().item())
     return worst_before, least_after
+
+
+def one_line(err):
+    """The single 'error: ...' line a user error must be (no traceback); returns it."""
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+def naive_block_attention(q, k, v, scores, S, kept_blocks):
+    """Per-query loop over the past blocks kept_blocks(bb, h, b) names for tile b, plus the query's own
+    block up to itself; kept past blocks add logsigmoid(score) to their logits."""
+    B, H, T, hs = q.shape
+    out = torch.zeros_like(q)
+    for bb, h in itertools.product(range(B), range(H)):
+        for i in range(T):
+            b = i // S
+            keys = [t for j in kept_blocks(bb, h, b) for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
+            bias = torch.stack([F.logsigmoid(scores[bb, h, b, t // S]) if t // S != b else scores.new_zeros(())
+                                for t in keys])
+            logits = torch.stack([q[bb, h, i] @ k[bb, h, t] for t in keys]) / math.sqrt(hs) + bias
+            out[bb, h, i] = torch.softmax(logits, 0) @ v[bb, h, keys]
+    return out
+
+
+class NaNAfter(GPT):
+    """A GPT whose loss turns NaN from iteration 6 on (as a diverging run would)."""
+
+    def set_step(self, it):
+        self.step = it
+
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        if loss is not None and self.training and self.step >= 6:
+            loss = loss * float("nan")
+        return logits, loss

@@ -2,7 +2,6 @@
 Causality for each option in both models and modes; RoPE against an independent (complex-number)
 implementation; Muon's parameter groups; exact resume with Muon; checkpoints from before the options."""
 import json
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import baseline_model
 import checkpoint
 import novel_model
 from baseline_model import Rotary
-from helpers import make_dataset, run_script, train_in_process
+from helpers import run_script, train_in_process
 
 OPTIONS = {
     "rope": dict(pos_encoding="rope"),
@@ -114,11 +113,6 @@ def test_muon_groups_cover_every_parameter_exactly_once():
         assert not any("predictor" in n or "wte" in n or "lm_head" in n for n in names)
         assert all(p.dim() == 2 for g in opt.opts[0].param_groups for p in g["params"])
         assert opt.opts[0].param_groups[0]["lr_scale"] == pytest.approx(20.0)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
 
 
 def test_exact_resume_with_muon_and_modern_options_is_bitwise(tmp_path, data_dir):

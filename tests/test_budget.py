@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
+import asca_kernels
 import checkpoint
 import novel_model as nm
 import prepare_dataset
 from helpers import ROOT, make_dataset, train_in_process
 from novel_model import AdaptiveSparseCausalSelfAttention, ASCAConfig, keep_counts, make_model
-from helpers import causality_violation
-from test_novel import naive_block_attention
+from helpers import causality_violation, naive_block_attention
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8, sparsity_warmup_iters=0,
              budget="adaptive")
@@ -47,11 +47,11 @@ def _qkv(B=2, H=2, T=64, hs=8, seed=1, dtype=torch.float64, grad=False):
 def test_reference_matches_naive_loop_fp64_with_gradients(keep_first):
     a = adaptive_module(keep_first=keep_first)
     with torch.no_grad():
-        a.predictor.wk.mul_(3.0)  # spread the scores so the per-tile counts really vary
+        a.selector.predictor.wk.mul_(3.0)  # spread the scores so the per-tile counts really vary
     q, k, v = _qkv(grad=True)
-    scores = a.predictor(q.detach(), k.detach(), 8)
+    scores = a.selector.predictor(q.detach(), k.detach(), 8)
     theta = scores[..., 1:, :].median().item()  # about half the candidates above it
-    a.threshold.fill_(theta)
+    a.selector.threshold.fill_(theta)
     y = a.attend(q, k, v)
     n_past = a.last_selection.n_past
     assert n_past.shape == (2, 2, 8) and len(set(n_past[..., -1].flatten().tolist())) > 1  # counts differ by head
@@ -63,12 +63,12 @@ def test_reference_matches_naive_loop_fp64_with_gradients(keep_first):
     for g1, g2 in zip(got, want):
         assert (g1 - g2).abs().max().item() < 1e-10
     # the predictor's parameters (its per-head offset moves a head's count against the threshold) too
-    params = list(a.predictor.parameters())
+    params = list(a.selector.predictor.parameters())
     a.zero_grad()
     (a.attend(q.detach(), k.detach(), v.detach()) * w).sum().backward()
     got = [p.grad.clone() for p in params]
     a.zero_grad()
-    scores = a.predictor(q.detach(), k.detach(), 8)
+    scores = a.selector.predictor(q.detach(), k.detach(), 8)
     (naive_threshold_attention(q.detach(), k.detach(), v.detach(), scores, theta, 8, keep_first) * w).sum().backward()
     for p, g1 in zip(params, got):
         assert g1.abs().max() > 0 and (g1 - p.grad).abs().max().item() < 1e-10
@@ -83,7 +83,7 @@ def test_threshold_starts_dense_and_the_estimate_meets_the_scheduled_count():
     q, k, v = _qkv(T=128)
     a.attend(q, k, v)
     dense = torch.ones(16, 16, dtype=torch.bool).tril()
-    assert torch.isinf(a.threshold).all() and torch.equal(a.last_selection.selected, dense.expand(2, 2, 16, 16))
+    assert torch.isinf(a.selector.threshold).all() and torch.equal(a.last_selection.selected, dense.expand(2, 2, 16, 16))
     a.update_budget()
     a.attend(q, k, v)
     sel = a.last_selection.selected
@@ -95,12 +95,12 @@ def test_threshold_starts_dense_and_the_estimate_meets_the_scheduled_count():
     assert per.max() > per.min()  # not the same count in every (sequence, head)
     d = a.diagnostics()
     assert d["sparsity"] == pytest.approx(per_seq * 64 / (128 * 129 / 2), abs=1e-6)  # diagnostics count in fp32
-    assert d["budget_threshold_per_head"] == a.threshold.tolist() and d["kept_blocks_sd"] > 0
-    assert a.threshold[0] == a.threshold[1]  # budget_scope='layer': one threshold for the layer's heads
+    assert d["budget_threshold_per_head"] == a.selector.threshold.tolist() and d["kept_blocks_sd"] > 0
+    assert a.selector.threshold[0] == a.selector.threshold[1]  # budget_scope='layer': one threshold for the layer's heads
     # at target 0 nothing is skipped: the estimate is -inf again
-    a.sparsity = 0.0
+    a.selector.sparsity = 0.0
     a.update_budget()
-    assert torch.isinf(a.threshold).all() and (a.threshold < 0).all()
+    assert torch.isinf(a.selector.threshold).all() and (a.selector.threshold < 0).all()
 
 
 def test_per_head_scope_holds_every_head_at_the_target():
@@ -109,24 +109,24 @@ def test_per_head_scope_holds_every_head_at_the_target():
     a = adaptive_module(T=128, target=0.7)
     a.budget_ema = 1.0
     with torch.no_grad():
-        a.predictor.offset.copy_(torch.tensor([3.0, -3.0]))  # head 0 scores higher across the board
+        a.selector.predictor.offset.copy_(torch.tensor([3.0, -3.0]))  # head 0 scores higher across the board
     q, k, v = _qkv(T=128)
     per_seq = int((torch.arange(16) - keep_counts(16, 8, 128, 0.7, True)).sum())
     skipped = {}
     for scope in ("layer", "head"):
-        a.per_head = scope == "head"
-        a.threshold.fill_(float("-inf"))
+        a.selector.per_head = scope == "head"
+        a.selector.threshold.fill_(float("-inf"))
         a.attend(q, k, v)
         a.update_budget()
         a.attend(q, k, v)
         sel = a.last_selection.selected
         skipped[scope] = (~sel & torch.ones(16, 16, dtype=torch.bool).tril()).sum(dim=(0, 2, 3))  # per head
         assert int(skipped[scope].sum()) == per_seq * 2 * 2
-    assert skipped["head"].tolist() == [per_seq * 2, per_seq * 2] and a.threshold[0] > a.threshold[1]
+    assert skipped["head"].tolist() == [per_seq * 2, per_seq * 2] and a.selector.threshold[0] > a.selector.threshold[1]
     assert skipped["layer"][0] < skipped["layer"][1]  # the high-scoring head keeps more
 
 
-ORIGINAL_SELECT = nm.AdaptiveSparseCausalSelfAttention.select
+ORIGINAL_SELECT = nm.BlockSelector.select
 
 
 def quantile_select(self, q, k):
@@ -149,7 +149,7 @@ def _trained_threshold(model, steps=3):
         model(torch.randint(0, 256, (2, 128), generator=g))
         model.update_budgets()
     for a in model.attention_modules():
-        assert torch.isfinite(a.threshold).all()
+        assert torch.isfinite(a.selector.threshold).all()
     return model
 
 
@@ -167,7 +167,7 @@ def test_adaptive_budget_is_causal(mode, target, scope):
 def test_causality_check_catches_a_per_sequence_quantile(monkeypatch):
     torch.manual_seed(0)
     model = _trained_threshold(make_model(**SMALL, target_sparsity=0.6))
-    monkeypatch.setattr(nm.AdaptiveSparseCausalSelfAttention, "select", quantile_select)
+    monkeypatch.setattr(nm.BlockSelector, "select", quantile_select)
     before, _ = causality_violation(model, "eval")
     assert before > 1e-5  # the bound test_adaptive_budget_is_causal uses: it would fail
 
@@ -176,9 +176,9 @@ def test_counts_follow_the_threshold_per_head():
     """Mechanism: a head whose scores sit above the threshold keeps everything, one below keeps the sink
     only; the layer's mean is whatever the two give (the controller then moves the threshold)."""
     a = adaptive_module(T=128)
-    a.threshold.fill_(0.0)
+    a.selector.threshold.fill_(0.0)
     with torch.no_grad():
-        a.predictor.offset.copy_(torch.tensor([50.0, -50.0]))
+        a.selector.predictor.offset.copy_(torch.tensor([50.0, -50.0]))
     q, k, v = _qkv(T=128)
     a.attend(q, k, v)
     per_head = a.diagnostics()["sparsity_per_head"]
@@ -189,16 +189,16 @@ def test_counts_follow_the_threshold_per_head():
 def test_flex_forward_and_block_mask_with_per_head_counts_on_cpu():
     a = adaptive_module(T=128, S=16, hs=16, dtype=torch.float32)
     q, k, v = _qkv(T=128, hs=16, dtype=torch.float32)
-    a.threshold.fill_(a.predictor(q, k, 16)[..., 1:, :].median().item())
-    sel = a.plan(q, k)
+    a.selector.threshold.fill_(a.selector.predictor(q, k, 16)[..., 1:, :].median().item())
+    sel = a.selector.plan(q, k)
     assert len(set(sel.n_past[..., -1].flatten().tolist())) > 1
     for state in (True, False):
         bm = nm.build_block_mask(sel, 16, state_selection=state)
         assert torch.equal(bm.to_dense().bool(), sel.selected)
         assert torch.equal(bm.full_kv_num_blocks, sel.n_past.int())
     with torch.no_grad():
-        ref = a.attend_reference(q, k, v, sel)
-        got = a.attend_flex(q, k, v, sel, compiled=True)
+        ref = asca_kernels.attend_reference(q, k, v, sel, a.S)
+        got = asca_kernels.attend_flex(q, k, v, sel, a.S, compiled=True)
     assert (got - ref).abs().max().item() < 1e-5
 
 
@@ -208,7 +208,7 @@ def test_cached_decoding_with_per_head_counts_equals_the_full_forward(dtype, tol
     model = make_model(**SMALL, target_sparsity=0.6, pos_encoding="rope", qk_norm=True)
     with torch.no_grad():
         for a in model.attention_modules():
-            a.predictor.wk.mul_(4.0)
+            a.selector.predictor.wk.mul_(4.0)
     model = _trained_threshold(model).to(dtype).eval()
     seq = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -287,21 +287,23 @@ def test_exact_resume_with_the_controller_state_is_bitwise(tmp_path):
     assert train_in_process(nm, common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=16"]) == 0
     assert train_in_process(nm, common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=8"]) == 0
     mid = checkpoint.load(str(tmp_path / "b" / "ckpt.pt"))
-    assert all(torch.isfinite(mid["model"][f"transformer.h.{i}.attn.threshold"]).all() for i in range(2))
+    assert all(torch.isfinite(mid["model"][f"transformer.h.{i}.attn.selector.threshold"]).all() for i in range(2))
     assert train_in_process(nm, [f"--data_dir={data}", f"--out_dir={tmp_path / 'b'}", "--max_iters=16",
                                  "--init_from=resume"]) == 0
     a, b = checkpoint.load(str(tmp_path / "a" / "ckpt.pt")), checkpoint.load(str(tmp_path / "b" / "ckpt.pt"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    assert not torch.equal(a["model"]["transformer.h.0.attn.threshold"], mid["model"]["transformer.h.0.attn.threshold"])
+    assert not torch.equal(a["model"]["transformer.h.0.attn.selector.threshold"], mid["model"]["transformer.h.0.attn.selector.threshold"])
 
 
 def test_a_checkpoint_with_one_threshold_per_layer_loads():
-    """Checkpoints written before budget_scope held one threshold per layer (a 0-dim tensor): it loads as
-    that value for every head."""
+    """Checkpoints written before budget_scope held one threshold per layer (a 0-dim tensor), under its name
+    of that time (attn.threshold, before the selector had its own module): it loads as that value for every
+    head."""
     torch.manual_seed(0)
     model = make_model(**SMALL, target_sparsity=0.6)
     sd = model.state_dict()
+    del sd["transformer.h.1.attn.selector.threshold"]
     sd["transformer.h.1.attn.threshold"] = torch.tensor(1.25)
     model.load_state_dict(sd)
-    assert model.transformer.h[1].attn.threshold.tolist() == [1.25, 1.25]
+    assert model.transformer.h[1].attn.selector.threshold.tolist() == [1.25, 1.25]

@@ -98,14 +98,14 @@ def test_include_builds_on_another_file(tmp_path):
                                       ("baseline", "train_excerpt_cpu.py"),
                                       ("asca", "train_excerpt_cpu_novel.py"), ("asca", "train_tiny.py")])
 def test_shipped_configs_resolve_and_build(kind, cfg):
-    import trainer
-    from baseline_model import MODELS
-    c = resolve(trainer.defaults_for(kind), [os.path.join(ROOT, "config", cfg)], trainer.TYPES)
+    import train_config
+    from models import MODELS
+    c = resolve(train_config.defaults_for(kind), [os.path.join(ROOT, "config", cfg)], train_config.TYPES)
     if cfg == "train_tiny.py":
         c["sparse_block_size"] = 8
     MODELS[kind].config_cls.from_dict(c).validate()
     twin = {"train_enwik8_novel.py": "train_enwik8.py", "train_excerpt_cpu_novel.py": "train_excerpt_cpu.py",
             "train_enwik8_long_novel.py": "train_enwik8_long.py"}.get(cfg)
     if twin:  # the ASCA configs differ from their baseline twins only in out_dir and ASCA keys
-        b = resolve(trainer.defaults_for("baseline"), [os.path.join(ROOT, "config", twin)], trainer.TYPES)
+        b = resolve(train_config.defaults_for("baseline"), [os.path.join(ROOT, "config", twin)], train_config.TYPES)
         assert {k: v for k, v in c.items() if k in b and k != "out_dir"} == {k: v for k, v in b.items() if k != "out_dir"}

@@ -1,6 +1,8 @@
 """KV-cached decoding (issue 12): the cached logits are the full forward's, for both models, prompts that end
 inside a tile and generations that cross several tile boundaries; greedy samples match; past block_size
 the cache crops and prefills again, as documented."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def build(name, dtype=torch.float64, block_size=128, **over):
         model = novel_model.make_model(**shape, sparse_block_size=8, sparsity_warmup_iters=0)
         with torch.no_grad():  # a trained-looking predictor: spread scores, so choices really differ by content
             for a in model.attention_modules():
-                a.predictor.wk.mul_(4.0)
+                a.selector.predictor.wk.mul_(4.0)
     else:
         model = baseline_model.make_model(**shape)
     return model.to(dtype).eval()
@@ -61,7 +63,8 @@ def test_cached_path_uses_only_the_tiles_selection():
         model.forward_cached(seq[:, :80], cache)  # position 80 starts tile 10
         model.forward_cached(seq[:, 80:81], cache)
         lc = cache.layers[0]
-        b, ks, _, _, start = lc.tile  # ks: the gathered kept blocks (start rows), then the own block's slots
+        t = lc.tile  # TileState: keys = the gathered kept blocks (start rows), then the own block's slots
+        b, ks, start = t.b, t.keys, t.start
         kept = {int(t) // 8 for t in torch.nonzero((lc.k[0, 0, :80, None, :] == ks[0, 0, :start][None]).all(-1))[:, 0]}
         skipped = set(range(10)) - kept
         assert b == 10 and kept and skipped
@@ -70,10 +73,10 @@ def test_cached_path_uses_only_the_tiles_selection():
         base = attn.attend_step(q, qr, lc, 80)
         for blocks, moves in ((skipped, False), (kept, True)):
             saved = lc.tile
-            vals = lc.tile[2].clone()
+            vals = lc.tile.vals.clone()
             if moves:
                 vals[:, :, :8] = 0  # the first kept block's values
-            lc.tile = (b, lc.tile[1], vals, *lc.tile[3:])
+            lc.tile = dataclasses.replace(saved, vals=vals)
             if not moves:  # change a skipped block in the full cache: not read
                 j = min(skipped)
                 lc.v[:, :, j * 8:(j + 1) * 8] = 0

@@ -27,7 +27,7 @@ def run(a, impl, q, k, v, w):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     y = a.attend(q, k, v)
     (y * w).sum().backward()
-    grads = [q.grad, k.grad, v.grad] + [p.grad.clone() for p in a.predictor.parameters()]
+    grads = [q.grad, k.grad, v.grad] + [p.grad.clone() for p in a.selector.predictor.parameters()]
     return y.detach(), grads, a.last_selection
 
 
@@ -44,7 +44,7 @@ def test_gather_equals_reference_outputs_and_gradients(dtype, case):
     q, k, v = (torch.randn(2, 2, T, 8, dtype=dtype, generator=g) for _ in range(3))
     w = torch.randn(2, 2, T, 8, dtype=dtype, generator=g)
     if opts.get("budget") == "adaptive":  # a threshold that keeps a varying number of blocks per tile and head
-        a.threshold.fill_(float(a.predictor(q, k, a.S).detach().median()))
+        a.selector.threshold.fill_(float(a.selector.predictor(q, k, a.S).detach().median()))
     y_ref, g_ref, sel = run(a, "reference", q, k, v, w)
     y, grads, sel2 = run(a, "gather", q, k, v, w)
     tol_y, tol_g = TOL[dtype]
@@ -73,7 +73,7 @@ def test_a_skipped_block_is_never_read():
         for j in skipped:
             k2[..., j * 8:(j + 1) * 8, :] = float("nan")
             v2[..., j * 8:(j + 1) * 8, :] = float("nan")
-        a.predictor.forward = lambda q_, k_, S: nm.ContentBasedAdaptiveSparsity.forward(a.predictor, q, k, S)
+        a.selector.predictor.forward = lambda q_, k_, S: nm.ContentBasedAdaptiveSparsity.forward(a.selector.predictor, q, k, S)
         rows = slice(last * 8, None)  # the last tile's queries: they skip those blocks
         out = a.attend(q, k2, v2)
         assert torch.isfinite(out[..., rows, :]).all() and torch.equal(out[..., rows, :], clean[..., rows, :])
@@ -100,7 +100,7 @@ def test_whole_model_on_the_gather_path_equals_the_reference(opts):
     if opts.get("budget") == "adaptive":
         for m in (ref, gat):
             for a in m.attention_modules():
-                a.threshold.fill_(1.9)
+                a.selector.threshold.fill_(1.9)
     idx = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(1))
     tgt = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(2))
     losses = []
@@ -125,7 +125,7 @@ def test_gather_path_is_causal(mode, budget):
     model = make_model(**MODEL, attn_impl="gather", budget=budget, dropout=dropout)
     if budget == "adaptive":
         for a in model.attention_modules():
-            a.threshold.fill_(1.9)
+            a.selector.threshold.fill_(1.9)
     before, after = causality_violation(model, mode)
     assert before < 1e-5 and after > 1e-3  # earlier logits never move; later ones do
     assert model.diagnostics()["sparsity"] > (0.3 if budget == "fixed" else 0.1)  # the selection is active
@@ -144,7 +144,7 @@ def test_gather_groups_give_the_same_result():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 128, 8, dtype=torch.float64, generator=g) for _ in range(3))
     with torch.no_grad():
-        sel = a.plan(q, k)
+        sel = a.selector.plan(q, k)
         outs = [attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, 8, groups=n) for n in (1, 3, 16)]
     assert all((o - outs[0]).abs().max().item() < 1e-12 for o in outs)
 
@@ -183,3 +183,63 @@ def test_a_training_run_on_the_gather_path(tmp_path):
     final = json.load(open(out / "final.json"))
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert final["test_bpc"] < rows[0]["val_bpc"] and abs(final["test_sparsity"] - 0.6) < 0.05
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+def test_bf16_inputs_to_an_fp32_module_run_and_match(impl):
+    """bench_attention.py and the CUDA start-up test feed bf16 q, k, v to a module kept in fp32 without autocast
+    (issue 23, items 1-2): the predictor's einsum raised 'expected scalar type Float but found BFloat16'. It now
+    scores in its weights' dtype, so the choice equals the fp32 module's on the same (bf16-rounded) inputs, and
+    the attention matches within bf16 rounding."""
+    a = module(T=64, S=8, H=2, hs=16, target=0.6, dtype=torch.float32)
+    a.impl = impl
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 64, 16, generator=g).bfloat16().requires_grad_(True) for _ in range(3))
+    y = a.attend(q, k, v)
+    y.float().sum().backward()
+    sel16 = a.last_selection.selected.clone()
+    assert y.dtype == torch.bfloat16 and q.grad is not None and torch.isfinite(q.grad.float()).all()
+    ref = a.attend(*(t.detach().float() for t in (q, k, v)))
+    assert torch.equal(a.last_selection.selected, sel16)
+    assert (y.float() - ref).abs().max().item() < 0.05 and ref.abs().max().item() > 0.5
+
+
+@pytest.mark.parametrize("T,S,target,B", [(1024, 64, 0.875, 2), (2048, 64, 0.75, 1), (1024, 32, 0.5, 1)])
+def test_the_gather_memory_estimate_matches_what_autograd_keeps(T, S, target, B):
+    """gather_attention_bytes (from shapes alone) against the bytes autograd really saves in one forward of
+    attend() on the gather path, counted storage by storage (q, k, v themselves excluded)."""
+    cfg = ASCAConfig(block_size=T, n_head=4, n_embd=256, sparse_block_size=S, target_sparsity=target,
+                     sparsity_warmup_iters=0, attn_impl="gather")
+    a = AdaptiveSparseCausalSelfAttention(cfg)
+    q, k, v = (torch.randn(B, 4, T, 64, requires_grad=True) for _ in range(3))
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        a.attend(q, k, v)
+    measured = sum(n for ptr, n in seen.items() if ptr not in inputs)
+    assert 0.6 < nm.gather_attention_bytes(cfg, B)[0] / measured < 1.5
+
+
+def test_a_gather_run_that_would_not_fit_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """Bad input (issue 21): a gather run whose estimate exceeds the free memory stops before anything is
+    allocated, naming a batch that fits (or, when not even one sequence fits, a shorter block_size)."""
+    import train_config
+    from helpers import make_dataset, one_line, train_in_process
+    data = make_dataset(tmp_path / "d")
+    args = [f"--data_dir={data}", "--attn_impl=gather", "--sparse_block_size=16", "--target_sparsity=0.3",
+            "--max_iters=1", "--batch_size=8"]
+    cfg = ASCAConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, sparse_block_size=16, target_sparsity=0.3)
+    need = nm.gather_step_bytes(cfg, 8)
+    for free, fix in ((need / 2, "use batch_size=3 "), (1000, "use block_size=32 (or less)")):
+        monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a, free=free: free)
+        assert train_in_process(nm, args + [f"--out_dir={tmp_path / str(free)}"]) == 1
+        err = one_line(capsys.readouterr().err)
+        assert "the gather path needs about" in err and fix in err, err
+        assert not (tmp_path / str(free)).exists()
+    monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a: need * 2)
+    assert train_in_process(nm, args + [f"--out_dir={tmp_path / 'fits'}", "--final_test=False"]) == 0

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import asca_kernels
 import novel_model as nm
-from helpers import TINY, causality_violation, make_dataset, run_script
+from helpers import TINY, causality_violation, make_dataset, naive_block_attention, run_script
 from novel_model import AdaptiveSparseCausalSelfAttention, ASCAConfig, keep_counts, make_model, max_sparsity
 
 CUDA = torch.cuda.is_available()
@@ -50,22 +51,6 @@ def test_keep_counts_hit_target(target):
 
 # ----------------------------------------------------------------------------- reference vs naive
 
-def naive_block_attention(q, k, v, scores, S, kept_blocks):
-    """Per-query loop over the past blocks kept_blocks(bb, h, b) names for tile b, plus the query's own
-    block up to itself; kept past blocks add logsigmoid(score) to their logits."""
-    B, H, T, hs = q.shape
-    out = torch.zeros_like(q)
-    for bb, h in itertools.product(range(B), range(H)):
-        for i in range(T):
-            b = i // S
-            keys = [t for j in kept_blocks(bb, h, b) for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
-            bias = torch.stack([F.logsigmoid(scores[bb, h, b, t // S]) if t // S != b else scores.new_zeros(())
-                                for t in keys])
-            logits = torch.stack([q[bb, h, i] @ k[bb, h, t] for t in keys]) / math.sqrt(hs) + bias
-            out[bb, h, i] = torch.softmax(logits, 0) @ v[bb, h, keys]
-    return out
-
-
 def naive_attention(q, k, v, scores, n_past, S, keep_first):
     """Written from the rule: tile b keeps its own block, block 0 (if keep_first), and the n_past[b]
     (minus the sink) best-scored other past blocks."""
@@ -83,8 +68,8 @@ def test_reference_matches_naive_loop_fp64_with_gradients(keep_first):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, T, hs, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
     y = a.attend(q, k, v)
-    scores = a.predictor(q.detach(), k.detach(), 8)
-    ref = naive_attention(q, k, v, scores, a.n_keep, 8, keep_first)
+    scores = a.selector.predictor(q.detach(), k.detach(), 8)
+    ref = naive_attention(q, k, v, scores, a.selector.n_keep, 8, keep_first)
     assert (y - ref).abs().max().item() < 1e-12
     w = torch.randn_like(y)
     gq, gk, gv = torch.autograd.grad((y * w).sum(), (q, k, v))
@@ -94,22 +79,22 @@ def test_reference_matches_naive_loop_fp64_with_gradients(keep_first):
     # the predictor's gradient through the gate bias matches the loop's too
     a.zero_grad()
     (a.attend(q.detach(), k.detach(), v.detach()) * w).sum().backward()
-    got = a.predictor.wk.grad.clone()
+    got = a.selector.predictor.wk.grad.clone()
     a.zero_grad()
-    scores = a.predictor(q.detach(), k.detach(), 8)
-    (naive_attention(q.detach(), k.detach(), v.detach(), scores, a.n_keep, 8, keep_first) * w).sum().backward()
-    assert got.abs().max() > 0 and (got - a.predictor.wk.grad).abs().max().item() < 1e-10
+    scores = a.selector.predictor(q.detach(), k.detach(), 8)
+    (naive_attention(q.detach(), k.detach(), v.detach(), scores, a.selector.n_keep, 8, keep_first) * w).sum().backward()
+    assert got.abs().max() > 0 and (got - a.selector.predictor.wk.grad).abs().max().item() < 1e-10
 
 
 def test_selection_is_own_sink_and_top_scores():
     a = attn_module(T=128, S=8, target=0.75)
     q, k = torch.randn(2, 2, 128, 8, dtype=torch.float64), torch.randn(2, 2, 128, 8, dtype=torch.float64)
-    scores, order, n_past = a.select(q, k)
-    sel = a.block_selection(order, n_past)
+    scores, order, n_past = a.selector.select(q, k)
+    sel = a.selector.block_selection(order, n_past)
     for b_, h, t in itertools.product(range(2), range(2), range(16)):
         kept = set(torch.nonzero(sel[b_, h, t]).flatten().tolist())
         others = sorted(range(1, t), key=lambda j: -scores[b_, h, t, j].item())
-        want = {t} | ({0} if t > 0 else set()) | set(others[: int(n_past[t]) - (1 if t > 0 else 0)])
+        want = {t} | ({0} if t > 0 else set()) | set(others[: int(n_past[b_, h, t]) - (1 if t > 0 else 0)])
         assert kept == want
     assert 0.7 < 1 - sel.float().mean().item()  # really sparse at the block level
 
@@ -149,8 +134,8 @@ def test_selection_of_earlier_tiles_ignores_later_bytes():
     for t in (5, 8, 33, 120):
         q2, k2 = q.clone(), k.clone()
         q2[:, :, t:], k2[:, :, t:] = torch.randn_like(q2[:, :, t:]), torch.randn_like(k2[:, :, t:])
-        s1 = a.block_selection(*a.select(q, k)[1:])
-        s2 = a.block_selection(*a.select(q2, k2)[1:])
+        s1 = a.selector.block_selection(*a.selector.select(q, k)[1:])
+        s2 = a.selector.block_selection(*a.selector.select(q2, k2)[1:])
         first_affected = -(-t // 8)  # tiles starting before t decide from positions < t
         assert torch.equal(s1[:, :, :first_affected], s2[:, :, :first_affected])
 
@@ -174,7 +159,7 @@ def test_lm_loss_trains_the_predictor():
     _, loss = model(idx, torch.roll(idx, -1, 1))
     loss.backward()
     for layer in model.transformer.h:
-        for name, p in layer.attn.predictor.named_parameters():
+        for name, p in layer.attn.selector.predictor.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -201,7 +186,7 @@ def test_sparsity_schedule_and_measurement():
 def _flex_inputs(a, B=2, H=2, T=128, hs=8, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, H, T, hs, generator=g, dtype=dtype).to(device) for _ in range(3))
-    return q, k, v, a.plan(q, k)
+    return q, k, v, a.selector.plan(q, k)
 
 
 def test_flex_path_forward_matches_reference_on_cpu():
@@ -209,8 +194,8 @@ def test_flex_path_forward_matches_reference_on_cpu():
     a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
     q, k, v, sel = _flex_inputs(a, hs=16)
     with torch.no_grad():  # FlexAttention has no backward on CPU; CUDA tests cover gradients
-        ref = a.attend_reference(q, k, v, sel)
-        got = a.attend_flex(q, k, v, sel, compiled=True)
+        ref = asca_kernels.attend_reference(q, k, v, sel, a.S)
+        got = asca_kernels.attend_flex(q, k, v, sel, a.S, compiled=True)
     assert (got - ref).abs().max().item() < 1e-5
 
 
@@ -223,9 +208,9 @@ def test_block_mask_covers_exactly_the_selected_blocks(target):
     for state_selection in (True, False):
         bm = nm.build_block_mask(sel, 16, state_selection=state_selection)
         assert torch.equal(bm.to_dense().bool(), sel.selected)
-        assert (bm.kv_num_blocks == 1).all() and torch.equal(bm.full_kv_num_blocks[0, 0], sel.n_past.int())
+        assert (bm.kv_num_blocks == 1).all() and torch.equal(bm.full_kv_num_blocks, sel.n_past.int())
     nb = 8
-    assert sel.selected.sum().item() == 2 * 2 * (nb + sel.n_past.sum().item())  # own + kept past, per (b, h)
+    assert sel.selected.sum().item() == 2 * 2 * nb + sel.n_past.sum().item()  # own + kept past, every (b, h)
 
 
 def test_flex_kernel_visits_only_listed_blocks_on_cpu():
@@ -235,10 +220,10 @@ def test_flex_kernel_visits_only_listed_blocks_on_cpu():
     a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
     q, k, v, sel = _flex_inputs(a, hs=16)
     bm = nm.build_block_mask(sel, 16, state_selection=False)
-    compiled = nm.flex_attention_fn(True)(q, k, v, block_mask=bm)
+    compiled = asca_kernels.flex_attention_fn(True)(q, k, v, block_mask=bm)
     eager = flex_attention(q, k, v, block_mask=bm)
     no_gate = nm.Selection(sel.scores, sel.order, sel.n_past, sel.selected, torch.zeros_like(sel.gate_bias), 128)
-    sparse_ref = a.attend_reference(q, k, v, no_gate)
+    sparse_ref = asca_kernels.attend_reference(q, k, v, no_gate, a.S)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (compiled - sparse_ref).abs().max().item() < 1e-5
     assert (eager - dense).abs().max().item() < 1e-5
@@ -344,7 +329,7 @@ def test_cuda_flex_matches_reference_forward_backward(T, S):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = a(xi)
         (y.float() ** 2).mean().backward()
-        outs[impl] = (y.float(), xi.grad.float(), a.predictor.wk.grad.float().clone())
+        outs[impl] = (y.float(), xi.grad.float(), a.selector.predictor.wk.grad.float().clone())
     for r, f in zip(outs["reference"], outs["flex"]):
         scale = r.abs().max().item()
         assert (r - f).abs().max().item() <= 2e-2 * scale + 1e-6

@@ -9,12 +9,7 @@ import pytest
 import compare
 import novel_model
 import trainer
-from helpers import TINY, make_dataset, train_in_process
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
+from helpers import TINY, train_in_process
 
 
 def nanogpt_lr(it, warmup, decay, lr, min_lr):

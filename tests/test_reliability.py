@@ -19,12 +19,7 @@ import extraction
 import novel_model
 import prepare_dataset
 import trainer
-from helpers import ROOT, TINY, make_dataset, make_text, run_script, train_in_process
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
+from helpers import ROOT, TINY, make_dataset, make_text, one_line, run_script, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +28,6 @@ def trained(tmp_path_factory, data_dir):
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
                                              "--final_test=False"]) == 0
     return out
-
-
-def one_line(err):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    return lines[0]
 
 
 def start_trainer(data_dir, out, *extra):
@@ -145,14 +134,14 @@ def test_a_time_budget_run_reloads_at_the_sparsity_it_was_trained_at(tmp_path, d
     assert final["stop_reason"] == "max_time_s" and ck["iter_num"] < 500  # the iteration alone would say less
     assert trained_at == pytest.approx(0.6) and ck["schedule_pos"] == pytest.approx(1000)
     model, _ = checkpoint.model_from_checkpoint(str(out / "ckpt.pt"))
-    assert all(a.sparsity == pytest.approx(trained_at) for a in model.attention_modules())
+    assert all(a.selector.sparsity == pytest.approx(trained_at) for a in model.attention_modules())
     assert train_in_process(novel_model, [f"--out_dir={out}", "--init_from=resume", "--eval_only=True"]) == 0
     assert json.load(open(out / "eval.json"))["sparsity_target_now"] == pytest.approx(trained_at)
     old = dict(ck)
     del old["schedule_pos"]  # a checkpoint from before: its iteration, as then
     checkpoint.save(old, str(tmp_path / "old.pt"))
     model, _ = checkpoint.model_from_checkpoint(str(tmp_path / "old.pt"))
-    assert model.attention_modules()[0].sparsity == pytest.approx(0.6 * ck["iter_num"] / 500)
+    assert model.attention_modules()[0].selector.sparsity == pytest.approx(0.6 * ck["iter_num"] / 500)
 
 
 # ----------------------------------------------------------------------------- best.pt is what it claims

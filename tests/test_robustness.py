@@ -17,24 +17,12 @@ import baseline_model
 import checkpoint
 import novel_model
 import trainer
-from baseline_model import GPT, GPTConfig
-from helpers import ROOT, TINY, make_dataset, run_script, train_in_process
-from test_trainer import NaNAfter
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
+from baseline_model import GPTConfig
+from helpers import TINY, NaNAfter, one_line, run_script, train_in_process
 
 
 def train(args, build_model=None, module=baseline_model):
     return train_in_process(module, args, build_model)
-
-
-def one_line(err):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- data loss

@@ -30,7 +30,7 @@ def test_local_keeps_the_sink_and_the_nearest_past_blocks():
     sel = a.last_selection
     nb = 16
     for b in range(nb):
-        n = int(sel.n_past[b])
+        n = int(sel.n_past[0, 0, b])
         want = ({0} if b > 0 and n > 0 else set()) | set(range(b - (n - 1), b)) if n > 0 else set()
         want = {j for j in want if 0 <= j < b} | {b}
         got = {j for j in range(nb) if sel.selected[0, 0, b, j]}
@@ -60,7 +60,7 @@ def test_random_draws_anew_each_forward_at_the_same_budget():
         a.attend(q[:1, :1], k[:1, :1], v[:1, :1])
         hits += a.last_selection.selected[0, 0].double()
     row = hits[15, 1:15] / 200  # the sink (0) and the own block (15) are always kept
-    assert row.min() > 0.05 and row.max() < 0.6 and abs(row.mean() - (int(a.n_keep[15]) - 1) / 14) < 0.05
+    assert row.min() > 0.05 and row.max() < 0.6 and abs(row.mean() - (int(a.selector.n_keep[15]) - 1) / 14) < 0.05
 
 
 @pytest.mark.parametrize("selector", ["local", "random"])

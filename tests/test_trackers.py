@@ -10,18 +10,7 @@ import pytest
 
 import novel_model
 import trackers
-from helpers import make_dataset, train_in_process
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
-
-
-def one_line(err):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    return lines[0]
+from helpers import one_line, train_in_process
 
 
 class FakeRun:

@@ -3,7 +3,6 @@ atomic checkpoints, signals, NaN stops, eval_only, sampling, and DDP on CPU."""
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,18 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import baseline_model
 import checkpoint
-import trainer
-from baseline_model import GPT, GPTConfig, make_model
-from helpers import ROOT, TINY, make_dataset, run_script, train_in_process
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
+import evaluate
+from baseline_model import GPTConfig, make_model
+from helpers import ROOT, TINY, NaNAfter, run_script, train_in_process
 
 
 def train(args, build_model=None):
@@ -78,7 +71,7 @@ def test_stream_eval_matches_naive_per_position_loop():
     model = make_model(n_layer=1, n_head=2, n_embd=16, block_size=16).eval()
     data = np.random.default_rng(0).integers(0, 256, 97).astype(np.uint8)
     for stride in (5, 8, 16):
-        got, n = trainer.evaluate_stream(model, data, 16, stride, batch_size=7, device="cpu")
+        got, n = evaluate.evaluate_stream(model, data, 16, stride, batch_size=7, device="cpu")
         # naive: each target p alone, with the context the protocol gives it
         total = 0.0
         for p in range(1, len(data)):
@@ -170,19 +163,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["v"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
-
-
-class NaNAfter(GPT):
-    """A GPT whose loss turns NaN from iteration 6 on (as a diverging run would)."""
-
-    def set_step(self, it):
-        self.step = it
-
-    def forward(self, idx, targets=None):
-        logits, loss = super().forward(idx, targets)
-        if loss is not None and self.training and self.step >= 6:
-            loss = loss * float("nan")
-        return logits, loss
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, capsys):

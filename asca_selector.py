@@ -1,0 +1,409 @@
+"""
+ASCA's block selection: which earlier key blocks each query tile keeps, and everything that owns state about
+it (adaptive-span style: the module owns its schedule, its controller and its diagnostics; the attention and
+the trainer only call it).
+
+    BlockSelector(config)       per layer; the attention calls plan(q, k) -> Selection for the kernels
+      .predictor                ContentBasedAdaptiveSparsity: scores (B, nh, nb, nb) from the tiles' first
+                                queries and the blocks' mean keys (docs/design.md, "causal by construction")
+      scores(q, k)              the predictor's, or a control rule's ('local', 'random': selector key)
+      select(q, k)              scores, then rank(): per tile its own block, the sink, then past blocks by score
+      counts(scores)            past blocks kept per tile, always (B, nh, nb): the fixed budget's scheduled
+                                counts, or the adaptive budget's blocks above the threshold
+      set_step / update_budget  the sparsity schedule, and the adaptive threshold's controller
+      last, diagnostics, tallies, flops_per_token
+
+S = sparse_block_size, nb = T / S; tile b = queries b*S .. b*S+S-1, block j = keys likewise.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SELECTORS = ("learned", "local", "random")
+
+
+# ----------------------------------------------------------------------------- schedule arithmetic
+
+def _skippable(nb, keep_first):
+    b = torch.arange(nb)
+    return b - ((b >= 1) & keep_first).long()  # past blocks of tile b that may be skipped
+
+
+def max_sparsity(T, S, keep_first):
+    nb = -(-T // S)
+    return _skippable(nb, keep_first).sum().item() * S * S / (T * (T + 1) / 2)
+
+
+def padded_length(T, S, bucket_max=None):
+    """T rounded up to whole blocks of S; with bucket_max, to S * 2^k blocks (capped at bucket_max)."""
+    Tp = -(-T // S) * S
+    if bucket_max is not None and Tp < bucket_max:
+        Tp = min(bucket_max, S * (1 << (Tp // S - 1).bit_length()))
+    return Tp
+
+
+def keep_counts(nb, S, T, sparsity, keep_first):
+    """Past blocks kept per query tile (own block not counted), LongTensor (nb,).
+
+    Skips round(sparsity * causal_pairs / S^2) blocks in all, spread over tiles in proportion to
+    how many each may skip (cumulative rounding), so every tile keeps about the same fraction.
+    """
+    skippable = _skippable(nb, keep_first)
+    total = int(skippable.sum())
+    n_skip = min(total, round(sparsity * T * (T + 1) / 2 / (S * S)))
+    if total == 0 or n_skip == 0:
+        return torch.arange(nb)
+    cum = torch.round(n_skip * torch.cumsum(skippable, 0).double() / total).long()
+    skip = torch.diff(cum, prepend=torch.zeros(1, dtype=torch.long))
+    return torch.arange(nb) - skip
+
+
+def block_masks(nb, device, keep_first=False):
+    """The block-level masks every part of ASCA reads, (nb, nb) bool each: causal (j <= b), past (j < b: the
+    complete blocks before tile b) and candidates (past blocks a budget decides on: the sink excepted when
+    keep_first)."""
+    b = torch.arange(nb, device=device)
+    causal = b[None, :] <= b[:, None]
+    past = b[None, :] < b[:, None]
+    cand = past.clone()
+    if keep_first:
+        cand[:, 0] = False
+    return causal, past, cand
+
+
+@dataclass
+class Selection:
+    """One layer's block choice in one forward: the record the kernels, diagnostics, extraction.py and
+    the tests all read (nb = padded length / S; tile b = queries b*S .. b*S+S-1; block j = keys likewise)."""
+    scores: torch.Tensor  # (B, nh, nb, nb) predictor scores; meaningful for j < b only
+    order: torch.Tensor  # (B, nh, nb, nb) int64: own block first, then the sink, then past blocks by score
+    n_past: torch.Tensor  # (B, nh, nb) int64: past blocks each tile keeps (own block not counted)
+    selected: torch.Tensor  # (B, nh, nb, nb) bool: kept blocks, own block included
+    gate_bias: torch.Tensor  # (B, nh, nb, nb) >= fp32: logsigmoid(score) on kept past blocks, 0 elsewhere
+    seq_len: int  # real tokens; blocks past them are padding
+
+    def detach(self):
+        return Selection(*(t.detach() for t in (self.scores, self.order, self.n_past, self.selected, self.gate_bias)),
+                         self.seq_len)
+
+
+# ----------------------------------------------------------------------------- predictor
+
+class ContentBasedAdaptiveSparsity(nn.Module):
+    """Scores (B, nh, nb, nb): for query tile b and key block j < b, how much tile b wants block j.
+
+    score[b, j] = <MLP_h(q at b*S), W_h mean(k of block j)> / sqrt(gate_dim) + dist_h[b - j - 1] + c_h
+    Entries with j >= b are meaningless and masked by the caller.
+    """
+
+    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True):
+        super().__init__()
+        self.gate_dim = gate_dim
+        self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
+        self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
+        self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
+        # index: b - j - 1; without it the scores see no distance (a content-only gate)
+        self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks))) if dist_bias else None
+        self.offset = nn.Parameter(torch.empty(n_head))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Parameters, not Linear/Embedding: GPT._init_weights leaves them to this
+        for w in (self.wq1, self.wq2, self.wk):
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+        if self.dist_bias is not None:
+            nn.init.zeros_(self.dist_bias)
+        # start near-neutral: logsigmoid(2) = -0.13 on every past block
+        nn.init.constant_(self.offset, 2.0)
+
+    def forward(self, q, k, S):
+        B, H, T, hs = q.shape
+        nb = T // S
+        qt = q[:, :, ::S, :]  # (B, nh, nb, hs): first query of each tile
+        kb = k.view(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): mean key of each block
+        return self.score(qt, kb, torch.arange(nb, device=q.device))
+
+    def score(self, qt, kb, rows):
+        """Scores (B, nh, r, n) of tiles `rows` (r,), whose first queries are qt (B, nh, r, hs), for the
+        blocks 0..n-1 whose mean keys are kb (B, nh, n, hs). Decoding asks for one row. The inputs are cast to
+        the weights' dtype: bf16 q and k from a module kept in fp32 (bench_attention, a test outside autocast)
+        must not fail, and under autocast the einsums cast both again as they always did."""
+        qt, kb = qt.to(self.wq1.dtype), kb.to(self.wq1.dtype)
+        gq = torch.einsum("bhng,hgf->bhnf", F.gelu(torch.einsum("bhnd,hdg->bhng", qt, self.wq1)), self.wq2)
+        gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
+        scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, r, n)
+        scores = scores + self.offset[None, :, None, None]
+        if self.dist_bias is None:
+            return scores
+        j = torch.arange(kb.shape[2], device=kb.device)
+        dist = (rows[:, None] - j[None, :] - 1).clamp(0, self.dist_bias.shape[1] - 1)  # (r, n)
+        return scores + self.dist_bias[:, dist][None]
+
+
+# ----------------------------------------------------------------------------- the selector
+
+class BlockSelector(nn.Module):
+    """Per layer: the predictor, the sparsity schedule, the budget (fixed or adaptive) and its controller,
+    the last Selection, and what is measured from it (diagnostics, tallies)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.S = S = config.sparse_block_size
+        self.keep_first = config.keep_first_block
+        self.target = config.target_sparsity
+        self.warmup = config.sparsity_warmup_iters
+        self.block_size = config.block_size
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.predictor = ContentBasedAdaptiveSparsity(config.n_head, self.head_size, config.gate_dim,
+                                                      config.block_size // S, dist_bias=config.gate_dist_bias)
+        self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
+        # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
+        # changes Python values that torch.compile would guard on (no recompiles during warm-up)
+        self.register_buffer("n_keep", keep_counts(config.block_size // S, S, config.block_size, 0.0, self.keep_first),
+                             persistent=False)
+        self.sparsity, self._counts_set, self._cand_index = 0.0, None, {}
+        self.set_step(0)
+        self.last = None  # Selection of the last forward
+        self.adaptive = config.budget == "adaptive"
+        self.budget_ema = config.budget_ema
+        self.per_head = config.budget_scope == "head"
+        if self.adaptive:  # per head: keep a past block if its score > threshold; -inf = keep all; in checkpoints
+            self.register_buffer("threshold", torch.full((config.n_head,), float("-inf")))
+        self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "threshold"  # checkpoints from before budget_scope hold one threshold per layer
+        if self.adaptive and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].expand(self.threshold.shape).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- schedule (the trainer calls set_step with its schedule position)
+    def set_step(self, iter_num):
+        frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
+        self.sparsity = self.target * frac
+        nb = self.block_size // self.S
+        counts = keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first)
+        # a copy from host memory to the GPU waits for the GPU: once per layer and step it cost every step a sync
+        # (issue 23, item 6). Copy only when the counts change (each step of the warm-up, then never).
+        if self._counts_set is None or not torch.equal(counts, self._counts_set):
+            self.n_keep.copy_(counts)
+            self._counts_set = counts
+
+    # --- selection
+    def scores(self, q, k):
+        """(B, nh, nb, nb) scores for padded q, k (B, nh, T, hs), T % S == 0: the predictor's (it learns
+        through the gate bias, so it reads q and k detached) or a control rule's."""
+        if q.shape[2] > self.block_size:
+            raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
+        if self.rule == "learned":
+            return self.predictor(q.detach(), k.detach(), self.S)
+        return self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
+
+    def rule_scores(self, B, H, nb, device):
+        """The control rules' scores (B, nh, nb, nb), read by rank() as the predictor's are: 'local' ranks a
+        tile's past blocks by nearness (score j - b); 'random' by a uniform draw from torch's generator (the
+        trainer seeds it from the run's seed and checkpoints it), new each forward. Neither reads the
+        content, so both are causal by construction."""
+        if self.rule == "local":
+            b = torch.arange(nb, device=device, dtype=torch.float32)
+            return (b[None, :] - b[:, None]).expand(B, H, nb, nb)
+        return torch.rand(B, H, nb, nb, device=device)
+
+    def select(self, q, k):
+        """(scores, order, n_past) for padded q, k: the scores, then rank()'s order and counts."""
+        scores = self.scores(q, k)
+        return (scores, *self.rank(scores))
+
+    def candidates(self, nb, device):
+        """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the sink excepted."""
+        return block_masks(nb, device, self.keep_first)[2]
+
+    def candidate_index(self, nb, device):
+        """The candidates' flat positions in an (nb, nb) grid, row-major (boolean indexing's order), made once per
+        nb and device: indexing with a boolean mask on a GPU asks the host for the count, a sync per layer."""
+        key = (nb, str(device))
+        if key not in self._cand_index:
+            self._cand_index[key] = block_masks(nb, "cpu", self.keep_first)[2].flatten().nonzero().squeeze(1).to(device)
+        return self._cand_index[key]
+
+    def counts(self, scores):
+        """Past blocks each tile keeps, (B, nh, nb) int64 (own block not counted). Fixed budget: the
+        scheduled counts (a shorter sequence uses the first tiles': tile b's choice never depends on the
+        length). Adaptive: the sink plus every other past block scoring above the threshold."""
+        B, H, nb = scores.shape[:3]
+        if not self.adaptive:
+            return self.n_keep[:nb].expand(B, H, nb)
+        b = torch.arange(nb, device=scores.device)
+        acc = torch.promote_types(scores.dtype, torch.float32)  # as budget_estimate: no rounding either side
+        above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, scores.device)
+        return above.sum(-1) + ((b >= 1) & self.keep_first).long()
+
+    def rank(self, scores):
+        """(order, n_past) from the scores (B, nh, nb, nb) alone: per tile its own block first, then the sink,
+        then past blocks by descending score; and counts(scores)."""
+        nb = scores.shape[-1]
+        device = scores.device
+        past = block_masks(nb, device)[1]
+        prio = scores.detach().float().masked_fill(~past, float("-inf"))
+        prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=device), float("inf"))
+        if self.keep_first and nb > 1:
+            prio[..., 1:, 0] = torch.finfo(torch.float32).max  # sink: after own block, before the rest
+        order = torch.argsort(prio, dim=-1, descending=True, stable=True)
+        return order, self.counts(scores)
+
+    @staticmethod
+    def block_selection(order, n_past):
+        """Boolean (B, nh, nb, nb): which key blocks each query tile keeps (own block included)."""
+        nb = order.shape[-1]
+        rank_kept = (torch.arange(nb, device=order.device) < (n_past + 1)[..., None])  # (..., nb, nb) by rank
+        return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter(
+            -1, order, rank_kept.expand(order.shape))
+
+    def gate_bias(self, scores, selected):
+        """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32. The control rules
+        add nothing: their blocks enter the attention as the dense model's do."""
+        acc = torch.promote_types(scores.dtype, torch.float32)
+        if self.rule != "learned":
+            return torch.zeros(scores.shape, dtype=acc, device=scores.device)
+        past = block_masks(scores.shape[-1], scores.device)[1]
+        return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
+
+    def selection(self, scores, order, n_past, seq_len):
+        selected = self.block_selection(order, n_past)
+        return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected), seq_len)
+
+    def plan(self, q, k, seq_len=None):
+        """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
+        return self.selection(*self.select(q, k), q.shape[2] if seq_len is None else seq_len)
+
+    def remember(self, sel):
+        self.last = sel.detach()  # diagnostics(), the budget controller, extraction.py and tests read it
+
+    # --- the adaptive budget's controller
+    @torch.no_grad()
+    def budget_estimate(self):
+        """(nh,) thresholds that would have skipped exactly the scheduled number of blocks in the last
+        forward: the midpoint between the K-th and (K+1)-th lowest candidate score of a pool. The pool is
+        the layer's (all sequences and heads: heads and inputs share the budget unevenly) or, with
+        budget_scope='head', each head's own (its sequences and tiles share it). -inf: nothing to skip."""
+        sel = self.last
+        S, T = self.S, sel.seq_len
+        nb = T // S  # complete tiles (training windows are whole blocks)
+        B, H = sel.scores.shape[:2]
+        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first)).sum())
+        acc = torch.promote_types(sel.scores.dtype, torch.float32)
+        vals = sel.scores[..., :nb, :nb].to(acc).flatten(-2).index_select(-1, self.candidate_index(nb, sel.scores.device))
+        vals = vals.transpose(0, 1).reshape(H, -1) if self.per_head else vals.reshape(1, -1)  # (pools, m)
+        K = per_seq * B * (1 if self.per_head else H)  # blocks the fixed budget would skip, per pool
+        if K == 0 or vals.shape[1] == 0:
+            est = vals.new_full((vals.shape[0],), float("-inf"))
+        elif K >= vals.shape[1]:
+            est = vals.max(dim=1).values
+        else:
+            low = vals.sort(dim=1).values
+            est = (low[:, K - 1] + low[:, K]) / 2
+        return est.expand(H)
+
+    @torch.no_grad()
+    def update_budget(self, reduce=None):
+        """Between optimizer steps (the trainer calls it after each one): move the threshold towards
+        budget_estimate() of the last training forward; `reduce` averages it over DDP ranks."""
+        if not self.adaptive or self.last is None:
+            return
+        est = self.budget_estimate()
+        if reduce is not None:
+            est = reduce(est)
+        t = self.threshold
+        self.threshold.copy_(torch.where(torch.isfinite(t) & torch.isfinite(est), t + self.budget_ema * (est - t), est))
+
+    # --- diagnostics (the trainer logs whatever this returns)
+    def selection_stats(self, last):
+        """Per (sequence, head) of one forward's Selection: kept causal pairs (B, nh), all causal pairs (a
+        float), kept past blocks per real tile (B, nh, nb), the kept/causal/past block masks (nb, nb)."""
+        selected, T = last.selected, last.seq_len
+        S = self.S
+        nb = -(-T // S)  # blocks holding real tokens (the flex path may pad further)
+        sel = selected[..., :nb, :nb].float()
+        lens = torch.full((nb,), float(S), device=sel.device)
+        lens[-1] = T - S * (nb - 1)  # real tokens in each block (the last may be padded)
+        pairs = lens[:, None] * lens[None, :]
+        eye = torch.eye(nb, dtype=torch.bool, device=sel.device)
+        pairs = torch.where(eye, lens[:, None] * (lens[:, None] + 1) / 2, pairs)
+        causal, past = (m.float() for m in block_masks(nb, sel.device)[:2])
+        n_past = (sel * past).sum(-1).long()  # (B, nh, nb)
+        return (sel * pairs * causal).sum(dim=(-1, -2)), (pairs * causal).sum().item(), n_past, sel, causal, past
+
+    def diagnostics(self):
+        """Measured from the last forward's selection: pair sparsity (fraction of causal query-key pairs
+        skipped), skipped-block fraction (of causal blocks, own block included), per head; the
+        scheduled target; mean kept-block distance (in blocks) per head; mean gate of kept blocks; with an
+        adaptive budget the threshold and the spread of kept past blocks over tiles and sequences."""
+        if self.last is None:
+            return {}
+        last = self.last
+        kept_pairs, total_pairs, n_past, sel, causal, past = self.selection_stats(last)
+        nb = sel.shape[-1]
+        pair_sparsity = (1 - kept_pairs / total_pairs).mean(0)  # (nh,)
+        block_sparsity = (1 - (sel * causal).sum(dim=(-1, -2)) / causal.sum()).mean(0)
+        dist = (torch.arange(nb, device=sel.device)[:, None] - torch.arange(nb, device=sel.device)[None, :]).float()
+        kept_past = sel * past
+        mean_dist = ((kept_past * dist).sum(dim=(-1, -2)) / kept_past.sum(dim=(-1, -2)).clamp(min=1)).mean(0)
+        bias = last.gate_bias[..., :nb, :nb]
+        gate = (bias.exp() * kept_past).sum() / kept_past.sum().clamp(min=1)
+        out = {"sparsity": pair_sparsity.mean().item(), "block_sparsity": block_sparsity.mean().item(),
+               "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
+               "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
+               "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
+        if self.adaptive:
+            t = self.threshold.tolist()  # None: -inf, every block kept (strict JSON has no -inf)
+            out["budget_threshold"] = sum(t) / len(t) if all(map(math.isfinite, t)) else None
+            out["budget_threshold_per_head"] = [x if math.isfinite(x) else None for x in t]
+            out["kept_blocks_sd"] = n_past.float().std().item() if n_past.numel() > 1 else 0.0
+        return out
+
+    # --- a tally over many forwards (the trainer counts the test split with it)
+    def start_tally(self):
+        self.tally = None
+        self.counting = True
+
+    def tally_step(self):
+        """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
+        per head of how many past blocks the tiles kept (the sink counts; the own block does not)."""
+        if not self.counting or self.last is None:
+            return
+        kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(self.last)
+        hist = F.one_hot(n_past, self.block_size // self.S).sum(dim=(0, 2))  # (nh, max past blocks + 1)
+        if self.tally is None:
+            self.tally = {"kept": kept_pairs.new_zeros(kept_pairs.shape[1], dtype=torch.float64), "total": 0.0,
+                          "hist": torch.zeros_like(hist)}
+        self.tally["kept"] += kept_pairs.double().sum(0)
+        self.tally["total"] += total_pairs * n_past.shape[0]
+        self.tally["hist"] += hist
+
+    def end_tally(self):
+        """{'sparsity', 'sparsity_per_head', 'kept_blocks_hist_per_head'} over the tallied forwards."""
+        self.counting = False
+        t, self.tally = self.tally, None
+        if t is None:
+            return {}
+        per_head = 1 - t["kept"] / t["total"]
+        return {"sparsity": per_head.mean().item(), "sparsity_per_head": per_head.tolist(),
+                "kept_blocks_hist_per_head": t["hist"].tolist()}
+
+    def kept_fraction(self, T):
+        """Kept share of the causal pairs at length T under the schedule now (fixed budget's counts)."""
+        nb = T // self.S
+        return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first).sum().item() * self.S ** 2
+                + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
+
+    def flops_per_token(self, T):
+        """The predictor's (small) matmuls per head and sequence: q MLP (hs*g + g*g) and key projection (hs*g)
+        on nb rows each, and the nb x nb score matrix (g*nb per row); x2 for multiply-add, x3 for forward +
+        backward = 6, spread over the T tokens of the sequence."""
+        nb = T // self.S
+        g, hs = self.predictor.gate_dim, self.head_size
+        return 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb) / T)

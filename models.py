@@ -1,0 +1,47 @@
+"""
+The model registry: every model kind the tools know, by the name checkpoints record (model_kind).
+The trainer, checkpoint.py, sample.py and extraction.py look kinds up here; the model files hold models only.
+
+A new kind: write its config (a GPTConfig subclass) and attention class (a CausalSelfAttention subclass:
+override the hooks it needs), a two-line script like novel_model.py's __main__, and register it below.
+"""
+from dataclasses import dataclass, fields
+
+import baseline_model
+import novel_model
+from baseline_model import GPT
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What the trainer, sample.py and extraction.py need to know about a model: its config class and
+    attention class (so they build it from a config or a checkpoint's model_args), and its script."""
+    name: str
+    config_cls: type
+    attn_cls: type
+    script: str
+    out_dir: str  # default out_dir of its script
+    startup_check: object = None  # (model, fwd, x, y, ctx, low_precision) -> dict or None: the fast path checked
+
+    def defaults(self):
+        return {f.name: f.default for f in fields(self.config_cls) if f.name != "vocab_size"}
+
+    def build(self, cfg):
+        """The model for a dict holding (at least) this kind's config keys; others are ignored."""
+        return GPT(self.config_cls.from_dict(cfg), attn_cls=self.attn_cls)
+
+
+MODELS = {}  # model_kind -> ModelKind
+
+
+def register(kind):
+    if kind.name in MODELS:
+        raise ValueError(f"model kind {kind.name!r} is registered twice")
+    MODELS[kind.name] = kind
+    return kind
+
+
+BASELINE = register(ModelKind("baseline", baseline_model.GPTConfig, baseline_model.CausalSelfAttention,
+                              "baseline_model.py", "out/baseline"))
+ASCA = register(ModelKind("asca", novel_model.ASCAConfig, novel_model.AdaptiveSparseCausalSelfAttention,
+                          "novel_model.py", "out/novel", startup_check=novel_model.startup_check))

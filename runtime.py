@@ -1,0 +1,197 @@
+"""
+Where a training run executes, resolved once at start-up with the reasons logged: device, dtype, autocast,
+compile, DDP rank and the collectives the loop needs (stop flags on a CPU group, means over ranks), the
+environment a run records, and a meter of how much of the machine other processes used while it trained.
+"""
+import contextlib
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+class TrainError(Exception):
+    """A user-facing problem: one line, no traceback."""
+
+
+# Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 125e12, "4090": 165e12, "3090": 71e12}
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
+class Runtime:
+    """Device, dtype, autocast context, DDP rank info: resolved once, with the reasons logged."""
+
+    def __init__(self, cfg):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+        notes = []
+        dev = cfg["device"]
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise TrainError(f"device={dev!r} is not one of {DEVICES} (lower case)")
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            notes.append(f"device=auto -> {dev} ({'CUDA available' if dev == 'cuda' else 'no CUDA'})")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainError(f"device={dev} requested but torch.cuda.is_available() is False; use --device=cpu")
+        if dev == "cuda" and self.ddp:
+            dev = f"cuda:{self.local_rank}"
+        self.device = dev
+        self.device_type = "cuda" if dev.startswith("cuda") else "cpu"
+        dt = cfg["dtype"]
+        if dt == "auto":
+            if self.device_type == "cuda":
+                dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+                notes.append(f"dtype=auto -> {dt} ({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})")
+            else:
+                dt = "float32"
+                notes.append("dtype=auto -> float32 (CPU)")
+        if dt not in ("float32", "bfloat16", "float16"):
+            raise TrainError(f"dtype={dt} is not one of float32, bfloat16, float16, auto")
+        self.dtype = dt
+        self.ptdtype = getattr(torch, dt)
+        comp = cfg["compile"]
+        if comp == "auto":
+            comp = self.device_type == "cuda"
+            notes.append(f"compile=auto -> {comp} ({'CUDA' if comp else 'CPU: compile time would dominate'})")
+        self.compile = comp
+        backend = cfg["backend"]
+        if backend == "auto":
+            backend = "nccl" if self.device_type == "cuda" else "gloo"
+        self.backend = backend
+        self.notes = notes
+        self.ctx = (contextlib.nullcontext() if dt == "float32"
+                    else torch.autocast(device_type=self.device_type, dtype=self.ptdtype))
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(dt == "float16"))
+        self.control_group = None
+        self.say = print if self.master else (lambda *a, **k: None)
+
+    def init_distributed(self):
+        if not self.ddp:
+            return
+        import torch.distributed as dist
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend=self.backend)
+        # a CPU group for stop flags: agreeing on "stop now" costs no GPU sync
+        self.control_group = dist.new_group(backend="gloo")
+
+    def close(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+    def any_rank(self, flag):
+        """True if `flag` is true on any rank (CPU all-reduce; identity without DDP)."""
+        if not self.ddp:
+            return bool(flag)
+        import torch.distributed as dist
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(t.item())
+
+    def max_over_ranks(self, value):
+        """The largest `value` over the ranks (a float; CPU all-reduce; identity without DDP)."""
+        if not self.ddp:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return t.item()
+
+    def mean_over_ranks(self, t):
+        """The mean of tensor `t` over the ranks (an all-reduce on the model's device; identity without DDP)."""
+        if not self.ddp:
+            return t
+        import torch.distributed as dist
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] (a one-element list without DDP)."""
+        if not self.ddp:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control_group)
+        return out
+
+    def device_name(self):
+        if self.device_type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+    def peak_flops(self):
+        if self.device_type != "cuda" or self.dtype == "float32":
+            return None
+        return next((f for key, f in PEAK_BF16_FLOPS.items() if key in self.device_name()), None)
+
+    def env(self):
+        return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+                "device": self.device_name(), "device_type": self.device_type, "dtype": self.dtype,
+                "compile": self.compile, "world_size": self.world_size,
+                "cuda": torch.version.cuda if self.device_type == "cuda" else None}
+
+
+
+class LoadMeter:
+    """How much of the machine other processes used while this run trained, in cores: the CPU time of every
+    process (/proc/stat) minus this process's own (os.times), over the wall-clock. A throughput measured next
+    to another job is 5-10x off on a small CPU, so metrics rows and final.json carry it and comparison tables
+    flag rows above CONTENDED_CORES. None where /proc/stat is missing (not Linux). DDP ranks on one machine
+    count each other as other processes."""
+
+    def __init__(self):
+        self.start = self.mark = self.read()
+
+    @staticmethod
+    def read():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+            busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        t = os.times()
+        return time.time(), busy, t.user + t.system
+
+    @staticmethod
+    def others(a, b):
+        if a is None or b is None or b[0] - a[0] <= 0:
+            return None
+        return round(max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0])), 3)
+
+    def interval(self):
+        """{'other_cpu_load': cores used by other processes since the last call}."""
+        now = self.read()
+        load, self.mark = self.others(self.mark, now), now
+        return {"other_cpu_load": load}
+
+    def summary(self):
+        return {"other_cpu_load": self.others(self.start, self.read()), "cpu_cores": os.cpu_count()}
+
+
+def free_memory_bytes(device_type, device=None):
+    """Memory a run may still take: the GPU's free memory, or the CPU's MemAvailable (/proc/meminfo); None
+    where neither can be read."""
+    try:
+        if device_type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return None
+
+
+CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a run's throughput is flagged
