@@ -13,9 +13,15 @@ attention with the gate bias detached: the cost of its gradient (fp32 atomics in
 --profile T prints the top CUDA kernels of one ASCA forward+backward at that T (where the time goes).
 
 Timings: median of --iters runs after --warmup runs (compile and autotuning excluded), CUDA events.
-B * T = --tokens (65,536 by default), 8 heads, head dim 64, bf16 on CUDA.
+B * T = --tokens (65,536 by default), 8 heads, head dim 64, bf16 autocast on CUDA (the modules stay fp32, as
+in training). Compiled rows: torch.compile(dynamic=False) with a fresh compile cache per sequence length, and
+hitting torch's recompile limit is an error, so a row never falls back to eager and is timed as compiled.
+
+The CPU dry run of scripts/gpu_check.sh (--dry-run, and tests/test_gpu_ready.py in CI) runs every row kind:
+    python bench_attention.py --quick --dtype bfloat16 --compile --backend aot_eager --gate_grad --profile 256
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -45,8 +51,20 @@ def timeit(fn, warmup, iters, cuda):
     return statistics.median(times)
 
 
+def compiled(fn, args):
+    """fn compiled as the benchmark runs it (static shapes: training never runs a symbolic length), or fn."""
+    return torch.compile(fn, dynamic=False, backend=args.backend) if args.compile else fn
+
+
+def autocast(device, dtype):
+    """The training loop's mixed precision: fp32 modules under autocast to dtype (nothing for fp32)."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device, dtype=dtype)
+
+
 def bench_attention(T, sparsities, args, device, dtype):
-    """One module per T, compiled once: the target lives in a buffer, so changing it does not recompile."""
+    """One module per T, compiled once: the target lives in a buffer, so changing it does not recompile.
+    The gate-detached variant is a second module (same weights), compiled on its own."""
+    torch._dynamo.reset()  # each length starts from an empty compile cache: no length inherits another's variants
     B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
     cuda = device == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
@@ -61,32 +79,41 @@ def bench_attention(T, sparsities, args, device, dtype):
                                  target_sparsity=max(sparsities), sparsity_warmup_iters=0,
                                  attn_impl="flex" if cuda else "reference")
     attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
-    attend = torch.compile(attn.attend) if cuda else attn.attend
+    attend = compiled(attn.attend, args)
+    ctx = autocast(device, dtype)
 
-    def sparse():
-        attend(q, k, v).backward(grad)
+    def sparse(fn=attend):
+        with ctx:
+            y = fn(q, k, v)
+        y.backward(grad)
+
+    detached = None
+    if args.gate_grad:  # the cost of the gate bias's gradient: the same module with the bias detached
+        import copy
+        twin = copy.deepcopy(attn)
+        bias = twin.selector.gate_bias
+        twin.selector.gate_bias = lambda scores, sel: bias(scores, sel).detach()
+        detached = (twin, compiled(twin.attend, args))
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
     top = novel_model.max_sparsity(T, args.sparse_block_size, True)
-    gate_bias = attn.gate_bias
     for sparsity in sparsities:
         if sparsity > top:
             print(f"T={T} target {sparsity}: out of reach with S={args.sparse_block_size} (max {top:.3f}), skipped",
                   flush=True)
             continue
-        attn.target = sparsity
-        attn.set_step(0)
+        for a in (attn, detached[0] if detached else attn):
+            a.selector.target = sparsity
+            a.set_step(0)
         reset_peak(cuda)
         t_sparse = timeit(sparse, args.warmup, args.iters, cuda)
         d = attn.diagnostics()
         row = {"T": T, "B": B, "S": args.sparse_block_size, "target": sparsity, "pair_sparsity": d["sparsity"],
                "skipped_blocks": d["block_sparsity"], "dense_ms": t_dense, "asca_ms": t_sparse,
                "ratio": t_sparse / t_dense, "peak_mib": peak_mib(cuda), "detached_gate_ms": None}
-        if args.gate_grad:
-            attn.gate_bias = lambda scores, sel: gate_bias(scores, sel).detach()
-            row["detached_gate_ms"] = timeit(sparse, args.warmup, args.iters, cuda)
-            attn.gate_bias = gate_bias
+        if detached:
+            row["detached_gate_ms"] = timeit(lambda: sparse(detached[1]), args.warmup, args.iters, cuda)
         print("row", row, flush=True)
         rows.append(row)
     return rows
@@ -102,6 +129,7 @@ def peak_mib(cuda):
 
 
 def bench_step(T, args, device, dtype, kind, sparsity=None, budget="fixed"):
+    torch._dynamo.reset()
     B = max(1, args.tokens // T)
     cuda = device == "cuda"
     common = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.heads * args.head_dim, block_size=T)
@@ -113,11 +141,11 @@ def bench_step(T, args, device, dtype, kind, sparsity=None, budget="fixed"):
                                        attn_impl="flex" if cuda else "reference")
     model.to(device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
-    fwd = torch.compile(model) if cuda else model
+    fwd = compiled(model, args)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (B, T), device=device, generator=g)
     y = torch.randint(0, 256, (B, T), device=device, generator=g)
-    ctx = torch.autocast(device, dtype=dtype) if cuda else torch.autocast("cpu", enabled=False)
+    ctx = autocast(device, dtype)
 
     def step():
         with ctx:
@@ -140,14 +168,22 @@ def profile_attention(T, args, device, dtype):
                                  target_sparsity=min(0.75, novel_model.max_sparsity(T, args.sparse_block_size, True)),
                                  sparsity_warmup_iters=0, attn_impl="flex" if device == "cuda" else "reference")
     attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
-    attend = torch.compile(attn.attend) if device == "cuda" else attn.attend
+    torch._dynamo.reset()
+    attend = compiled(attn.attend, args)
     q, k, v = (torch.randn(B, H, T, hs, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    ctx = autocast(device, dtype)
+
+    def once():
+        with ctx:
+            y = attend(q, k, v)
+        y.float().sum().backward()
+
     for _ in range(3):
-        attend(q, k, v).sum().backward()
+        once()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(5):
-            attend(q, k, v).sum().backward()
+            once()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
@@ -155,6 +191,40 @@ def profile_attention(T, args, device, dtype):
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else ""
+
+
+def write_tables(rows, steps, errors, args, name, final=True):
+    """The tables so far: printed at the end, and (with --out) written after every row, so a run cut short by its
+    time limit keeps what it measured."""
+    mem = lambda m: f"{m:,.0f}" if m is not None else "-"
+    lines = [f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
+             f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}",
+             "attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)",
+             "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        det = f"{r['detached_gate_ms']:.2f}" if r["detached_gate_ms"] is not None else "-"
+        lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
+                     f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {det} | {mem(r['peak_mib'])} |")
+    lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
+                  f"ASCA at the target shown)",
+              "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in steps:
+        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
+                     f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
+    lines += [f"failed: {e}" for e in errors]
+    if final:
+        print("\n" + "\n".join(lines), flush=True)
+    if args.out:
+        import json
+        import os
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "attention": rows,
+                       "steps": steps, "errors": errors}, f, indent=1)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def main():
@@ -175,6 +245,10 @@ def main():
     p.add_argument("--gate_grad", action="store_true", help="also time with the gate bias detached")
     p.add_argument("--profile", type=int, default=None, metavar="T", help="profile one ASCA attention at T")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU; the CPU dry run uses bfloat16)")
+    p.add_argument("--compile", action="store_true", default=None, help="compile the rows (default: on CUDA)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (the CPU dry run: aot_eager)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     if p.parse_args().quick:  # small defaults; sizes given on the command line still win
@@ -182,10 +256,17 @@ def main():
                        sparse_block_size=32)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if args.compile is None:
+        args.compile = device == "cuda"
+    try:  # past the recompile limit torch runs eager code silently: a row would be timed as compiled
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    except AttributeError:
+        pass
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (reference path, not a performance number)"
     print(f"{name}, torch {torch.__version__}; B*T={args.tokens}, {args.heads} heads x {args.head_dim}, "
-          f"S={args.sparse_block_size}", flush=True)
+          f"S={args.sparse_block_size}, {str(dtype).split('.')[-1]}, "
+          f"{'compiled (' + args.backend + ')' if args.compile else 'eager'}", flush=True)
     rows, steps, errors = [], [], []
     for T in args.seq:
         try:
@@ -193,6 +274,7 @@ def main():
         except Exception as e:  # one failed size must not cost the whole table
             errors.append(f"attention T={T}: {type(e).__name__}: {first_line(e)}")
             print(errors[-1], flush=True)
+        write_tables(rows, steps, errors, args, name, final=False)
         if device == "cuda":
             torch.cuda.empty_cache()
     for T in args.step_seq:
@@ -212,6 +294,7 @@ def main():
             except Exception as e:
                 errors.append(f"step T={T} {budget}: {type(e).__name__}: {first_line(e)}")
                 print(errors[-1], flush=True)
+            write_tables(rows, steps, errors, args, name, final=False)
             if device == "cuda":
                 torch.cuda.empty_cache()
     if args.profile:
@@ -221,34 +304,7 @@ def main():
             errors.append(f"profile T={args.profile}: {type(e).__name__}: {e}")
             print(errors[-1], flush=True)
 
-    mem = lambda m: f"{m:,.0f}" if m is not None else "-"
-    lines = [f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
-             f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}",
-             "attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)",
-             "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        det = f"{r['detached_gate_ms']:.2f}" if r["detached_gate_ms"] is not None else "-"
-        lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
-                     f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {det} | {mem(r['peak_mib'])} |")
-    lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
-                  f"ASCA at the target shown)",
-              "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in steps:
-        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
-                     f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
-    lines += [f"failed: {e}" for e in errors]
-    print("\n" + "\n".join(lines), flush=True)
-    if args.out:
-        import json
-        import os
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "attention": rows,
-                       "steps": steps, "errors": errors}, f, indent=1)
-        with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_tables(rows, steps, errors, args, name)
     return 1 if errors else 0
 
 

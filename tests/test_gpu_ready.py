@@ -1,0 +1,103 @@
+"""Issue 23, on a CPU: what the first GPU run would have tripped over, each shown where a CPU can show it."""
+import pytest
+import torch
+
+import novel_model
+from asca_selector import BlockSelector, block_masks
+from baseline_model import GPT
+from helpers import one_line, train_in_process
+from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention
+
+
+def selector(**kw):
+    cfg = dict(block_size=256, n_head=2, n_embd=32, sparse_block_size=16, target_sparsity=0.6,
+               sparsity_warmup_iters=10)
+    cfg.update(kw)
+    return BlockSelector(ASCAConfig(**cfg))
+
+
+def test_set_step_copies_the_counts_only_when_they_change():
+    """Item 6: n_keep.copy_ from host memory waits for the GPU; it ran once per layer and step. Now it runs
+    during the warm-up (the counts change) and not after it (the buffer's version counter stays)."""
+    s = selector()
+    versions = []
+    for it in range(20):
+        s.set_step(it)
+        versions.append(s.n_keep._version)
+    during, after = versions[:11], versions[11:]
+    assert len(set(during)) > 5  # the ramp changes the counts, and each change is copied
+    assert len(set(after)) == 1  # past the warm-up: no copy at all
+    ref = selector(sparsity_warmup_iters=0)
+    assert torch.equal(s.n_keep, ref.n_keep)  # and the counts are the target's
+
+
+@pytest.mark.parametrize("keep_first", [True, False])
+def test_the_budget_estimate_reads_the_candidates_without_a_boolean_mask(keep_first):
+    """Item 6: boolean-mask indexing on a GPU syncs for the count. The cached flat index picks the same
+    elements in the same order."""
+    s = selector(keep_first_block=keep_first, budget="adaptive")
+    nb = 16
+    scores = torch.randn(3, 2, nb, nb)
+    cand = block_masks(nb, "cpu", keep_first)[2]
+    assert torch.equal(scores.flatten(-2).index_select(-1, s.candidate_index(nb, "cpu")), scores[..., cand])
+
+
+# ----------------------------------------------------------------------------- the start-up self-check (build 4)
+
+ASCA_ARGS = ["--sparse_block_size=16", "--target_sparsity=0.3", "--sparsity_warmup_iters=0", "--max_iters=2",
+             "--eval_interval=2", "--final_test=False"]
+
+
+class WrongGather(AdaptiveSparseCausalSelfAttention):
+    """The injected fault: the gather path is off by 0.5 (as a miscompiled kernel would be); the reference is right."""
+
+    def attend(self, q, k, v):
+        y = super().attend(q, k, v)
+        return y + 0.5 if self.resolved_impl(q.device, q.shape[2]) == "gather" else y
+
+
+def test_the_start_up_check_stops_a_run_whose_fast_path_is_wrong(tmp_path, data_dir, capsys):
+    out = tmp_path / "wrong"
+    rc = train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--attn_impl=gather",
+                                        "--startup_check=on", *ASCA_ARGS],
+                          build_model=lambda cfg: GPT(ASCAConfig.from_dict(cfg), attn_cls=WrongGather))
+    err = one_line(capsys.readouterr().err)
+    assert rc == 1 and "start-up check failed" in err and "gather path differs from the reference path" in err
+    assert "--attn_impl=reference" in err and "--startup_check=off" in err
+    assert not (out / "ckpt.pt").exists()  # before the first step and the first checkpoint
+
+
+@pytest.mark.parametrize("selector", ["learned", "random"])
+def test_the_start_up_check_passes_correct_paths_and_changes_nothing(tmp_path, data_dir, capsys, selector):
+    """It compares like with like (the random selector draws the same blocks on both sides), and it leaves the
+    run's RNG and data stream alone: the run with the check trains bit for bit as the one without."""
+    finals = {}
+    for check in ("on", "off"):
+        out = tmp_path / check
+        assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--attn_impl=gather",
+                                              f"--startup_check={check}", f"--selector={selector}", *ASCA_ARGS]) == 0
+        finals[check] = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+        said = capsys.readouterr().out
+        assert ("start-up check: the gather path equals the reference path" in said) == (check == "on")
+    assert all(torch.equal(finals["on"][k], finals["off"][k]) for k in finals["off"])
+
+
+def test_the_start_up_check_is_off_on_a_cpu_by_default(tmp_path, data_dir, capsys):
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'auto'}",
+                                          "--attn_impl=gather", *ASCA_ARGS]) == 0
+    assert "start-up check" not in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_start_up_check_on_the_compiled_flex_path():
+    """On a GPU the check compares what the trainer runs (the whole model compiled, bf16 autocast, flex traced
+    into the graph) with the gather path; it must pass on a correct install, within bf16's tolerance."""
+    torch.manual_seed(0)
+    model = novel_model.make_model(n_layer=2, n_head=4, n_embd=256, block_size=1024, sparse_block_size=128,
+                                   target_sparsity=0.5, sparsity_warmup_iters=0).cuda()
+    x, y = (torch.randint(0, 256, (1, 1024), device="cuda") for _ in range(2))
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    r = novel_model.startup_check(model, torch.compile(model), x, y, ctx, low_precision=True)
+    assert r["fast"] == "compiled flex" and r["reference"] == "gather"
+    assert r["logits"] <= r["tol"] and r["grad"] <= r["tol"], r
