@@ -354,7 +354,8 @@ STARTUP_TOL = {True: 5e-2, False: 1e-4}  # relative to the largest value; low pr
 def startup_check(model, fwd, x, y, ctx, low_precision):
     """Compare the path this run trains on with an independent one, on one batch, before the first step (issue 23):
     the compiled flex path against the gather path (or the gather path against the reference), logits and every
-    parameter's gradient. Eval mode (no dropout draws) with the same RNG draws on both sides (the random selector)
+    parameter's gradient. In training mode, so the compiled graph checked is the one training runs (eval mode when
+    dropout > 0: the paths cannot share dropout draws); the same RNG draws on both sides (the random selector),
     and the global RNG left as it was. Returns None when the run uses the reference path (nothing to compare),
     else {'fast', 'reference', 'logits', 'grad', 'worst', 'tol'}: the largest differences relative to their scale."""
     import copy
@@ -370,7 +371,7 @@ def startup_check(model, fwd, x, y, ctx, low_precision):
     outs = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         for m, call in ((model, fwd), (ref, ref)):
-            m.eval()
+            m.train(model.config.dropout == 0)
             torch.manual_seed(0)
             with ctx:
                 logits, loss = call(x, y)

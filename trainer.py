@@ -266,7 +266,9 @@ class Trainer:
         if check is None or cfg["startup_check"] == "off" or (cfg["startup_check"] == "auto" and rt.device_type != "cuda"):
             return
         t0 = time.time()
-        x, y = self.ds.get_batch("train", 1, cfg["block_size"], torch.Generator().manual_seed(cfg["seed"]))  # not the run's stream
+        # a training micro-batch's shape (another would make the compiled model recompile, or go dynamic), drawn
+        # from its own generator: the run's data stream is not touched
+        x, y = self.ds.get_batch("train", cfg["batch_size"], cfg["block_size"], torch.Generator().manual_seed(cfg["seed"]))
         r = check(self.model, self.fwd, x.to(rt.device), y.to(rt.device), rt.ctx, rt.dtype != "float32")
         if r is None:
             return
