@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import prepare_dataset
 from baseline_model import GPT
+from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "train_tiny.py")
@@ -103,3 +104,12 @@ class NaNAfter(GPT):
         if loss is not None and self.training and self.step >= 6:
             loss = loss * float("nan")
         return logits, loss
+
+
+def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, dtype=torch.float64):
+    """One ASCA attention layer on the reference path with learned (position-free) q, k, seeded."""
+    torch.manual_seed(0)
+    cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
+                     sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference",
+                     pos_encoding="learned")  # position-free q, k: the naive loops below define the function on them
+    return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)

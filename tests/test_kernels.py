@@ -1,13 +1,19 @@
-"""asca_kernels.attend_gather (attn_impl='gather') against the reference path, which defines the function:
-outputs and every gradient (q, k, v, the predictor's parameters) in float64 and float32, fixed and adaptive
-budgets, lengths that are not a multiple of S, every architecture option through the whole model, causality
-in train and eval mode, and a negative control that a skipped block is never read."""
+"""asca_kernels, each kernel against the reference path, which defines the function.
+
+attend_gather (attn_impl='gather'): outputs and every gradient (q, k, v, the predictor's parameters) in float64
+and float32, fixed and adaptive budgets, lengths that are not a multiple of S, every architecture option
+through the whole model, causality in train and eval mode, a negative control that a skipped block is never
+read, and its memory estimate. attend_flex (CPU: compiled forward only): equal to the reference, its BlockMask
+lists exactly the selected blocks and the compiled kernel visits only those; flex_backward_problem follows
+inductor's tiles. The CUDA tests of the flex path (gradients, the compiled whole model) are in test_novel.py."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import novel_model as nm
+import asca_kernels
 from asca_kernels import attend_gather, tile_groups
-from helpers import causality_violation
+from helpers import attn_module, causality_violation
 from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention, make_model
 
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5)}  # (outputs, gradients)
@@ -243,3 +249,71 @@ def test_a_gather_run_that_would_not_fit_is_a_one_line_error(tmp_path, monkeypat
         assert not (tmp_path / str(free)).exists()
     monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a: need * 2)
     assert train_in_process(nm, args + [f"--out_dir={tmp_path / 'fits'}", "--final_test=False"]) == 0
+
+
+# ----------------------------------------------------------------------------- flex
+
+def _flex_inputs(a, B=2, H=2, T=128, hs=8, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, T, hs, generator=g, dtype=dtype).to(device) for _ in range(3))
+    return q, k, v, a.selector.plan(q, k)
+
+
+def test_flex_path_forward_matches_reference_on_cpu():
+    """Compiled FlexAttention (CPU forward) reads the BlockMask's block lists: equal to the reference."""
+    a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
+    q, k, v, sel = _flex_inputs(a, hs=16)
+    with torch.no_grad():  # FlexAttention has no backward on CPU; CUDA tests cover gradients
+        ref = asca_kernels.attend_reference(q, k, v, sel, a.S)
+        got = asca_kernels.attend_flex(q, k, v, sel, a.S, compiled=True)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("target", [0.0, 0.6, 0.8])
+def test_block_mask_covers_exactly_the_selected_blocks(target):
+    """The claim that work is skipped: the BlockMask the flex path builds lists exactly `selected`
+    (own block as the one partial block, the kept past blocks as full blocks), nothing else."""
+    a = attn_module(T=128, S=16, hs=16, target=target, dtype=torch.float32)
+    _, _, _, sel = _flex_inputs(a, hs=16)
+    for state_selection in (True, False):
+        bm = nm.build_block_mask(sel, 16, state_selection=state_selection)
+        assert torch.equal(bm.to_dense().bool(), sel.selected)
+        assert (bm.kv_num_blocks == 1).all() and torch.equal(bm.full_kv_num_blocks, sel.n_past.int())
+    nb = 8
+    assert sel.selected.sum().item() == 2 * 2 * nb + sel.n_past.sum().item()  # own + kept past, every (b, h)
+
+
+def test_flex_kernel_visits_only_listed_blocks_on_cpu():
+    """With the causal-only mask_mod, the compiled kernel still computes only the listed blocks (so it
+    skips work), while uncompiled flex applies only the mask_mod and is dense: the two differ."""
+    from torch.nn.attention.flex_attention import flex_attention
+    a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
+    q, k, v, sel = _flex_inputs(a, hs=16)
+    bm = nm.build_block_mask(sel, 16, state_selection=False)
+    compiled = asca_kernels.flex_attention_fn(True)(q, k, v, block_mask=bm)
+    eager = flex_attention(q, k, v, block_mask=bm)
+    no_gate = nm.Selection(sel.scores, sel.order, sel.n_past, sel.selected, torch.zeros_like(sel.gate_bias), 128)
+    sparse_ref = asca_kernels.attend_reference(q, k, v, no_gate, a.S)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (compiled - sparse_ref).abs().max().item() < 1e-5
+    assert (eager - dense).abs().max().item() < 1e-5
+    assert (compiled - dense).abs().max().item() > 1e-2
+    # stating the selection in the mask_mod makes the uncompiled path the same function
+    eager_sel = flex_attention(q, k, v, block_mask=nm.build_block_mask(sel, 16, state_selection=True))
+    assert (eager_sel - sparse_ref).abs().max().item() < 1e-5
+
+
+def test_flex_backward_problem_follows_inductor_default_tiles(monkeypatch):
+    """torch < 2.14.1 checks S against inductor's default backward tiles (pytorch issue 176025). Asked
+    with the H100/H200 capability (sm90), S=64 has no valid tile in bf16 at head dim 64 and S=128 has."""
+    from torch.torch_version import TorchVersion
+    if TorchVersion(torch.__version__.split("+")[0]) >= "2.14.1":
+        pytest.skip("fixed upstream in this torch")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    why = nm.flex_backward_problem(64, 64, torch.bfloat16)
+    assert why and "sparse_block_size=128" in why and "176025" in why
+    assert nm.flex_backward_problem(128, 64, torch.bfloat16) is None
+    assert nm.flex_backward_problem(256, 128, torch.bfloat16) is None
+    assert nm.flex_backward_problem(64, 64, torch.float32) is None  # fp32 tiles are 16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: 64-tiles at head dim 64
+    assert nm.flex_backward_problem(64, 64, torch.bfloat16) is None
