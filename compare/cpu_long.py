@@ -6,7 +6,7 @@
 # ASCA runs the gather kernel (attn_impl='auto' picks it on the CPU at T >= 1024), S=64, fixed budget.
 # max_iters is only the horizon: it is set beyond what 600 s allow, so the clock ends every run and the
 # schedules (lr decay, sparsity ramp over the first quarter) follow the time (trainer.schedule_position).
-# Runs cost about 600 s + evaluation each (10 runs: about 2 hours); the headline pair has two seeds.
+# Runs cost about 600 s + 1-2 min of evaluation each (8 runs: about 100 minutes); the headline pair has two seeds.
 LONG = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size=4096", "--batch_size=1",
         "--max_iters=1000", "--warmup_iters=20", "--eval_interval=100", "--eval_iters=8"]
 ASCA = LONG[1:] + ["--sparse_block_size=64", "--sparsity_warmup_iters=250", "--budget=fixed",
