@@ -27,14 +27,25 @@ SELECTORS = ("learned", "local", "random")
 
 # ----------------------------------------------------------------------------- schedule arithmetic
 
-def _skippable(nb, keep_first):
-    b = torch.arange(nb)
-    return b - ((b >= 1) & keep_first).long()  # past blocks of tile b that may be skipped
+def forced_past(nb, keep_first, local=0, device=None):
+    """(nb, nb) bool: the past blocks every tile keeps whatever its budget: the sink (block 0, with keep_first)
+    and the `local` nearest past blocks (local_blocks, issue 22: every byte then sees at least local * S bytes
+    back). They count in the budget; the budget decides on the other past blocks."""
+    b = torch.arange(nb, device=device)
+    d = b[:, None] - b[None, :]  # tile minus block
+    forced = (d >= 1) & (d <= local)
+    if keep_first:
+        forced |= (b[None, :] == 0) & (d >= 1)
+    return forced
 
 
-def max_sparsity(T, S, keep_first):
+def _skippable(nb, keep_first, local=0):
+    return torch.arange(nb) - forced_past(nb, keep_first, local).sum(-1)  # past blocks of tile b that may be skipped
+
+
+def max_sparsity(T, S, keep_first, local=0):
     nb = -(-T // S)
-    return _skippable(nb, keep_first).sum().item() * S * S / (T * (T + 1) / 2)
+    return _skippable(nb, keep_first, local).sum().item() * S * S / (T * (T + 1) / 2)
 
 
 def padded_length(T, S, bucket_max=None):
@@ -45,13 +56,14 @@ def padded_length(T, S, bucket_max=None):
     return Tp
 
 
-def keep_counts(nb, S, T, sparsity, keep_first):
+def keep_counts(nb, S, T, sparsity, keep_first, local=0):
     """Past blocks kept per query tile (own block not counted), LongTensor (nb,).
 
     Skips round(sparsity * causal_pairs / S^2) blocks in all, spread over tiles in proportion to
-    how many each may skip (cumulative rounding), so every tile keeps about the same fraction.
+    how many each may skip (cumulative rounding), so every tile keeps about the same fraction; never one
+    of forced_past's blocks.
     """
-    skippable = _skippable(nb, keep_first)
+    skippable = _skippable(nb, keep_first, local)
     total = int(skippable.sum())
     n_skip = min(total, round(sparsity * T * (T + 1) / 2 / (S * S)))
     if total == 0 or n_skip == 0:
@@ -61,17 +73,13 @@ def keep_counts(nb, S, T, sparsity, keep_first):
     return torch.arange(nb) - skip
 
 
-def block_masks(nb, device, keep_first=False):
+def block_masks(nb, device, keep_first=False, local=0):
     """The block-level masks every part of ASCA reads, (nb, nb) bool each: causal (j <= b), past (j < b: the
-    complete blocks before tile b) and candidates (past blocks a budget decides on: the sink excepted when
-    keep_first)."""
+    complete blocks before tile b) and candidates (past blocks a budget decides on: forced_past's excepted)."""
     b = torch.arange(nb, device=device)
     causal = b[None, :] <= b[:, None]
     past = b[None, :] < b[:, None]
-    cand = past.clone()
-    if keep_first:
-        cand[:, 0] = False
-    return causal, past, cand
+    return causal, past, past & ~forced_past(nb, keep_first, local, device)
 
 
 @dataclass
@@ -88,6 +96,20 @@ class Selection:
     def detach(self):
         return Selection(*(t.detach() for t in (self.scores, self.order, self.n_past, self.selected, self.gate_bias)),
                          self.seq_len)
+
+
+@torch.no_grad()
+def first_query_block_mass(q, k, S):
+    """(B, nh, nb, nb) float32: the attention of each tile's first query (position b*S) over the keys before its
+    tile, summed per key block and renormalised to 1 over those blocks (rows with no past block: 0). q and k as
+    attended (rotated), (B, nh, T, hs), T % S == 0. Cost per head: nb x T (one query per tile)."""
+    B, H, T, hs = q.shape
+    nb = T // S
+    qt = q[:, :, ::S].float()  # (B, nh, nb, hs)
+    logits = qt @ k.float().transpose(-1, -2) / math.sqrt(hs)  # (B, nh, nb, T)
+    before = torch.arange(T, device=q.device)[None, :] < (torch.arange(nb, device=q.device) * S)[:, None]
+    probs = torch.softmax(logits.masked_fill(~before, float("-inf")), dim=-1).nan_to_num(0.0)  # row 0: nothing before
+    return probs.view(B, H, nb, nb, S).sum(-1)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -149,11 +171,15 @@ class BlockSelector(nn.Module):
     """Per layer: the predictor, the sparsity schedule, the budget (fixed or adaptive) and its controller,
     the last Selection, and what is measured from it (diagnostics, tallies)."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.S = S = config.sparse_block_size
         self.keep_first = config.keep_first_block
-        self.target = config.target_sparsity
+        self.local = config.local_blocks  # the nearest past blocks always kept (forced_past)
+        self.layer = layer
+        self.target = config.layer_targets()[layer]  # this layer's share of the budget (layer_sparsity)
+        self.gate_loss = config.gate_loss  # weight of the distillation loss (aux_loss); 0 = none
+        self.aux_inputs, self.last_kl = None, None  # for aux_loss: the last training forward's inputs; its KL
         self.warmup = config.sparsity_warmup_iters
         self.block_size = config.block_size
         self.n_head = config.n_head
@@ -163,8 +189,8 @@ class BlockSelector(nn.Module):
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
         # changes Python values that torch.compile would guard on (no recompiles during warm-up)
-        self.register_buffer("n_keep", keep_counts(config.block_size // S, S, config.block_size, 0.0, self.keep_first),
-                             persistent=False)
+        self.register_buffer("n_keep", keep_counts(config.block_size // S, S, config.block_size, 0.0, self.keep_first,
+                                                   self.local), persistent=False)
         self.sparsity, self._counts_set, self._cand_index = 0.0, None, {}
         self.set_step(0)
         self.last = None  # Selection of the last forward
@@ -186,7 +212,7 @@ class BlockSelector(nn.Module):
         frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
         self.sparsity = self.target * frac
         nb = self.block_size // self.S
-        counts = keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first)
+        counts = keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first, self.local)
         # a copy from host memory to the GPU waits for the GPU: once per layer and step it cost every step a sync
         # (issue 23, item 6). Copy only when the counts change (each step of the warm-up, then never).
         if self._counts_set is None or not torch.equal(counts, self._counts_set):
@@ -219,39 +245,41 @@ class BlockSelector(nn.Module):
         return (scores, *self.rank(scores))
 
     def candidates(self, nb, device):
-        """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the sink excepted."""
-        return block_masks(nb, device, self.keep_first)[2]
+        """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the forced ones excepted."""
+        return block_masks(nb, device, self.keep_first, self.local)[2]
+
+    def forced(self, nb, device):
+        """(nb, nb) bool: the past blocks kept whatever the budget (the sink, the local blocks)."""
+        return forced_past(nb, self.keep_first, self.local, device)
 
     def candidate_index(self, nb, device):
         """The candidates' flat positions in an (nb, nb) grid, row-major (boolean indexing's order), made once per
         nb and device: indexing with a boolean mask on a GPU asks the host for the count, a sync per layer."""
         key = (nb, str(device))
         if key not in self._cand_index:
-            self._cand_index[key] = block_masks(nb, "cpu", self.keep_first)[2].flatten().nonzero().squeeze(1).to(device)
+            self._cand_index[key] = self.candidates(nb, "cpu").flatten().nonzero().squeeze(1).to(device)
         return self._cand_index[key]
 
     def counts(self, scores):
         """Past blocks each tile keeps, (B, nh, nb) int64 (own block not counted). Fixed budget: the
         scheduled counts (a shorter sequence uses the first tiles': tile b's choice never depends on the
-        length). Adaptive: the sink plus every other past block scoring above the threshold."""
+        length). Adaptive: the forced blocks (sink, local) plus every other past block scoring above the threshold."""
         B, H, nb = scores.shape[:3]
         if not self.adaptive:
             return self.n_keep[:nb].expand(B, H, nb)
-        b = torch.arange(nb, device=scores.device)
         acc = torch.promote_types(scores.dtype, torch.float32)  # as budget_estimate: no rounding either side
         above = (scores.detach().to(acc) > self.threshold.to(acc)[:, None, None]) & self.candidates(nb, scores.device)
-        return above.sum(-1) + ((b >= 1) & self.keep_first).long()
+        return above.sum(-1) + self.forced(nb, scores.device).sum(-1)
 
     def rank(self, scores):
-        """(order, n_past) from the scores (B, nh, nb, nb) alone: per tile its own block first, then the sink,
-        then past blocks by descending score; and counts(scores)."""
+        """(order, n_past) from the scores (B, nh, nb, nb) alone: per tile its own block first, then the forced
+        blocks (the sink, then the local ones, by index), then past blocks by descending score; and counts(scores)."""
         nb = scores.shape[-1]
         device = scores.device
         past = block_masks(nb, device)[1]
         prio = scores.detach().float().masked_fill(~past, float("-inf"))
         prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=device), float("inf"))
-        if self.keep_first and nb > 1:
-            prio[..., 1:, 0] = torch.finfo(torch.float32).max  # sink: after own block, before the rest
+        prio = prio.masked_fill(self.forced(nb, device), torch.finfo(torch.float32).max)  # after own, before the rest
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)
         return order, self.counts(scores)
 
@@ -283,6 +311,36 @@ class BlockSelector(nn.Module):
     def remember(self, sel):
         self.last = sel.detach()  # diagnostics(), the budget controller, extraction.py and tests read it
 
+    # --- the distillation loss (gate_loss, issue 22; DeepSeek's sparse attention trains its indexer this way)
+    def remember_inputs(self, q, k, gq, gk, seq_len):
+        """Keep the last training forward's padded q, k as attended and the predictor's inputs, detached, for
+        aux_loss (which runs outside the model's forward, so a compiled forward returns no grad-carrying state)."""
+        if self.gate_loss > 0 and self.rule == "learned" and torch.is_grad_enabled():
+            self.aux_inputs = (*(t.detach() for t in (q, k, gq, gk)), seq_len)
+
+    def aux_loss(self):
+        """gate_loss * KL(target || the predictor's softmax) over each tile's past blocks, from the last training
+        forward; None when off. The target is first_query_block_mass: where the tile's first query (the one the
+        selection reads) puts its dense attention over the blocks before its tile, detached. Tiles with fewer than
+        two past blocks have nothing to learn and are left out. Only the predictor's parameters get its gradient."""
+        if self.aux_inputs is None:
+            return None
+        q, k, gq, gk, seq_len = self.aux_inputs
+        self.aux_inputs = None
+        S = self.S
+        rows = slice(2, -(-seq_len // S))  # tiles holding real queries, with >= 2 past blocks
+        target = first_query_block_mass(q, k, S)[:, :, rows]  # (B, nh, r, nb)
+        scores = self.predictor(gq, gk, S)[:, :, rows].float()
+        nb = scores.shape[-1]
+        past = block_masks(nb, scores.device)[1][rows]  # (r, nb)
+        if past.shape[0] == 0:
+            return None
+        logq = F.log_softmax(scores.masked_fill(~past, float("-inf")), dim=-1)
+        kl = torch.where(past, torch.xlogy(target, target) - target * logq, torch.zeros((), device=scores.device))
+        kl = kl.sum(-1).mean()
+        self.last_kl = kl.detach()  # diagnostics() reads it (no host sync here)
+        return self.gate_loss * kl
+
     # --- the adaptive budget's controller
     @torch.no_grad()
     def budget_estimate(self):
@@ -294,7 +352,7 @@ class BlockSelector(nn.Module):
         S, T = self.S, sel.seq_len
         nb = T // S  # complete tiles (training windows are whole blocks)
         B, H = sel.scores.shape[:2]
-        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first)).sum())
+        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first, self.local)).sum())
         acc = torch.promote_types(sel.scores.dtype, torch.float32)
         vals = sel.scores[..., :nb, :nb].to(acc).flatten(-2).index_select(-1, self.candidate_index(nb, sel.scores.device))
         vals = vals.transpose(0, 1).reshape(H, -1) if self.per_head else vals.reshape(1, -1)  # (pools, m)
@@ -358,6 +416,8 @@ class BlockSelector(nn.Module):
                "sparsity_target_now": self.sparsity, "sparsity_per_head": pair_sparsity.tolist(),
                "block_sparsity_per_head": block_sparsity.tolist(), "kept_block_distance": mean_dist.mean().item(),
                "kept_block_distance_per_head": mean_dist.tolist(), "gate_mean": gate.item()}
+        if self.last_kl is not None:
+            out["gate_kl"] = self.last_kl.item()  # the distillation loss's KL (nats), before its weight
         if self.adaptive:
             t = self.threshold.tolist()  # None: -inf, every block kept (strict JSON has no -inf)
             out["budget_threshold"] = sum(t) / len(t) if all(map(math.isfinite, t)) else None
@@ -397,7 +457,7 @@ class BlockSelector(nn.Module):
     def kept_fraction(self, T):
         """Kept share of the causal pairs at length T under the schedule now (fixed budget's counts)."""
         nb = T // self.S
-        return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first).sum().item() * self.S ** 2
+        return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first, self.local).sum().item() * self.S ** 2
                 + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
 
     def flops_per_token(self, T):

@@ -94,7 +94,7 @@ class CausalSelfAttention(nn.Module):
     qkv() gives q and k after qk_norm but before rotary positions; attend() rotates them (position()),
     so a subclass can read position-free q and k (ASCA's predictor does)."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):  # layer: its index in the model (a sparse attention may budget by it)
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -176,6 +176,10 @@ class CausalSelfAttention(nn.Module):
         """The tally since start_tally, as a dict ({} when nothing was measured)."""
         return {}
 
+    def aux_loss(self):
+        """An auxiliary training loss from the last training forward, added to the LM loss (None: none)."""
+        return None
+
     @torch.no_grad()
     def attention_map(self, x):
         """For analysis (extraction.py): attention probabilities (B, nh, T, T) for layer input x."""
@@ -242,10 +246,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, attn_cls):
+    def __init__(self, config, attn_cls, layer=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = attn_cls(config)
+        self.attn = attn_cls(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -267,7 +271,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             **parts,
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, attn_cls) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, attn_cls, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -336,9 +340,15 @@ class GPT(nn.Module):
         return KVCache(self.config.n_layer, self.config.block_size)
 
     # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style; the hooks
-    # are declared with no-op defaults on CausalSelfAttention). An auxiliary loss would come the same way.
+    # are declared with no-op defaults on CausalSelfAttention)
     def attention_modules(self):
         return [b.attn for b in self.transformer.h]
+
+    def aux_loss(self):
+        """The attention modules' auxiliary losses from the last training forward, summed (None: none). The trainer
+        adds it to the LM loss it backpropagates; the logged train bpc stays the LM loss alone."""
+        losses = [loss for loss in (a.aux_loss() for a in self.attention_modules()) if loss is not None]
+        return sum(losses) if losses else None
 
     def set_step(self, iter_num):
         """Tell schedule-owning attention modules the current training iteration."""

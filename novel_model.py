@@ -58,6 +58,10 @@ class ASCAConfig(GPTConfig):
     target_sparsity: float = 0.5  # fraction of causal query-key pairs skipped after warm-up
     sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
     keep_first_block: bool = True  # block 0 always kept (attention sink)
+    local_blocks: int = 0  # the w nearest past blocks always kept, counted in the budget (every byte sees >= w*S back)
+    layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
+    #                           "" = target_sparsity in every layer
+    gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
     gate_dim: int = 32  # width of the sparsity predictor per head
     gate_input: str = "rotated"  # the predictor reads q, k 'rotated' (as attended) or 'unrotated' (position-free; rope only)
     gate_dist_bias: bool = True  # a learned per-head bias by block distance in the predictor's scores
@@ -80,11 +84,20 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"block_size={self.block_size} must be a multiple of sparse_block_size={S}")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
-        top = max_sparsity(self.block_size, S, self.keep_first_block)
-        if self.target_sparsity > top + 1e-9:
-            raise ValueError(f"target_sparsity={self.target_sparsity} is out of reach at block_size={self.block_size}, "
-                             f"sparse_block_size={S}, keep_first_block={self.keep_first_block}: the maximum is "
-                             f"{top:.4f} (own block and sink always kept); use smaller blocks or a longer block_size")
+        if self.local_blocks < 0:
+            raise ValueError(f"local_blocks={self.local_blocks} must be >= 0")
+        top = max_sparsity(self.block_size, S, self.keep_first_block, self.local_blocks)
+        for i, target in enumerate(self.layer_targets()):
+            if target > top + 1e-9:
+                what = f"layer {i}'s target {target}" if self.layer_sparsity else f"target_sparsity={target}"
+                raise ValueError(f"{what} is out of reach at block_size={self.block_size}, sparse_block_size={S}, "
+                                 f"keep_first_block={self.keep_first_block}, local_blocks={self.local_blocks}: the "
+                                 f"maximum is {top:.4f} (own block, sink and local blocks always kept); use smaller "
+                                 f"blocks, fewer local_blocks or a longer block_size")
+        if self.gate_loss < 0:
+            raise ValueError(f"gate_loss={self.gate_loss} must be >= 0 (0 = no distillation loss)")
+        if self.gate_loss > 0 and self.selector != "learned":
+            raise ValueError(f"gate_loss trains the learned predictor; selector={self.selector!r} has none: set gate_loss=0")
         if self.sparsity_warmup_iters < 0 or self.gate_dim < 1:
             raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
         if self.attn_impl not in ATTN_IMPLS:
@@ -104,6 +117,26 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"budget_scope={self.budget_scope!r} must be 'layer' or 'head'")
         if not 0.0 < self.budget_ema <= 1.0:
             raise ValueError(f"budget_ema={self.budget_ema} must be in (0, 1]")
+
+    def layer_targets(self):
+        """Each layer's target sparsity: layer_sparsity's list, or target_sparsity everywhere. The list must have
+        one value per layer, each in [0, 1), with mean target_sparsity (so a run's label states its compute)."""
+        if not self.layer_sparsity:
+            return [self.target_sparsity] * self.n_layer
+        try:
+            vals = [float(x) for x in self.layer_sparsity.split(",")]
+        except ValueError:
+            raise ValueError(f"layer_sparsity={self.layer_sparsity!r} must be comma-separated numbers, one per layer, "
+                             f"such as '0.5,0.8,0.8,0.9'") from None
+        if len(vals) != self.n_layer:
+            raise ValueError(f"layer_sparsity has {len(vals)} values for n_layer={self.n_layer}: give one per layer")
+        if not all(0.0 <= v < 1.0 for v in vals):
+            raise ValueError(f"layer_sparsity={self.layer_sparsity!r}: every value must be in [0, 1)")
+        mean = sum(vals) / len(vals)
+        if abs(mean - self.target_sparsity) > 1e-3:
+            raise ValueError(f"layer_sparsity's mean is {mean:.4f} but target_sparsity={self.target_sparsity}: set "
+                             f"--target_sparsity={mean:.4f} or change the list")
+        return vals
 
     def check_device(self, device_type, dtype, training):
         """Start-up checks that need the device: a path this device lacks is a one-line ValueError."""
@@ -148,7 +181,7 @@ def gather_attention_bytes(cfg, batch_size, elem=4):
     from asca_kernels import tile_groups
     S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
     hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
-    counts = keep_counts(nb, S, T, cfg.target_sparsity, cfg.keep_first_block)
+    counts = keep_counts(nb, S, T, min(cfg.layer_targets()), cfg.keep_first_block, cfg.local_blocks)  # the layer keeping most
     saved, transient = 0, 0
     for t0, t1 in tile_groups(nb):
         n, L = t1 - t0, (int(counts[t0:t1].max()) + 1) * S
@@ -184,12 +217,12 @@ class TileState:
 class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     """Causal self-attention over the own block, the sink, and the selector's top past blocks."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, layer=0):
+        super().__init__(config, layer)
         self.S = config.sparse_block_size
         self.impl = config.attn_impl
         self.block_size = config.block_size
-        self.selector = BlockSelector(config)
+        self.selector = BlockSelector(config, layer)
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # README), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
@@ -219,6 +252,9 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
     def end_tally(self):
         return self.selector.end_tally()
+
+    def aux_loss(self):
+        return self.selector.aux_loss()
 
     @property
     def last_selection(self):
@@ -259,6 +295,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         gq, gk = (qr, kr) if self.gate_rotated else (q, k)
         ts = self.pad_to_blocks(*((qr, kr, gq, gk) if v is None else (qr, kr, v, gq, gk)), bucket=bucket)
         sel = self.selector.plan(ts[-2], ts[-1], T0)
+        if self.training:
+            self.selector.remember_inputs(ts[0], ts[1], ts[-2], ts[-1], T0)
         return ts[:-2], sel
 
     def attend(self, q, k, v):

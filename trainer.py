@@ -223,7 +223,8 @@ class Trainer:
                 self.train_fwd.require_backward_grad_sync = micro == self.grad_accum - 1
             with rt.ctx:
                 _, loss = self.train_fwd(x, y)
-            rt.scaler.scale(loss / self.grad_accum).backward()
+                aux = self.model.aux_loss()  # e.g. ASCA's gate_loss; train bpc below stays the LM loss
+            rt.scaler.scale((loss if aux is None else loss + aux) / self.grad_accum).backward()
             self.loss_sum += loss.detach().float()
             self.nonfinite |= ~torch.isfinite(loss.detach())
             self.loss_n += 1

@@ -106,10 +106,11 @@ class NaNAfter(GPT):
         return logits, loss
 
 
-def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, dtype=torch.float64):
-    """One ASCA attention layer on the reference path with learned (position-free) q, k, seeded."""
+def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, dtype=torch.float64, **kw):
+    """One ASCA attention layer on the reference path with learned (position-free) q, k, seeded; kw: more
+    ASCAConfig keys."""
     torch.manual_seed(0)
     cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
                      sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference",
-                     pos_encoding="learned")  # position-free q, k: the naive loops below define the function on them
+                     pos_encoding="learned", **kw)  # position-free q, k: the naive loops below define the function on them
     return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)

@@ -18,6 +18,10 @@ VARIANTS = {
     "asca_rope": ("asca", dict(pos_encoding="rope", qk_norm=True, gate_input="unrotated", target_sparsity=0.75)),
     "asca_rope_rotated_gate": ("asca", dict(pos_encoding="rope", gate_input="rotated", target_sparsity=0.5)),
     "asca_no_sink": ("asca", dict(pos_encoding="rope", keep_first_block=False, target_sparsity=0.6)),
+    # issue 22's keys: the nearest blocks forced, and a budget per layer
+    "asca_local": ("asca", dict(pos_encoding="rope", local_blocks=2, target_sparsity=0.5)),
+    "asca_layer_budgets": ("asca", dict(pos_encoding="rope", layer_sparsity="0.4,0.6", target_sparsity=0.5,
+                                        gate_loss=0.1)),
 }
 
 
