@@ -126,13 +126,33 @@ def attend_reference(q, k, v, sel, S, dropout_p=0.0):
 
 # ----------------------------------------------------------------------------- flex (CUDA)
 
-def attend_flex(q, k, v, sel, S, compiled=True):
+GATE_BIAS_LAYOUTS = ("key", "block")
+
+
+def gate_score_mod(gate_bias, S, layout="key"):
+    """The score_mod adding the gate bias (B, nh, nb, nb) to each logit of tile q_idx // S and block kv_idx // S.
+
+    layout='key' reads it from a copy indexed by key position, (B, nh, nb, T) (repeat_interleave): in FlexAttention's
+    backward every logit's gradient is an atomic add into the buffer entry it read, so 'block' (the bias itself)
+    sends all S * S logits of a block to one address, 'key' only the S of a tile row (issue 23, item 5: about
+    0.57 G contended fp32 atomics per layer at T=8192 and 0.75 with 'block'). The same function and gradient either
+    way (tests/test_kernels.py); bench_attention.py --gate_grad times both."""
+    if layout == "key":
+        bias_k = gate_bias.repeat_interleave(S, dim=-1)  # (B, nh, nb, T)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias_k[b, h, q_idx // S, kv_idx]
+    elif layout == "block":
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + gate_bias[b, h, q_idx // S, kv_idx // S]
+    else:
+        raise ValueError(f"flex_gate_bias={layout!r} must be one of {', '.join(GATE_BIAS_LAYOUTS)}")
+    return score_mod
+
+
+def attend_flex(q, k, v, sel, S, compiled=True, layout="key"):
     """FlexAttention over the selected blocks only (see build_block_mask), gate bias in score_mod. No dropout."""
-    bias = sel.gate_bias
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + bias[b, h, q_idx // S, kv_idx // S]
-
+    score_mod = gate_score_mod(sel.gate_bias, S, layout)
     # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
     block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())
     return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,

@@ -430,12 +430,17 @@ class BlockSelector(nn.Module):
         self.tally = None
         self.counting = True
 
-    def tally_step(self):
+    def tally_step(self, rows=None):
         """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
-        per head of how many past blocks the tiles kept (the sink counts; the own block does not)."""
+        per head of how many past blocks the tiles kept (the sink counts; the own block does not). rows: only the
+        first `rows` sequences of the batch count (the others filled a short last batch up)."""
         if not self.counting or self.last is None:
             return
-        kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(self.last)
+        last = self.last
+        if rows is not None:
+            last = Selection(*(t[:rows] for t in (last.scores, last.order, last.n_past, last.selected, last.gate_bias)),
+                             last.seq_len)
+        kept_pairs, total_pairs, n_past, _, _, _ = self.selection_stats(last)
         hist = F.one_hot(n_past, self.block_size // self.S).sum(dim=(0, 2))  # (nh, max past blocks + 1)
         if self.tally is None:
             self.tally = {"kept": kept_pairs.new_zeros(kept_pairs.shape[1], dtype=torch.float64), "total": 0.0,

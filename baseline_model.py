@@ -156,6 +156,9 @@ class CausalSelfAttention(nn.Module):
     def after_prefill(self, q, qr, lc):
         """Decoding state beyond K and V (ASCA: the tile in progress), after the prompt's prefill."""
 
+    def for_sampling(self):
+        """Sampling is about to start (sample.py): take the path that needs no compile before the first byte."""
+
     def set_step(self, iter_num):
         """The schedule position (in iterations) of the step about to run."""
 
@@ -169,8 +172,8 @@ class CausalSelfAttention(nn.Module):
     def start_tally(self):
         """Begin summing measurements over the following forwards (evaluation)."""
 
-    def tally_step(self):
-        """Add the last forward to the tally."""
+    def tally_step(self, rows=None):
+        """Add the last forward to the tally (rows: only its first `rows` sequences count)."""
 
     def end_tally(self):
         """The tally since start_tally, as a dict ({} when nothing was measured)."""
@@ -344,6 +347,11 @@ class GPT(nn.Module):
     def attention_modules(self):
         return [b.attn for b in self.transformer.h]
 
+    def for_sampling(self):
+        """Before sample.py decodes: each attention module takes its path for sampling (for_sampling)."""
+        self._per_layer("for_sampling")
+        return self
+
     def aux_loss(self):
         """The attention modules' auxiliary losses from the last training forward, summed (None: none). The trainer
         adds it to the LM loss it backpropagates; the logged train bpc stays the LM loss alone."""
@@ -367,8 +375,8 @@ class GPT(nn.Module):
         """Count diagnostics over the following forwards (tally_step after each) until end_tally."""
         self._per_layer("start_tally")
 
-    def tally_step(self):
-        self._per_layer("tally_step")
+    def tally_step(self, rows=None):
+        self._per_layer("tally_step", rows)
 
     def end_tally(self):
         return self._per_layer("end_tally")

@@ -9,7 +9,9 @@ attention, forward + backward, and a whole training step of both models. Prints 
 
 Rows print as they are measured (a failed row prints its error and the rest go on); the tables last.
 A target out of reach for (T, S) is skipped (novel_model.max_sparsity). --gate_grad also times the
-attention with the gate bias detached: the cost of its gradient (fp32 atomics inside FlexAttention).
+attention with the gate bias detached (the cost of its gradient: fp32 atomics inside FlexAttention) and with the
+bias read per block (flex_gate_bias='block', S*S logits per atomic address) instead of per key position (the
+default, S per address; asca_kernels.gate_score_mod).
 --profile T prints the top CUDA kernels of one ASCA forward+backward at that T (where the time goes).
 
 Timings: median of --iters runs after --warmup runs (compile and autotuning excluded), CUDA events.
@@ -63,7 +65,7 @@ def autocast(device, dtype):
 
 def bench_attention(T, sparsities, args, device, dtype):
     """One module per T, compiled once: the target lives in a buffer, so changing it does not recompile.
-    The gate-detached variant is a second module (same weights), compiled on its own."""
+    The gate-detached and block-indexed variants are more modules (same weights), each compiled on its own."""
     torch._dynamo.reset()  # each length starts from an empty compile cache: no length inherits another's variants
     B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
     cuda = device == "cuda"
@@ -87,13 +89,16 @@ def bench_attention(T, sparsities, args, device, dtype):
             y = fn(q, k, v)
         y.backward(grad)
 
-    detached = None
+    detached = block = None
     if args.gate_grad:  # the cost of the gate bias's gradient: the same module with the bias detached
         import copy
         twin = copy.deepcopy(attn)
         bias = twin.selector.gate_bias
         twin.selector.gate_bias = lambda scores, sel: bias(scores, sel).detach()
         detached = (twin, compiled(twin.attend, args))
+        by_block = copy.deepcopy(attn)  # and with the bias indexed by block, as before issue 23's item 5
+        by_block.flex_layout = "block"
+        block = (by_block, compiled(by_block.attend, args))
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
@@ -103,7 +108,7 @@ def bench_attention(T, sparsities, args, device, dtype):
             print(f"T={T} target {sparsity}: out of reach with S={args.sparse_block_size} (max {top:.3f}), skipped",
                   flush=True)
             continue
-        for a in (attn, detached[0] if detached else attn):
+        for a in (attn, *(v[0] for v in (detached, block) if v)):
             a.selector.target = sparsity
             a.set_step(0)
         reset_peak(cuda)
@@ -111,9 +116,10 @@ def bench_attention(T, sparsities, args, device, dtype):
         d = attn.diagnostics()
         row = {"T": T, "B": B, "S": args.sparse_block_size, "target": sparsity, "pair_sparsity": d["sparsity"],
                "skipped_blocks": d["block_sparsity"], "dense_ms": t_dense, "asca_ms": t_sparse,
-               "ratio": t_sparse / t_dense, "peak_mib": peak_mib(cuda), "detached_gate_ms": None}
+               "ratio": t_sparse / t_dense, "peak_mib": peak_mib(cuda), "detached_gate_ms": None, "block_bias_ms": None}
         if detached:
             row["detached_gate_ms"] = timeit(lambda: sparse(detached[1]), args.warmup, args.iters, cuda)
+            row["block_bias_ms"] = timeit(lambda: sparse(block[1]), args.warmup, args.iters, cuda)
         print("row", row, flush=True)
         rows.append(row)
     return rows
@@ -200,12 +206,14 @@ def write_tables(rows, steps, errors, args, name, final=True):
     lines = [f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
              f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}",
              "attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)",
-             "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | "
+             "bias per block ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda x: f"{x:.2f}" if x is not None else "-"
     for r in rows:
-        det = f"{r['detached_gate_ms']:.2f}" if r["detached_gate_ms"] is not None else "-"
         lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
-                     f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {det} | {mem(r['peak_mib'])} |")
+                     f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {ms(r['detached_gate_ms'])} | "
+                     f"{ms(r.get('block_bias_ms'))} | {mem(r['peak_mib'])} |")
     lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
                   f"ASCA at the target shown)",
               "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
@@ -242,7 +250,8 @@ def main():
     p.add_argument("--layers", type=int, default=6, help="layers of the whole-step models")
     p.add_argument("--sparse_block_size", type=int, default=128,
                    help="128: FlexAttention's backward on H100/H200 needs S %% 128 == 0 before torch 2.14.1")
-    p.add_argument("--gate_grad", action="store_true", help="also time with the gate bias detached")
+    p.add_argument("--gate_grad", action="store_true",
+                   help="also time with the gate bias detached, and indexed per block instead of per key")
     p.add_argument("--profile", type=int, default=None, metavar="T", help="profile one ASCA attention at T")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,

@@ -36,7 +36,8 @@ def eval_windows(model, data, starts, block_size, batch_size, device, ctx, after
 def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext(), after_forward=None):
     """Bits per byte over every target byte 1..n-1 of `data`, each scored exactly once, with sliding
     windows of block_size and the given stride (docs/design.md, "evaluation"). Returns (bpc, n_scored).
-    after_forward() is called after each forward (to tally what the model measured on it)."""
+    after_forward(rows) is called after each forward (to tally what the model measured on its first `rows`
+    sequences: the real ones)."""
     model.eval()
     windows = sliding_windows(len(data), block_size, stride)
     total, count = 0.0, 0
@@ -45,14 +46,17 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
         for w in windows[i:i + batch_size]:  # all windows have length block_size unless the data is shorter
             by_len.setdefault(w[1], []).append(w)
         for length, ws in by_len.items():
-            x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in ws], length))
+            # a short last batch is filled up with copies of its last window, scored nowhere: every forward then has
+            # the training batch's shape, and a compiled model does not compile once more for the last one (issue 23)
+            rows = ws + [ws[-1]] * (batch_size - len(ws)) if length == block_size else ws
+            x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in rows], length))
             with ctx:
                 logits, _ = model(x)
             if after_forward is not None:
-                after_forward()
+                after_forward(len(ws))  # the real rows: the filler's selection is not tallied
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, length)
             keep = torch.zeros_like(nll, dtype=torch.bool)
-            for r, (_, _, n_score) in enumerate(ws):
+            for r, (_, _, n_score) in enumerate(ws):  # the filler rows keep nothing
                 keep[r, length - n_score:] = True
             total += nll[keep].double().sum().item()
             count += int(keep.sum().item())

@@ -72,8 +72,10 @@ class ASCAConfig(GPTConfig):
     selector: str = "learned"  # which past blocks a tile keeps: 'learned' (the predictor); controls at the same
     #                            budget: 'local' (the nearest, plus the sink) or 'random' (a new draw each forward)
     attn_impl: str = "auto"  # 'auto' (flex on CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
+    flex_gate_bias: str = "key"  # flex path: the gate bias read per key position ('key') or per block ('block'); the
+    #                              same function, fewer contended atomics in backward with 'key' (asca_kernels)
 
-    RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema")
+    RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema", "flex_gate_bias")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}
     LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True, "budget": "fixed"}
 
@@ -100,6 +102,9 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"gate_loss trains the learned predictor; selector={self.selector!r} has none: set gate_loss=0")
         if self.sparsity_warmup_iters < 0 or self.gate_dim < 1:
             raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
+        if self.flex_gate_bias not in asca_kernels.GATE_BIAS_LAYOUTS:
+            raise ValueError(f"flex_gate_bias={self.flex_gate_bias!r} must be one of "
+                             f"{', '.join(asca_kernels.GATE_BIAS_LAYOUTS)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} must be one of {', '.join(ATTN_IMPLS)}")
         if self.gate_input not in ("unrotated", "rotated"):
@@ -221,6 +226,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         super().__init__(config, layer)
         self.S = config.sparse_block_size
         self.impl = config.attn_impl
+        self.flex_layout = config.flex_gate_bias
         self.block_size = config.block_size
         self.selector = BlockSelector(config, layer)
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
@@ -247,14 +253,20 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def start_tally(self):
         self.selector.start_tally()
 
-    def tally_step(self):
-        self.selector.tally_step()
+    def tally_step(self, rows=None):
+        self.selector.tally_step(rows)
 
     def end_tally(self):
         return self.selector.end_tally()
 
     def aux_loss(self):
         return self.selector.aux_loss()
+
+    def for_sampling(self):
+        # prefills run attend(); on CUDA 'auto' would compile the flex kernel before the first byte (and again for
+        # each bucketed prefill length). The gather path computes the same function uncompiled (issue 23, item 7).
+        if self.impl in ("auto", "flex"):
+            self.impl = "gather"
 
     @property
     def last_selection(self):
@@ -307,7 +319,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         if impl == "flex":
             if dropout > 0:
                 raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
-            y = asca_kernels.attend_flex(qr, kr, v, sel, self.S)
+            y = asca_kernels.attend_flex(qr, kr, v, sel, self.S, layout=self.flex_layout)
         elif impl == "gather":  # the kept blocks only, any device
             y = attend_gather(qr, kr, v, sel.order, sel.n_past, sel.gate_bias, self.S, dropout_p=dropout)
         else:

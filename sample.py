@@ -87,6 +87,7 @@ def main(argv=None):
         check_args(a)
         prompt = read_prompt(a.start)
         model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
+        model.for_sampling()  # ASCA: the gather path, nothing to compile before the first byte
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         for i in range(a.num_samples):
             out = generate(model, prompt, a.num_bytes, a.temperature, a.top_k, g, a.device, a.kv_cache == "true")

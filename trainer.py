@@ -35,6 +35,19 @@ from runtime import LoadMeter, Runtime, TrainError
 from train_config import (RUN_FILES, SEED_STRIDE, TYPES, check_architecture, check_kind, defaults_for,
                           explicit_keys, finalize_config, resume_config)
 
+def wrap_for_training(model, compile, ddp, device_ids=None):
+    """(eval forward, the DDP module or None, training forward). With DDP the wrapper is compiled, not wrapped
+    around a compiled model: torch.compile's DDP optimizer then splits the graph at DDP's gradient buckets, so each
+    bucket's all-reduce overlaps the rest of backward (PyTorch's notes on torch.compile with DDP; issue 23, item 7).
+    Eval runs the model itself (compiled on its own when compile is on): no DDP hooks, no gradient buckets."""
+    fwd = torch.compile(model) if compile else model
+    if not ddp:
+        return fwd, None, fwd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrapped = DDP(model, device_ids=device_ids)
+    return fwd, wrapped, torch.compile(wrapped) if compile else wrapped
+
+
 def get_lr(it, cfg, pos=None):
     """Linear warm-up over the first warmup_iters iterations, then cosine decay to min_lr at lr_decay_iters,
     then min_lr (nanoGPT). `pos` is the position along the schedule in iterations (iteration runs: it; a time
@@ -139,11 +152,8 @@ class Trainer:
         self.optimizer = self.model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
                                                         (cfg["beta1"], cfg["beta2"]), rt.device_type,
                                                         cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
-        self.fwd = torch.compile(self.model) if rt.compile else self.model  # eval and, without DDP, training
-        self.train_fwd = self.fwd
-        if rt.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.train_fwd = DDP(self.fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        self.fwd, self.ddp, self.train_fwd = wrap_for_training(
+            self.model, rt.compile, rt.ddp, [rt.local_rank] if rt.device_type == "cuda" else None)
         self.tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
         self.grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
 
@@ -220,7 +230,7 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = self.batch()
             if rt.ddp:  # sync gradients only on the last micro step
-                self.train_fwd.require_backward_grad_sync = micro == self.grad_accum - 1
+                self.ddp.require_backward_grad_sync = micro == self.grad_accum - 1
             with rt.ctx:
                 _, loss = self.train_fwd(x, y)
                 aux = self.model.aux_loss()  # e.g. ASCA's gate_loss; train bpc below stays the LM loss

@@ -11,7 +11,8 @@
 # (BENCH_S): quick = 3 tests x 45 s + 75 s = 210 s; full = 9 tests x 30 s + 3 x 20 s + 150 s = 480 s; plus start-up.
 # A test cut by its timeout is reported as TIMEOUT (exit 124), never as passed. Compiles: each test compiles its
 # own model once for training and once for eval at most (tests/test_novel.py asserts this for the training run);
-# the benchmark compiles each sequence length afresh (torch._dynamo.reset), 2 variants with --gate_grad.
+# the benchmark compiles each sequence length afresh (torch._dynamo.reset), 3 variants with --gate_grad
+# (the default gate bias per key position, per block, detached).
 # The first lines to read: test 1 (the compiled whole model against the reference, forward and backward), and
 # the T=8192 attention and step rows (benchmarked first).
 set -uo pipefail

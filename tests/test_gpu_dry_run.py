@@ -17,10 +17,11 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     table = (out / "bench.md").read_text()
     rows = [l for l in table.splitlines() if l.startswith("| ") and l[2].isdigit()]
-    attention = [l for l in rows if l.count("|") == 11]
+    attention = [l for l in rows if l.count("|") == 12]
     steps = [l for l in rows if l.count("|") == 9]
     assert {l.split("|")[1].strip() for l in attention} == {"128", "256", "512", "1024"}  # four lengths, as the full run
-    assert all(l.split("|")[9].strip() != "-" for l in attention)  # the gate-detached variant ran at each
+    # the gate-detached and the block-indexed variants ran at each
+    assert all(l.split("|")[9].strip() != "-" and l.split("|")[10].strip() != "-" for l in attention)
     assert {l.split("|")[3].strip() for l in steps} == {"fixed", "adaptive"}
     assert "failed:" not in table
     log = (out / "tests.log").read_text()

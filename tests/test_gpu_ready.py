@@ -101,3 +101,76 @@ def test_cuda_start_up_check_on_the_compiled_flex_path():
     r = novel_model.startup_check(model, torch.compile(model), x, y, ctx, low_precision=True)
     assert r["fast"] == "compiled flex" and r["reference"] == "gather"
     assert r["logits"] <= r["tol"] and r["grad"] <= r["tol"], r
+
+
+# ----------------------------------------------------------------------------- item 7, the smaller points
+
+def test_ddp_wraps_the_model_and_compile_wraps_ddp(tmp_path):
+    """DDP around an already-compiled model hides its gradient buckets from torch.compile's DDP optimizer: the
+    trainer now compiles the DDP wrapper, and evaluates the plain (separately compiled) model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import trainer
+    model = novel_model.make_model(n_layer=1, n_head=2, n_embd=32, block_size=64, sparse_block_size=8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        fwd, ddp, train_fwd = trainer.wrap_for_training(model, True, True)
+        assert isinstance(ddp, DDP) and ddp.module is model
+        assert isinstance(train_fwd, torch._dynamo.eval_frame.OptimizedModule) and train_fwd._orig_mod is ddp
+        assert isinstance(fwd, torch._dynamo.eval_frame.OptimizedModule) and fwd._orig_mod is model
+        fwd, ddp, train_fwd = trainer.wrap_for_training(model, False, True)
+        assert fwd is model and train_fwd is ddp
+    finally:
+        dist.destroy_process_group()
+    fwd, ddp, train_fwd = trainer.wrap_for_training(model, False, False)
+    assert fwd is model and ddp is None and train_fwd is model
+
+
+def test_the_last_test_batch_has_the_training_shape():
+    """A short last batch made a compiled model compile once more: evaluate_stream now fills it up with copies of
+    its last window, which score nothing and are not tallied. Every forward has one shape, the bpc equals the
+    batch-of-one evaluation's (no filler there), and so does the adaptive budget's tallied sparsity."""
+    import evaluate
+    torch.manual_seed(0)
+    model = novel_model.make_model(n_layer=1, n_head=2, n_embd=32, block_size=64, sparse_block_size=8,
+                                   target_sparsity=0.5, sparsity_warmup_iters=0, budget="adaptive").double()
+    model.attention_modules()[0].selector.threshold.fill_(1.9)
+    data = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(1)).numpy().astype("uint8")
+    shapes = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            shapes.append(tuple(x.shape))
+            return self.m(x)
+
+    results = []
+    for batch in (5, 1):
+        shapes.clear()
+        (bpc, n), tally = evaluate.tallied(model, lambda after: evaluate.evaluate_stream(
+            Spy(), data, 64, 32, batch, "cpu", after_forward=after))
+        results.append((bpc, n, tally["sparsity"], set(shapes)))
+    (bpc5, n5, sp5, shapes5), (bpc1, n1, sp1, _) = results
+    assert shapes5 == {(5, 64)}  # 31 windows of 64 at stride 32 in 1000 bytes: the last batch (1 window) is filled up
+    assert n5 == n1 == 999 and abs(bpc5 - bpc1) < 1e-9
+    assert abs(sp5 - sp1) < 1e-12 and 0.2 < sp1 < 0.8
+
+
+def test_sampling_takes_the_gather_path(tmp_path):
+    """sample.py compiled the flex kernel before the first byte (and again per bucketed prefill length): an ASCA
+    model now samples on the gather path, which computes the same function uncompiled; dense attention is as it was."""
+    import baseline_model
+    cuda = torch.device("cuda")  # resolved_impl reads the device type only: no GPU needed to check the choice
+    model = novel_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64, sparse_block_size=8)
+    assert {a.resolved_impl(cuda, 64) for a in model.attention_modules()} == {"flex"}
+    assert model.for_sampling() is model
+    assert {a.resolved_impl(cuda, 64) for a in model.attention_modules()} == {"gather"}
+    ref = novel_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64, sparse_block_size=8,
+                                 attn_impl="reference")
+    pinned = ref.for_sampling()  # a path the user chose stays
+    assert {a.resolved_impl(cuda, 64) for a in pinned.attention_modules()} == {"reference"}
+    dense = baseline_model.make_model(n_layer=1, n_head=2, n_embd=32, block_size=64)
+    assert dense.for_sampling() is dense

@@ -259,14 +259,57 @@ def _flex_inputs(a, B=2, H=2, T=128, hs=8, dtype=torch.float32, device="cpu"):
     return q, k, v, a.selector.plan(q, k)
 
 
-def test_flex_path_forward_matches_reference_on_cpu():
-    """Compiled FlexAttention (CPU forward) reads the BlockMask's block lists: equal to the reference."""
+@pytest.mark.parametrize("layout", asca_kernels.GATE_BIAS_LAYOUTS)
+def test_flex_path_forward_matches_reference_on_cpu(layout):
+    """Compiled FlexAttention (CPU forward) reads the BlockMask's block lists: equal to the reference, with the
+    gate bias read per key position (the default) or per block."""
     a = attn_module(T=128, S=16, hs=16, target=0.6, dtype=torch.float32)
     q, k, v, sel = _flex_inputs(a, hs=16)
     with torch.no_grad():  # FlexAttention has no backward on CPU; CUDA tests cover gradients
         ref = asca_kernels.attend_reference(q, k, v, sel, a.S)
-        got = asca_kernels.attend_flex(q, k, v, sel, a.S, compiled=True)
+        got = asca_kernels.attend_flex(q, k, v, sel, a.S, compiled=True, layout=layout)
     assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layout", asca_kernels.GATE_BIAS_LAYOUTS)
+def test_the_flex_score_mod_is_the_reference_function_with_its_gradients(layout):
+    """The flex path's score_mod (issue 23, item 5: the bias indexed per key position cuts the atomics of its
+    backward S-fold), applied over the whole T x T plane with broadcast indices as FlexAttention's math path does,
+    under the selection's mask: outputs and gradients (q, k, v and the predictor through the gate bias) equal the
+    reference in float64. FlexAttention has no backward on a CPU, so this is the function its CUDA backward
+    differentiates."""
+    a = attn_module(T=64, S=16, hs=16, target=0.5)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 2, 64, 16, dtype=torch.float64, generator=g)
+    results = []
+    for path in ("reference", "score_mod"):
+        a.zero_grad()
+        sel = a.selector.plan(q, k)
+        if path == "reference":
+            y = asca_kernels.attend_reference(q, k, v, sel, 16)
+        else:
+            mod = asca_kernels.gate_score_mod(sel.gate_bias, 16, layout)
+            i = torch.arange(64)
+            b, h, qi, ki = torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None], i[:, None], i[None, :]
+            logits = mod(q @ k.transpose(-1, -2) / 4.0, b, h, qi, ki)  # (B, nh, T, T)
+            keep = sel.selected[b, h, qi // 16, ki // 16] & (qi >= ki)
+            y = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v
+        grads = torch.autograd.grad((y * w).sum(), [q, k, v, *a.selector.predictor.parameters()], allow_unused=True)
+        results.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = results
+    assert (y1 - y0).abs().max().item() < 1e-12
+    for got, want in zip(g1, g0):
+        if want is None:
+            assert got is None
+            continue
+        assert (got - want).abs().max().item() < 1e-10
+    assert g0[-2] is not None and g0[-2].abs().max() > 0  # the distance bias: the gate's gradient is real
+
+
+def test_bad_flex_gate_bias_is_one_line():
+    with pytest.raises(ValueError, match="flex_gate_bias='row' must be one of key, block"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, flex_gate_bias="row").validate()
 
 
 @pytest.mark.parametrize("target", [0.0, 0.6, 0.8])
