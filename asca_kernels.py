@@ -126,7 +126,7 @@ def attend_reference(q, k, v, sel, S, dropout_p=0.0):
 
 # ----------------------------------------------------------------------------- flex (CUDA)
 
-GATE_BIAS_LAYOUTS = ("key", "block")
+GATE_BIAS_LAYOUTS = ("auto", "key", "block")
 
 
 def gate_score_mod(gate_bias, S, layout="key"):
@@ -136,7 +136,11 @@ def gate_score_mod(gate_bias, S, layout="key"):
     backward every logit's gradient is an atomic add into the buffer entry it read, so 'block' (the bias itself)
     sends all S * S logits of a block to one address, 'key' only the S of a tile row (issue 23, item 5: about
     0.57 G contended fp32 atomics per layer at T=8192 and 0.75 with 'block'). The same function and gradient either
-    way (tests/test_kernels.py); bench_attention.py --gate_grad times both."""
+    way (tests/test_kernels.py); bench_attention.py --gate_grad times both. 'auto': 'key' on CUDA, 'block' on a CPU,
+    where inductor's C++ flex template cannot lower the key-indexed copy inside a compiled model (torch 2.13:
+    "All the buffers in the score and mask subgraph should be in kernel_group.args.input_buffers")."""
+    if layout == "auto":
+        layout = "key" if gate_bias.is_cuda else "block"
     if layout == "key":
         bias_k = gate_bias.repeat_interleave(S, dim=-1)  # (B, nh, nb, T)
 
@@ -150,9 +154,15 @@ def gate_score_mod(gate_bias, S, layout="key"):
     return score_mod
 
 
-def attend_flex(q, k, v, sel, S, compiled=True, layout="key"):
+def attend_flex(q, k, v, sel, S, compiled=True, layout="auto"):
     """FlexAttention over the selected blocks only (see build_block_mask), gate bias in score_mod. No dropout."""
     score_mod = gate_score_mod(sel.gate_bias, S, layout)
+    if q.device.type == "cpu":
+        # inductor's C++ flex template (torch 2.13) names each input pointer by its storage buffer and drops a view's
+        # storage offset unless two inputs share that buffer: v, a view at offset 2C of the qkv projection, was read
+        # from offset 0 (the raw q) whenever rotary or QK-norm made q and k computed buffers. Distinct buffers avoid
+        # it (scripts/repro_flex_cpu_view_offset.py; issue 23, item 8). CUDA lowers through the Triton template.
+        q, k, v = (t.contiguous() for t in (q, k, v))
     # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
     block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())
     return flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask,

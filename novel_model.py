@@ -72,8 +72,9 @@ class ASCAConfig(GPTConfig):
     selector: str = "learned"  # which past blocks a tile keeps: 'learned' (the predictor); controls at the same
     #                            budget: 'local' (the nearest, plus the sink) or 'random' (a new draw each forward)
     attn_impl: str = "auto"  # 'auto' (flex on CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
-    flex_gate_bias: str = "key"  # flex path: the gate bias read per key position ('key') or per block ('block'); the
-    #                              same function, fewer contended atomics in backward with 'key' (asca_kernels)
+    flex_gate_bias: str = "auto"  # flex path: the gate bias read per key position ('key') or per block ('block'): the
+    #                               same function, fewer contended atomics in backward with 'key'; 'auto' = 'key' on
+    #                               CUDA, 'block' on CPU (asca_kernels.gate_score_mod)
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema", "flex_gate_bias")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}

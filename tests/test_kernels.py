@@ -308,7 +308,7 @@ def test_the_flex_score_mod_is_the_reference_function_with_its_gradients(layout)
 
 
 def test_bad_flex_gate_bias_is_one_line():
-    with pytest.raises(ValueError, match="flex_gate_bias='row' must be one of key, block"):
+    with pytest.raises(ValueError, match="flex_gate_bias='row' must be one of auto, key, block"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, flex_gate_bias="row").validate()
 
 
