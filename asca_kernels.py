@@ -124,6 +124,25 @@ def attend_reference(q, k, v, sel, S, dropout_p=0.0):
     return att @ v
 
 
+def attend_compressed(q, k, v, S):
+    """The compressed branch (compressed_branch, issue 22; NSA's compression branch with a block's mean as its
+    summary): each query of tile b attends to one summary key and value per block j < b, the means of the block's
+    keys and values, with a softmax over those blocks; tile 0 has none and gets 0. Every summary lies before the
+    query's tile: causal by construction. q, k, v (B, nh, T, hs), T % S == 0; cost per head T x (T/S)."""
+    B, H, T, hs = q.shape
+    nb = T // S
+    if nb < 2:
+        return torch.zeros_like(q)
+    kb = k.reshape(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): one summary per block
+    vb = v.reshape(B, H, nb, S, hs).mean(dim=3)
+    tile = torch.arange(S, T, device=q.device) // S  # the tiles of queries S.. (tile 0 has no complete block before it)
+    before = torch.arange(nb, device=q.device)[None, :] < tile[:, None]  # (T - S, nb)
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32 (bf16 under autocast)
+    logits = (q[:, :, S:] @ kb.transpose(-1, -2)).to(acc) / math.sqrt(hs)  # (B, nh, T - S, nb)
+    p = torch.softmax(logits.masked_fill(~before, float("-inf")), dim=-1).to(v.dtype)
+    return torch.cat([q.new_zeros(B, H, S, hs), p @ vb], dim=2)
+
+
 # ----------------------------------------------------------------------------- flex (CUDA)
 
 GATE_BIAS_LAYOUTS = ("auto", "key", "block")

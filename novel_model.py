@@ -62,6 +62,8 @@ class ASCAConfig(GPTConfig):
     layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
     #                           "" = target_sparsity in every layer
     gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
+    compressed_branch: bool = False  # every query also attends to one mean key/value per complete past block, mixed
+    #                                  in by a learned per-head gate on the query (NSA's gated sum)
     gate_dim: int = 32  # width of the sparsity predictor per head
     gate_input: str = "rotated"  # the predictor reads q, k 'rotated' (as attended) or 'unrotated' (position-free; rope only)
     gate_dist_bias: bool = True  # a learned per-head bias by block distance in the predictor's scores
@@ -218,6 +220,7 @@ class TileState:
     vals: torch.Tensor  # tile's own bytes, which the steps fill in place (values likewise)
     mask: torch.Tensor  # (B, nh, m*S + S): logsigmoid(score) per kept block, -inf on a head's unused slots, 0 own
     start: int  # m*S: where the own block's slots begin
+    summaries: tuple = None  # compressed branch: (keys, values) (B, nh, b, hs), the means of the b blocks before b
 
 
 class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
@@ -230,6 +233,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         self.flex_layout = config.flex_gate_bias
         self.block_size = config.block_size
         self.selector = BlockSelector(config, layer)
+        self.compressed = config.compressed_branch
+        if self.compressed:  # the branch's gate per head: sigmoid(<q, w_h> + c_h), 0.5 at the start
+            hs = config.n_embd // config.n_head
+            self.cmp_gate_w = torch.nn.Parameter(torch.zeros(config.n_head, hs))
+            self.cmp_gate_b = torch.nn.Parameter(torch.zeros(config.n_head))
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # README), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
@@ -276,7 +284,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def attn_flops_per_token(self, T):
         """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
         plus the predictor's (small) matmuls."""
-        return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T)
+        branch = 6 * self.n_embd * (T // self.S) if self.compressed else 0  # T x nb scores and mixes per head
+        return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T) + branch
 
     def resolved_impl(self, device, T=0):
         """The path for this forward. 'auto': flex on CUDA; on a CPU the gather path from T >= GATHER_MIN_T
@@ -325,8 +334,15 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             y = attend_gather(qr, kr, v, sel.order, sel.n_past, sel.gate_bias, self.S, dropout_p=dropout)
         else:
             y = asca_kernels.attend_reference(qr, kr, v, sel, self.S, dropout_p=dropout)
+        if self.compressed:
+            y = y + self.compressed_gate(qr) * asca_kernels.attend_compressed(qr, kr, v, self.S)
         self.selector.remember(sel)
         return y[:, :, :T0]
+
+    def compressed_gate(self, q):
+        """(B, nh, T, 1): the compressed branch's weight for each query, from the query (as attended)."""
+        w = self.cmp_gate_w.to(q.dtype)
+        return torch.sigmoid((q * w[None, :, None, :]).sum(-1, keepdim=True) + self.cmp_gate_b.to(q.dtype)[None, :, None, None])
 
     @torch.no_grad()
     def attention_map(self, x):
@@ -378,7 +394,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
         k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
         mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
-        return TileState(b, k_buf, v_buf, mask.to(lc.k.dtype), m * S)
+        summaries = None
+        if self.compressed and b >= 1:  # the branch's summaries of the b blocks before the tile, as the forward's
+            summaries = tuple(t[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3) for t in (lc.k, lc.v))
+        return TileState(b, k_buf, v_buf, mask.to(lc.k.dtype), m * S, summaries)
 
     def attend_step(self, q, qr, lc, pos0):
         """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block so
@@ -394,7 +413,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         t = lc.tile
         n = t.start + pos0 + 1 - b * S
         t.keys[:, :, n - 1], t.vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
-        return F.scaled_dot_product_attention(qr, t.keys[:, :, :n], t.vals[:, :, :n], attn_mask=t.mask[:, :, None, :n])
+        y = F.scaled_dot_product_attention(qr, t.keys[:, :, :n], t.vals[:, :, :n], attn_mask=t.mask[:, :, None, :n])
+        if t.summaries is not None:  # the compressed branch over the tile's past block summaries
+            y = y + self.compressed_gate(qr) * F.scaled_dot_product_attention(qr, *t.summaries)
+        return y
 
 
 # ----------------------------------------------------------------------------- start-up self-check

@@ -22,6 +22,7 @@ VARIANTS = {
     "asca_local": ("asca", dict(pos_encoding="rope", local_blocks=2, target_sparsity=0.5)),
     "asca_layer_budgets": ("asca", dict(pos_encoding="rope", layer_sparsity="0.4,0.6", target_sparsity=0.5,
                                         gate_loss=0.1)),
+    "asca_compressed": ("asca", dict(pos_encoding="rope", compressed_branch=True, target_sparsity=0.6)),
 }
 
 

@@ -5,8 +5,9 @@
   causality, errors);
 - layer_sparsity: per-layer targets with the mean of target_sparsity (measured per layer, errors);
 - gate_loss: the distillation target against a per-query loop, the KL against a direct formula, its gradient
-  reaching the predictor only, training on it lowering it, and the trainer adding it without logging it as LM loss.
-Cached decoding with local_blocks and layer_sparsity is in test_decoding.py (VARIANTS)."""
+  reaching the predictor only, training on it lowering it, and the trainer adding it without logging it as LM loss;
+- compressed_branch: the branch against a per-query loop (float64, gradients), on every path, causal.
+Cached decoding with each of them is in test_decoding.py (VARIANTS)."""
 import json
 import math
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import asca_kernels
+from asca_kernels import attend_compressed
 from asca_selector import first_query_block_mass, forced_past, keep_counts, max_sparsity
 from helpers import attn_module, causality_violation, make_dataset, naive_block_attention, train_in_process
 from novel_model import ASCAConfig, make_model
@@ -144,7 +146,7 @@ def test_adaptive_budget_with_local_blocks_decides_on_the_others_only():
 def test_local_blocks_and_layer_budgets_are_causal(impl, mode):
     torch.manual_seed(0)
     model = make_model(**MODEL, attn_impl=impl, local_blocks=1, layer_sparsity="0.5,0.7", gate_loss=0.1,
-                       dropout=0.1 if mode == "train" else 0.0)
+                       compressed_branch=True, dropout=0.1 if mode == "train" else 0.0)
     before, after = causality_violation(model, mode)
     assert before < 1e-5 and after > 1e-3
     assert model.diagnostics()["sparsity"] > 0.4
@@ -152,7 +154,7 @@ def test_local_blocks_and_layer_budgets_are_causal(impl, mode):
 
 def test_whole_model_with_the_new_keys_on_the_gather_path_equals_the_reference():
     torch.manual_seed(0)
-    opts = dict(MODEL, local_blocks=1, layer_sparsity="0.5,0.7")
+    opts = dict(MODEL, local_blocks=1, layer_sparsity="0.5,0.7", compressed_branch=True)
     ref = make_model(**opts, attn_impl="reference").double()
     gat = make_model(**opts, attn_impl="gather").double()
     gat.load_state_dict(ref.state_dict())
@@ -329,3 +331,59 @@ def test_the_trainer_adds_the_gate_loss_but_logs_the_lm_loss(tmp_path):
     assert abs(rows0[1]["train_bpc"] - rows1[1]["train_bpc"]) < 0.05  # LM loss only: no +KL in it
     key = next(k for k in sd0 if k.endswith("predictor.wk"))
     assert (sd0[key] - sd1[key]).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- compressed_branch
+
+def test_the_compressed_branch_matches_a_per_query_loop_fp64_with_gradients():
+    g = torch.Generator().manual_seed(2)
+    B, H, T, hs, S = 2, 2, 40, 4, 8
+    q, k, v = (torch.randn(B, H, T, hs, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    got = attend_compressed(q, k, v, S)
+    want = torch.zeros_like(q)
+    rows = []
+    for bb in range(B):
+        for h in range(H):
+            for i in range(T):
+                b = i // S
+                if b == 0:
+                    rows.append(torch.zeros(hs, dtype=torch.float64))
+                    continue
+                kb = torch.stack([k[bb, h, j * S:(j + 1) * S].mean(0) for j in range(b)])
+                vb = torch.stack([v[bb, h, j * S:(j + 1) * S].mean(0) for j in range(b)])
+                rows.append(torch.softmax(kb @ q[bb, h, i] / math.sqrt(hs), 0) @ vb)
+    want = torch.stack(rows).view(B, H, T, hs)
+    assert (got - want).abs().max().item() < 1e-12 and got[:, :, S:].abs().max() > 0
+    w = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        assert (a - b).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("impl", ["gather", "flex"])
+def test_the_compressed_branch_is_the_same_on_every_path(impl):
+    a = attn_module(T=128, S=16, hs=16, target=0.5, compressed_branch=True, dtype=torch.float32)
+    with torch.no_grad():
+        a.cmp_gate_b.fill_(0.3)
+        a.cmp_gate_w.normal_()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 128, 16, generator=g) for _ in range(3))
+    outs = {}
+    with torch.no_grad():  # (flex on a CPU: compiled forward only)
+        for path in ("reference", impl):
+            a.impl = path
+            outs[path] = a.attend(q, k, v)
+        a.compressed = False
+        a.impl = "reference"
+        without = a.attend(q, k, v)
+    assert (outs[impl] - outs["reference"]).abs().max().item() < 1e-5
+    assert (outs["reference"] - without).abs().max().item() > 1e-2  # the branch is really added
+
+
+def test_the_compressed_branch_trains_its_gate():
+    torch.manual_seed(0)
+    model = make_model(**MODEL, compressed_branch=True)
+    idx = torch.randint(0, 256, (2, 128))
+    _, loss = model(idx, idx)
+    loss.backward()
+    for a in model.attention_modules():
+        assert a.cmp_gate_w.grad.abs().max() > 0 and a.cmp_gate_b.grad.abs().max() > 0
