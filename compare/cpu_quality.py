@@ -14,6 +14,9 @@ RUNS = [
     ("learned", "novel_model.py", ASCA + ["--selector=learned"]),
     ("local_rule", "novel_model.py", ASCA + ["--selector=local"]),
     ("local_blocks1_nosink", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False"]),
+    # its control: the same counts, the nearest blocks by rule instead of the predictor's choice for the rest
+    ("local_rule_local1_nosink", "novel_model.py", ASCA + ["--selector=local", "--local_blocks=1",
+                                                           "--keep_first_block=False"]),
     ("gate_loss1", "novel_model.py", ASCA + ["--gate_loss=1.0"]),
     ("layers_0.6_0.8", "novel_model.py", ASCA + ["--layer_sparsity=0.6,0.8,0.8,0.8"]),
     ("compressed", "novel_model.py", ASCA + ["--compressed_branch=True"]),
