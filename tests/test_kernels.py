@@ -97,7 +97,10 @@ MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=1
 
 
 @pytest.mark.parametrize("opts", [{}, dict(pos_encoding="learned", qk_norm=False, mlp_act="gelu", tie_embeddings=True,
-                                           gate_input="unrotated"), dict(budget="adaptive", budget_scope="head")])
+                                           gate_input="unrotated"), dict(budget="adaptive", budget_scope="head"),
+                                  # issue 22's keys (tests/test_quality.py)
+                                  dict(local_blocks=1, keep_first_block=False, layer_sparsity="0.55,0.65",
+                                       compressed_branch=True)])
 def test_whole_model_on_the_gather_path_equals_the_reference(opts):
     torch.manual_seed(0)
     ref = make_model(**MODEL, attn_impl="reference", **opts).double()
