@@ -19,6 +19,9 @@ RUNS = [
     ("local_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--selector=local"]),
     ("random_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--selector=random"]),
     ("learned_0.75", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--selector=learned"]),
+    # issue 22's best combination (compare/cpu_quality.py) at the headline budget
+    ("local1_nosink_gate1_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--local_blocks=1",
+                                                            "--keep_first_block=False", "--gate_loss=1.0"]),
     ("dense_256", "baseline_model.py", ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt",
                                         "--max_iters=10000", "--eval_interval=1000"]),
 ]

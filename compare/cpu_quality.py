@@ -20,6 +20,9 @@ RUNS = [
     ("gate_loss1", "novel_model.py", ASCA + ["--gate_loss=1.0"]),
     ("layers_0.6_0.8", "novel_model.py", ASCA + ["--layer_sparsity=0.6,0.8,0.8,0.8"]),
     ("compressed", "novel_model.py", ASCA + ["--compressed_branch=True"]),
+    # the best combination: the two elements that each gained alone (compressed and the per-layer split did not)
+    ("local1_nosink_gate1", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False",
+                                                      "--gate_loss=1.0"]),
 ]
 BUDGET = {"max_iters": 500}
 SEEDS = [1337, 1338]
