@@ -249,9 +249,9 @@ def model_from_checkpoint(path, device="cpu"):
     missing = [k for k in SHAPE_KEYS if k not in args]
     if missing:  # keys added later may be missing (they default to the old behaviour); the shape may not
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}; it cannot be rebuilt faithfully")
-    check_model_args(args, kind, path, ckpt["model"])
     for key, old in kind.config_cls.LEGACY.items():  # keys the checkpoint predates: the behaviour of its time
-        args.setdefault(key, old)
+        args.setdefault(key, old)  # (before the checks: today's default of such a key may not fit the old model)
+    check_model_args(args, kind, path, ckpt["model"])
     args.update(kind.config_cls.DEVICE_DEFAULTS)  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
     model = kind.build(args)
     try:

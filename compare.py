@@ -29,9 +29,12 @@ import os
 import subprocess
 import sys
 
+import configurator
 import extraction
 from checkpoint import CheckpointError, RunLock
+from models import MODELS
 from runtime import CONTENDED_CORES
+from train_config import TRAIN_LEGACY, TYPES, defaults_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL_KEYS = ("test set", "eval_stride", "block_size", "budget")
@@ -112,6 +115,53 @@ def stored_command(d):
         return None
 
 
+NOT_COMPARED = ("out_dir", "progress", "init_from")  # where and how a run was written, not what it trained
+
+
+def config_drift(d, script, args, budget, seed):
+    """What a run is, beyond its command: the settings the command resolves to with TODAY's defaults, against
+    the settings it trained with (its config.json). A default changed since (issue 22 moved local_blocks and
+    keep_first_block) makes an unchanged command another run, so a finished one must not be counted as it.
+    Returns the differing keys as 'key: then -> now', or None where d has no config.json (judged by its
+    command alone). A key the run predates counts as its old behaviour (the config class's LEGACY); keys
+    the trainer derives (None in the command: min_lr, lr_decay_iters, eval_stride) follow the keys compared."""
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            then = json.load(f)
+    except (OSError, ValueError):
+        return None
+    kind = next((k for k, m in MODELS.items() if m.script == os.path.basename(script)), None)
+    if kind is None or not isinstance(then, dict):
+        return None
+    argv = [a if a.startswith("--") or os.path.isabs(a) else os.path.join(ROOT, a) for a in args]
+    try:
+        now = configurator.resolve(defaults_for(kind), [*argv, *budget, f"--seed={seed}"], TYPES)
+    except configurator.ConfigError as e:
+        return [f"its command no longer resolves ({e})"]
+    legacy = {**TRAIN_LEGACY, **MODELS[kind].config_cls.LEGACY}
+    drift = []
+    for key, value in now.items():
+        old = then.get(key, legacy.get(key, value))  # a key added since, not in LEGACY: its default is the old way
+        if key not in NOT_COMPARED and value is not None and old != value:
+            drift.append(f"{key}: {old!r} -> {value!r}")
+    return drift
+
+
+def counted(d, spec, script, args, seed):
+    """(True, '') if finished run d is this row's seed as the spec and today's defaults say; else (False, why).
+    With a config.json the settings decide, so pinning a changed default in the spec (--key=old) keeps old
+    runs; without one, the command."""
+    want = run_command(spec, script, args, seed)
+    have = stored_command(d)
+    drift = config_drift(d, script, args, want["budget"], seed)
+    if drift is None or (have is not None and have["script"] != want["script"]):
+        return (True, "") if have is None or have == want else (False, "run with another command")
+    if drift:
+        why = "run with another command" if have is not None and have != want else "run under other defaults"
+        return False, f"{why} ({'; '.join(drift[:4])}{'; ...' if len(drift) > 4 else ''})"
+    return True, ""
+
+
 def finished(d):
     """A final.json that is the run's latest word (not one a resumed run has gone past)."""
     if not os.path.exists(os.path.join(d, "final.json")):
@@ -130,17 +180,19 @@ def execute(spec, log=print):
             d = run_dir(spec["out"], name, seed)
             want = run_command(spec, script, args, seed)
             if finished(d):
-                have = stored_command(d)
-                if have is not None and have != want:
-                    log(f"compare: {d} is finished but was run with another command ({have}); flagged in the "
-                        f"table, not counted: delete {d} to run it again")
+                ok, why = counted(d, spec, script, args, seed)
+                if not ok:
+                    log(f"compare: {d} is finished but was {why}; flagged in the table, not counted: delete {d} "
+                        f"to run it again")
                 else:
                     log(f"compare: {d} is finished; kept")
                 continue
-            if os.path.exists(os.path.join(d, "ckpt.pt")) and stored_command(d) not in (None, want):
-                log(f"compare: {d} was started with another command; flagged, not resumed: delete {d} to run it again")
-                failed += 1
-                continue
+            if os.path.exists(os.path.join(d, "ckpt.pt")):
+                ok, why = counted(d, spec, script, args, seed)
+                if not ok:
+                    log(f"compare: {d} was started but {why}; flagged, not resumed: delete {d} to run it again")
+                    failed += 1
+                    continue
             resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
             cmd = [sys.executable, os.path.join(ROOT, script), *args, *want["budget"], f"--seed={seed}",
                    f"--out_dir={d}", "--progress=False", *resume]
@@ -190,9 +242,11 @@ def report(spec):
         for seed in run_seeds(spec, own):
             d = run_dir(spec["out"], name, seed)
             if finished(d):
-                have = stored_command(d)
-                (changed if have is not None and have != run_command(spec, script, args, seed) else runs).append(
-                    extraction.Run(d))
+                ok, why = counted(d, spec, script, args, seed)
+                if ok:
+                    runs.append(extraction.Run(d))
+                else:
+                    changed.append((extraction.Run(d), why))
         groups.append((name, script, args, runs, changed, len(run_seeds(spec, own))))
     if not groups[0][3]:
         raise CompareError(f"the reference run {groups[0][0]} has no finished seed in {spec['out']} run with "
@@ -233,9 +287,10 @@ def report(spec):
         if unrecorded:
             notes.append(f"{', '.join(unrecorded)}: run before compare.py stored commands; its command is assumed")
         if changed:
-            differs.append(f"{len(changed)} finished seed(s) run with another command, not counted")
-            notes.append(f"{', '.join(r.name for r in changed)}: finished with another command than the spec's "
-                         f"now (compare_run.json); delete to run again")
+            kinds = sorted({why.split(" (")[0] for _, why in changed})
+            differs.append(f"{len(changed)} finished seed(s) {' or '.join(kinds)}, not counted")
+            notes += [f"{r.name}: finished, but {why}, against the spec and defaults now (compare_run.json, "
+                      f"config.json); delete it to run it again" for r, why in changed]
         lines.append(f"| {name} | `{script} {' '.join(args)}` | {len(runs)}/{n_seeds} | "
                      f"{fmt(*mean_sd([x.get('iters') for x in f]), '.0f')} | {fmt(*test, '.4f')} | {diff} | "
                      f"{fmt(*mean_sd([x.get('best_val_bpc') for x in f]), '.4f')} | "

@@ -2,9 +2,12 @@
 # T=512, S=32, target sparsity 0.75 (the maximum at this shape is 0.82), the new default architecture,
 # 500 iterations of 4096 bytes, two seeds. Compare test bpc at the measured test sparsity.
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_budget.py
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
+# with which these rows were measured
 COMMON = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
           "--sparse_block_size=32", "--target_sparsity=0.75", "--sparsity_warmup_iters=150", "--eval_interval=100",
-          "--eval_stride=256", "--gate_input=unrotated"]  # as README's table was measured (the default then)
+          "--eval_stride=256", "--gate_input=unrotated",  # as README's table was measured (the defaults then)
+          "--keep_first_block=True", "--local_blocks=0"]
 RUNS = [
     ("fixed", "novel_model.py", COMMON + ["--budget=fixed"]),
     ("adaptive", "novel_model.py", COMMON + ["--budget=adaptive"]),

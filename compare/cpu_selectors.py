@@ -5,9 +5,12 @@
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_selectors.py
 DENSE = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
          "--eval_interval=100", "--eval_stride=256"]
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
+# with which these rows were measured
 ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
         "--sparse_block_size=32", "--target_sparsity=0.75", "--sparsity_warmup_iters=150", "--eval_interval=100",
-        "--eval_stride=256", "--gate_input=rotated", "--budget=fixed"]
+        "--eval_stride=256", "--gate_input=rotated", "--budget=fixed",
+        "--keep_first_block=True", "--local_blocks=0"]
 RUNS = [
     ("dense", "baseline_model.py", DENSE),
     ("learned", "novel_model.py", ASCA + ["--selector=learned"]),
