@@ -10,8 +10,10 @@ How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = qu
    - the mean of block j's keys (all at positions < b*S), and a learned per-head block-distance bias.
    So the decision for any query i in tile b uses positions <= b*S <= i only: strictly causal.
    (Pooling the tile's queries would leak the future into its earlier members.)
-2. The tile keeps its own block (causal inside), block 0 if keep_first_block (an attention sink),
-   and some of its other past blocks, best-scored first. How many:
+2. The tile keeps its own block (causal inside), its local_blocks nearest past blocks (default 1: every
+   byte sees at least S bytes back), block 0 if keep_first_block (an attention sink; off by default: at 0.75
+   the nearest block is worth more, README "Quality at high sparsity"), and some of its other past blocks,
+   best-scored first. How many:
    - budget='fixed': n_keep[b], fixed per tile by target_sparsity (spread evenly over tiles), so the
      compute saved is exactly what was asked; the content decides WHICH blocks.
    - budget='adaptive': every block scoring above a threshold (one per layer, or per head with
@@ -57,8 +59,8 @@ class ASCAConfig(GPTConfig):
     sparse_block_size: int = 128  # S: key blocks and query tiles, in tokens (128: see flex_backward_problem)
     target_sparsity: float = 0.5  # fraction of causal query-key pairs skipped after warm-up
     sparsity_warmup_iters: int = 1000  # linear ramp from dense (0 = target from the first step)
-    keep_first_block: bool = True  # block 0 always kept (attention sink)
-    local_blocks: int = 0  # the w nearest past blocks always kept, counted in the budget (every byte sees >= w*S back)
+    keep_first_block: bool = False  # block 0 always kept (attention sink); off: its budget buys the nearest block
+    local_blocks: int = 1  # the w nearest past blocks always kept, counted in the budget (every byte sees >= w*S back)
     layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
     #                           "" = target_sparsity in every layer
     gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
@@ -72,7 +74,7 @@ class ASCAConfig(GPTConfig):
     budget_ema: float = 0.5  # adaptive: weight of the last step's estimate in the threshold's moving average
     budget_scope: str = "layer"  # adaptive: one threshold per 'layer' (its heads share the budget) or per 'head'
     selector: str = "learned"  # which past blocks a tile keeps: 'learned' (the predictor); controls at the same
-    #                            budget: 'local' (the nearest, plus the sink) or 'random' (a new draw each forward)
+    #                            budget: 'local' (the nearest, plus the sink if kept) or 'random' (a new draw each forward)
     attn_impl: str = "auto"  # 'auto' (flex on CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
     flex_gate_bias: str = "auto"  # flex path: the gate bias read per key position ('key') or per block ('block'): the
     #                               same function, fewer contended atomics in backward with 'key'; 'auto' = 'key' on
@@ -80,7 +82,8 @@ class ASCAConfig(GPTConfig):
 
     RUNTIME_KEYS = ("dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters", "budget_ema", "flex_gate_bias")
     DEVICE_DEFAULTS = {"attn_impl": "auto"}
-    LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True, "budget": "fixed"}
+    LEGACY = {**GPTConfig.LEGACY, "gate_input": "unrotated", "gate_dist_bias": True, "budget": "fixed",
+              "local_blocks": 0}  # keep_first_block is in every checkpoint's model_args: its old default needs no entry
 
     def validate(self):
         super().validate()

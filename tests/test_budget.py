@@ -27,7 +27,7 @@ def adaptive_module(T=64, S=8, H=2, hs=8, target=0.6, keep_first=True, dtype=tor
     torch.manual_seed(0)
     cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
                      sparsity_warmup_iters=0, keep_first_block=keep_first, attn_impl="reference",
-                     pos_encoding="learned", budget="adaptive")
+                     pos_encoding="learned", budget="adaptive", local_blocks=0)  # the rule the loop below spells out
     return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)
 
 

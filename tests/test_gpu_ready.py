@@ -11,7 +11,7 @@ from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention
 
 def selector(**kw):
     cfg = dict(block_size=256, n_head=2, n_embd=32, sparse_block_size=16, target_sparsity=0.6,
-               sparsity_warmup_iters=10)
+               sparsity_warmup_iters=10, keep_first_block=True, local_blocks=0)  # as the references here spell it
     cfg.update(kw)
     return BlockSelector(ASCAConfig(**cfg))
 

@@ -156,7 +156,7 @@ def test_bad_local_blocks_is_one_line():
     with pytest.raises(ValueError, match="local_blocks=-1 must be >= 0"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, local_blocks=-1).validate()
     with pytest.raises(ValueError, match="out of reach .* local_blocks=4: the maximum is 0.0923"):
-        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, local_blocks=4,
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, local_blocks=4, keep_first_block=True,
                    target_sparsity=0.6).validate()
 
 

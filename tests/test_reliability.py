@@ -220,6 +220,34 @@ def test_compare_from_elsewhere_flags_edited_specs_and_refuses_other_test_sets(t
     assert "another test set" in line and "dense2_s1" in line
 
 
+def test_compare_does_not_count_a_run_made_under_other_defaults(tmp_path, data_dir, capsys):
+    """A default that moved after a run finished (issue 22 moved local_blocks and keep_first_block) makes the
+    same command another model: the run is flagged, not counted. A spec that pins the old values counts it
+    again: the settings a run trained with decide, not the text of its command."""
+    out = tmp_path / "cmp"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    assert compare.main([spec]) == 0
+    path = out / "sparse_s1" / "config.json"
+    cfg = json.load(open(path))
+    assert cfg["local_blocks"] == 1 and cfg["keep_first_block"] is False  # today's defaults, as the run recorded
+    cfg["keep_first_block"] = True  # a run from before issue 22: the sink, and no local_blocks key yet
+    del cfg["local_blocks"]
+    path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert compare.main([spec]) == 0  # not resumed or re-run over it either
+    assert "run under other defaults (keep_first_block: True -> False; local_blocks: 0 -> 1)" in capsys.readouterr().out
+    table = (out / "comparison.md").read_text()
+    assert "| 0/1 |" in row_of(table, "sparse") and "run under other defaults, not counted" in row_of(table, "sparse")
+    assert "| 1/1 |" in row_of(table, "dense")  # the dense run has no such key: untouched
+    spec = write_spec(tmp_path / "spec.py", data_dir, out, sparse_args=["--keep_first_block=True", "--local_blocks=0"])
+    assert compare.main([spec, "--report_only"]) == 0
+    assert "| 1/1 |" in row_of((out / "comparison.md").read_text(), "sparse")
+    # pinned otherwise than the run trained: flagged again, as another command
+    spec = write_spec(tmp_path / "spec.py", data_dir, out, sparse_args=["--keep_first_block=True", "--local_blocks=2"])
+    assert compare.main([spec, "--report_only"]) == 0
+    assert "run with another command, not counted" in row_of((out / "comparison.md").read_text(), "sparse")
+
+
 def test_compare_flags_contended_throughput(tmp_path, data_dir):
     out = tmp_path / "busy"
     spec = write_spec(tmp_path / "spec.py", data_dir, out)

@@ -14,7 +14,8 @@ MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8
 def module(selector, **kw):
     torch.manual_seed(0)
     cfg = ASCAConfig(block_size=128, n_head=2, n_embd=16, sparse_block_size=8, target_sparsity=0.7,
-                     sparsity_warmup_iters=0, attn_impl="reference", pos_encoding="learned", selector=selector, **kw)
+                     sparsity_warmup_iters=0, attn_impl="reference", pos_encoding="learned", selector=selector,
+                     **{"keep_first_block": True, "local_blocks": 0, **kw})  # the rules as the tests below spell them
     return AdaptiveSparseCausalSelfAttention(cfg).double()
 
 
