@@ -11,9 +11,10 @@ LONG = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size=
         "--max_iters=1000", "--warmup_iters=20", "--eval_interval=100", "--eval_iters=8"]
 ASCA = LONG[1:] + ["--sparse_block_size=64", "--sparsity_warmup_iters=250", "--budget=fixed",
                    "--gate_input=rotated", "--attn_impl=auto"]
+NOW = ["config/train_excerpt_cpu_novel.py"] + ASCA  # today's defaults (issue 22: the nearest block, no sink)
 # --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
-# with which these rows were measured
-ASCA = ["config/train_excerpt_cpu_novel.py"] + ASCA + ["--keep_first_block=True", "--local_blocks=0"]
+# with which the rows before issue 22 were measured
+ASCA = NOW + ["--keep_first_block=True", "--local_blocks=0"]
 HEADLINE = [1337, 1338]
 RUNS = [
     ("dense_4096", "baseline_model.py", LONG, HEADLINE),
@@ -22,8 +23,8 @@ RUNS = [
     ("random_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--selector=random"]),
     ("learned_0.75", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--selector=learned"]),
     # issue 22's best at T=512 (compare/cpu_quality.py): the nearest block instead of the sink
-    ("local1_nosink_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--local_blocks=1",
-                                                      "--keep_first_block=False"]),
+    ("local1_nosink_0.875", "novel_model.py", NOW + ["--target_sparsity=0.875", "--local_blocks=1",
+                                                     "--keep_first_block=False"]),
     ("dense_256", "baseline_model.py", ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt",
                                         "--max_iters=10000", "--eval_interval=1000"]),
 ]

@@ -6,15 +6,14 @@
 # time-based ramp there does. ASCA runs the gather kernel (attn_impl='auto' picks it on the CPU at T >= 1024).
 LONG = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size=4096", "--batch_size=1",
         "--warmup_iters=20", "--eval_interval=100", "--eval_iters=8"]
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
-# with which these rows were measured
+# --keep_first_block=True --local_blocks=0: ASCA's defaults before issue 22 (the sink, no forced local block)
 ASCA = ["config/train_excerpt_cpu_novel.py"] + LONG[1:] + [
     "--sparse_block_size=64", "--target_sparsity=0.875", "--sparsity_warmup_iters=75", "--budget=fixed",
-    "--gate_input=rotated", "--attn_impl=auto", "--keep_first_block=True", "--local_blocks=0"]
+    "--gate_input=rotated", "--attn_impl=auto"]
 RUNS = [
     ("dense_4096", "baseline_model.py", LONG),
     ("local1_nosink_0.875", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False"]),
-    ("learned_0.875", "novel_model.py", ASCA),
+    ("learned_0.875", "novel_model.py", ASCA + ["--keep_first_block=True", "--local_blocks=0"]),
 ]
 BUDGET = {"max_iters": 300}
 SEEDS = [1337]

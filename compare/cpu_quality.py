@@ -11,18 +11,19 @@ exec(open(os.path.join(os.path.dirname(__file__), "cpu_selectors.py")).read())  
 
 RUNS = [
     ("dense", "baseline_model.py", DENSE),
-    ("learned", "novel_model.py", ASCA + ["--selector=learned"]),
+    ("learned", "novel_model.py", ASCA + ["--selector=learned"]),  # ASCA before issue 22: the sink, no local block
     ("local_rule", "novel_model.py", ASCA + ["--selector=local"]),
-    ("local_blocks1_nosink", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False"]),
+    # the nearest block instead of the sink (today's defaults, spelled out)
+    ("local_blocks1_nosink", "novel_model.py", NOW + ["--local_blocks=1", "--keep_first_block=False"]),
     # its control: the same counts, the nearest blocks by rule instead of the predictor's choice for the rest
-    ("local_rule_local1_nosink", "novel_model.py", ASCA + ["--selector=local", "--local_blocks=1",
-                                                           "--keep_first_block=False"]),
+    ("local_rule_local1_nosink", "novel_model.py", NOW + ["--selector=local", "--local_blocks=1",
+                                                          "--keep_first_block=False"]),
     ("gate_loss1", "novel_model.py", ASCA + ["--gate_loss=1.0"]),
     ("layers_0.6_0.8", "novel_model.py", ASCA + ["--layer_sparsity=0.6,0.8,0.8,0.8"]),
     ("compressed", "novel_model.py", ASCA + ["--compressed_branch=True"]),
-    # the best combination: the two elements that each gained alone (compressed and the per-layer split did not)
-    ("local1_nosink_gate1", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False",
-                                                      "--gate_loss=1.0"]),
+    # the two elements that each gained alone together (compressed and the per-layer split did not gain)
+    ("local1_nosink_gate1", "novel_model.py", NOW + ["--local_blocks=1", "--keep_first_block=False",
+                                                     "--gate_loss=1.0"]),
 ]
 BUDGET = {"max_iters": 500}
 SEEDS = [1337, 1338]

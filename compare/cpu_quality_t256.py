@@ -6,14 +6,12 @@
 # T=256 with S=16 has 16 blocks per sequence, as T=512 with S=32.
 NEW = ["--pos_encoding=rope", "--qk_norm=true", "--mlp_act=relu2", "--tie_embeddings=false", "--optimizer=muon"]
 DENSE = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--eval_interval=100"] + NEW
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
-# with which these rows were measured
+# --keep_first_block=True --local_blocks=0: ASCA's defaults before issue 22 (the sink, no forced local block)
 ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_interval=100", "--sparse_block_size=16",
-        "--target_sparsity=0.75", "--sparsity_warmup_iters=100", "--gate_input=rotated", "--budget=fixed",
-        "--keep_first_block=True", "--local_blocks=0"] + NEW
+        "--target_sparsity=0.75", "--sparsity_warmup_iters=100", "--gate_input=rotated", "--budget=fixed"] + NEW
 RUNS = [
     ("dense", "baseline_model.py", DENSE),
-    ("learned", "novel_model.py", ASCA),
+    ("learned", "novel_model.py", ASCA + ["--keep_first_block=True", "--local_blocks=0"]),
     ("local1_nosink", "novel_model.py", ASCA + ["--local_blocks=1", "--keep_first_block=False"]),
 ]
 BUDGET = {"max_iters": 300}

@@ -9,8 +9,10 @@ DENSE = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size
 # with which these rows were measured
 ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
         "--sparse_block_size=32", "--target_sparsity=0.75", "--sparsity_warmup_iters=150", "--eval_interval=100",
-        "--eval_stride=256", "--gate_input=rotated", "--budget=fixed",
-        "--keep_first_block=True", "--local_blocks=0"]
+        "--eval_stride=256", "--gate_input=rotated", "--budget=fixed"]
+OLD_SELECTION = ["--keep_first_block=True", "--local_blocks=0"]
+NOW = ASCA  # today's defaults (issue 22: the nearest block, no sink)
+ASCA = ASCA + OLD_SELECTION
 RUNS = [
     ("dense", "baseline_model.py", DENSE),
     ("learned", "novel_model.py", ASCA + ["--selector=learned"]),
