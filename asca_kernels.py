@@ -27,30 +27,41 @@ class _BlockAttention(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v over (..., S, L) logits, with the mask's gradient reduced to one value
     per key slot of S keys (the gate bias is constant over a tile's queries and a block's keys). Written out
     (not SDPA's math path, which a grad-requiring mask forces on a CPU) so the logits are computed once,
-    with the mask fused into the matmul (baddbmm), and softmax's output is the only saved (n, S, L) tensor."""
+    with the mask fused into the matmul (baddbmm), and softmax's output is the only saved (n, S, L) tensor.
+
+    Its dtypes are its own, not an autocast policy's (issue 30): CUDA's autocast runs softmax in float32 and the
+    CPU's in bf16, so a backward that mixed the saved probabilities with the incoming gradient crashed on the first
+    CUDA step only. The matmuls run in the logits' dtype (cdt: bf16 under either autocast, else the inputs'), the
+    softmax and its backward's elementwise part in at least float32, and each gradient returns in its input's dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, slot_bias, own, scale, S):
         # q (N, S, hs), k, v (N, L, hs), slot_bias (N, L // S) with -inf on padding, own (S, L) causal part
         mask = slot_bias.repeat_interleave(S, dim=-1)[:, None, :] + own  # (N, S, L)
-        p = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
-        p = torch.softmax(p, dim=-1)
-        out = torch.bmm(p, v)
+        logits = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
+        cdt = logits.dtype
+        p = torch.softmax(logits, dim=-1, dtype=torch.promote_types(cdt, torch.float32)).to(cdt)
+        out = torch.bmm(p, v.to(cdt))
         ctx.save_for_backward(q, k, v, p, out)
-        ctx.scale, ctx.S = scale, S
+        ctx.scale, ctx.S, ctx.bias_dtype = scale, S, slot_bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, p, out = ctx.saved_tensors
         scale, S = ctx.scale, ctx.S
+        cdt = p.dtype  # the forward's matmul dtype
+        acc = torch.promote_types(cdt, torch.float32)
+        qc, kc, vc, dout = (t.to(cdt) for t in (q, k, v, dout))
         dv = torch.bmm(p.transpose(1, 2), dout)
-        dp = torch.bmm(dout, v.transpose(1, 2))
-        ds = p * (dp - (dout * out).sum(-1, keepdim=True))  # softmax backward, (N, S, L)
-        dq = torch.bmm(ds, k) * scale
-        dk = torch.bmm(ds.transpose(1, 2), q) * scale
+        dp = torch.bmm(dout, vc.transpose(1, 2))
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+        ds = p.to(acc) * (dp.to(acc) - delta)  # softmax backward, (N, S, L)
         dslot = ds.sum(1).view(ds.shape[0], -1, S).sum(-1)  # (N, L // S)
-        return dq, dk, dv, dslot, None, None, None
+        ds = ds.to(cdt)
+        dq = torch.bmm(ds, kc) * scale
+        dk = torch.bmm(ds.transpose(1, 2), qc) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dslot.to(ctx.bias_dtype), None, None, None
 
 
 def tile_groups(nb, groups=GATHER_GROUPS):

@@ -195,3 +195,64 @@ def free_memory_bytes(device_type, device=None):
 
 
 CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a run's throughput is flagged
+
+
+# ----------------------------------------------------------------------------- CUDA's autocast policy on a CPU
+
+# Where CUDA's autocast differs from the CPU's (ATen/autocast_mode.h, torch 2.11 and 2.13; checked on both): CUDA
+# runs these ops in float32 whatever their low-precision inputs, the CPU keeps bf16. FP32: every floating
+# argument is cast to float32. SET_OPT_DTYPE: the op gets dtype=float32 unless it names one (softmax, sums).
+CUDA_FP32_OPS = frozenset((
+    "acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow softplus layer_norm "
+    "group_norm nuclear_norm cosine_similarity poisson_nll_loss cosine_embedding_loss nll_loss "
+    "nll_loss2d hinge_embedding_loss kl_div l1_loss smooth_l1_loss huber_loss mse_loss margin_ranking_loss "
+    "multilabel_margin_loss soft_margin_loss triplet_margin_loss multi_margin_loss binary_cross_entropy_with_logits "
+    "dist pdist cdist renorm logsumexp").split())
+CUDA_FP32_SET_OPT_DTYPE_OPS = frozenset(
+    "prod softmax log_softmax cumprod cumsum sum norm linalg_vector_norm linalg_matrix_norm".split())
+
+
+def _low_precision(t):
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)
+
+
+class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
+    """Inside CPU autocast, applies the CUDA policy's float32 ops (CUDA_FP32_OPS, CUDA_FP32_SET_OPT_DTYPE_OPS) at
+    the torch-function level, so a CPU test sees the dtypes a GPU would give: float32 softmax over bf16 logits, a
+    float32 sum of bf16 values, float32 norms (rms_norm too with rms_norm_fp32: on CUDA's list from torch 2.13,
+    not in 2.11). Built for issue 30: a kernel that ran on every CPU test crashed on the first CUDA step."""
+
+    def __init__(self, rms_norm_fp32=True):
+        super().__init__()
+        self.fp32_ops = CUDA_FP32_OPS | ({"rms_norm"} if rms_norm_fp32 else set())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if torch.is_autocast_enabled("cpu"):
+            if name in self.fp32_ops and (any(map(_low_precision, args)) or any(map(_low_precision, kwargs.values()))):
+                args = tuple(a.float() if _low_precision(a) else a for a in args)
+                kwargs = {k: v.float() if _low_precision(v) else v for k, v in kwargs.items()}
+            elif (name in CUDA_FP32_SET_OPT_DTYPE_OPS and kwargs.get("dtype") is None and args
+                  and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
+                kwargs["dtype"] = torch.float32
+        return func(*args, **kwargs)
+
+
+class cuda_autocast_on_cpu:  # noqa: N801 (used as torch.autocast is)
+    """CPU autocast to `dtype` with CUDA's float32 ops (CudaAutocastPolicy): a CPU rehearsal of a GPU's mixed
+    precision. Re-entrant one use at a time, like torch.autocast, so it serves as a run's `ctx`. Backward, run
+    outside the context as the trainer runs it, sees the dtypes the forward saved."""
+
+    def __init__(self, dtype=torch.bfloat16, rms_norm_fp32=True):
+        self.dtype, self.rms_norm_fp32, self.stack = dtype, rms_norm_fp32, None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(torch.autocast("cpu", dtype=self.dtype))
+        self.stack.enter_context(CudaAutocastPolicy(self.rms_norm_fp32))
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+        return False
