@@ -15,6 +15,7 @@ the trainer only call it).
 
 S = sparse_block_size, nb = T / S; tile b = queries b*S .. b*S+S-1, block j = keys likewise.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -56,21 +57,28 @@ def padded_length(T, S, bucket_max=None):
     return Tp
 
 
-def keep_counts(nb, S, T, sparsity, keep_first, local=0):
-    """Past blocks kept per query tile (own block not counted), LongTensor (nb,).
+def blocks_to_skip(sparsity, T, S, skippable):
+    """How many past blocks a fixed budget skips at this sparsity over all tiles: round(sparsity * causal pairs /
+    S^2), at most the `skippable` ones in all (forced_past's never are). Pure Python: set_step calls it per step."""
+    return min(skippable, round(sparsity * T * (T + 1) / 2 / (S * S)))
 
-    Skips round(sparsity * causal_pairs / S^2) blocks in all, spread over tiles in proportion to
-    how many each may skip (cumulative rounding), so every tile keeps about the same fraction; never one
-    of forced_past's blocks.
-    """
+
+def count_table(nb, keep_first, local, n_max):
+    """(n_max + 1, nb) int64: row n is the keep counts of tiles 0..nb-1 when n blocks are skipped in all, spread
+    over tiles in proportion to how many each may skip (cumulative rounding), so every tile keeps about the same
+    fraction."""
     skippable = _skippable(nb, keep_first, local)
     total = int(skippable.sum())
-    n_skip = min(total, round(sparsity * T * (T + 1) / 2 / (S * S)))
-    if total == 0 or n_skip == 0:
-        return torch.arange(nb)
-    cum = torch.round(n_skip * torch.cumsum(skippable, 0).double() / total).long()
-    skip = torch.diff(cum, prepend=torch.zeros(1, dtype=torch.long))
-    return torch.arange(nb) - skip
+    n = torch.arange(n_max + 1, dtype=torch.float64)[:, None]
+    cum = torch.round(n * torch.cumsum(skippable, 0).double() / max(total, 1)).long()  # (n_max + 1, nb)
+    return torch.arange(nb) - torch.diff(cum, dim=1, prepend=torch.zeros(n_max + 1, 1, dtype=torch.long))
+
+
+def keep_counts(nb, S, T, sparsity, keep_first, local=0):
+    """Past blocks kept per query tile (own block not counted), LongTensor (nb,): count_table's row for
+    blocks_to_skip at this sparsity. Never drops one of forced_past's blocks."""
+    n = blocks_to_skip(sparsity, T, S, int(_skippable(nb, keep_first, local).sum()))
+    return count_table(nb, keep_first, local, n)[n]
 
 
 def block_masks(nb, device, keep_first=False, local=0):
@@ -187,13 +195,20 @@ class BlockSelector(nn.Module):
         self.predictor = ContentBasedAdaptiveSparsity(config.n_head, self.head_size, config.gate_dim,
                                                       config.block_size // S, dist_bias=config.gate_dist_bias)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
-        # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never
-        # changes Python values that torch.compile would guard on (no recompiles during warm-up)
-        self.register_buffer("n_keep", keep_counts(config.block_size // S, S, config.block_size, 0.0, self.keep_first,
-                                                   self.local), persistent=False)
-        self.sparsity, self._counts_set, self._cand_index = 0.0, None, {}
+        # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
+        # values that torch.compile would guard on (no recompiles during warm-up). Every count the schedule reaches
+        # is a row of a table on the same device, made once: set_step copies a row device to device, never from
+        # host memory, which on a GPU would wait for it at each step of the warm-up (issue 30, item 4)
+        nb = config.block_size // S
+        self.skippable = int(_skippable(nb, self.keep_first, self.local).sum())
+        table = count_table(nb, self.keep_first, self.local,
+                            blocks_to_skip(self.target, config.block_size, S, self.skippable))
+        self.register_buffer("count_table", table.int(), persistent=False)  # (skipped blocks + 1, nb)
+        self.register_buffer("n_keep", table[0].clone(), persistent=False)
+        self.sparsity, self._skips, self._cand_index = 0.0, 0, {}
         self.set_step(0)
         self.last = None  # Selection of the last forward
+        self.replay = None  # (order, n_past) another forward chose: rank() returns it (replaying(); checks only)
         self.adaptive = config.budget == "adaptive"
         self.budget_ema = config.budget_ema
         self.per_head = config.budget_scope == "head"
@@ -209,15 +224,13 @@ class BlockSelector(nn.Module):
 
     # --- schedule (the trainer calls set_step with its schedule position)
     def set_step(self, iter_num):
+        self.step_pos = iter_num
         frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
         self.sparsity = self.target * frac
-        nb = self.block_size // self.S
-        counts = keep_counts(nb, self.S, self.block_size, self.sparsity, self.keep_first, self.local)
-        # a copy from host memory to the GPU waits for the GPU: once per layer and step it cost every step a sync
-        # (issue 23, item 6). Copy only when the counts change (each step of the warm-up, then never).
-        if self._counts_set is None or not torch.equal(counts, self._counts_set):
-            self.n_keep.copy_(counts)
-            self._counts_set = counts
+        n = blocks_to_skip(self.sparsity, self.block_size, self.S, self.skippable)
+        if n != self._skips:  # each step of the warm-up, then never
+            self.n_keep.copy_(self.count_table[n])
+            self._skips = n
 
     # --- selection
     def scores(self, q, k):
@@ -274,6 +287,8 @@ class BlockSelector(nn.Module):
     def rank(self, scores):
         """(order, n_past) from the scores (B, nh, nb, nb) alone: per tile its own block first, then the forced
         blocks (the sink, then the local ones, by index), then past blocks by descending score; and counts(scores)."""
+        if self.replay is not None:
+            return self.replay
         nb = scores.shape[-1]
         device = scores.device
         past = block_masks(nb, device)[1]
@@ -282,6 +297,18 @@ class BlockSelector(nn.Module):
         prio = prio.masked_fill(self.forced(nb, device), torch.finfo(torch.float32).max)  # after own, before the rest
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)
         return order, self.counts(scores)
+
+    @contextlib.contextmanager
+    def replaying(self, sel):
+        """rank() returns Selection `sel`'s order and counts instead of its own: a check compares two paths' function
+        on one block choice. In bf16 two graphs round q and k differently, and a near-tie between two blocks' scores
+        picks another block in about 8% of seeds (issue 30): a difference of choice, not of the function. The
+        scores stay this path's own, so the predictor's gradient is its own too."""
+        self.replay = (sel.order, sel.n_past)
+        try:
+            yield
+        finally:
+            self.replay = None
 
     @staticmethod
     def block_selection(order, n_past):

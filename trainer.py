@@ -283,13 +283,16 @@ class Trainer:
         r = check(self.model, self.fwd, x.to(rt.device), y.to(rt.device), rt.ctx, rt.dtype != "float32")
         if r is None:
             return
-        where = f"logits {r['logits']:.2g}, gradients {r['grad']:.2g}" + (f" (worst: {r['worst']})" if r["worst"] else "")
-        if rt.any_rank(r["logits"] > r["tol"] or r["grad"] > r["tol"]):
+        tol = r["tol"]
+        where = (f"logits {r['logits']:.2g} (tolerance {tol['logits']:g}), gradients {r['grad']:.2g} per element "
+                 f"(tolerance {tol['grad']:g}" + (f"; worst: {r['worst']}" if r["worst"] else "") + f"), "
+                 f"{r['grad_l2']:.2g} in L2 over {r['worst_l2']} (tolerance {tol['grad_l2']:g})")
+        if rt.any_rank(not r["ok"]):
             raise TrainError(f"start-up check failed: the {r['fast']} path differs from the {r['reference']} path on one batch "
-                             f"by {where} of their scale (tolerance {r['tol']:g}); this torch/device computes it wrongly: "
-                             f"train with --attn_impl={r['reference']}, or skip the check with --startup_check=off")
-        self.say(f"start-up check: the {r['fast']} path equals the {r['reference']} path on one batch ({where} of "
-                 f"their scale, tolerance {r['tol']:g}; {time.time() - t0:.1f}s)")
+                             f"at the target sparsity by {where}, relative to their scale; this torch/device computes it "
+                             f"wrongly: train with --attn_impl={r['reference']}, or skip the check with --startup_check=off")
+        self.say(f"start-up check: the {r['fast']} path equals the {r['reference']} path on one batch at the target "
+                 f"sparsity ({where}, relative to their scale; {time.time() - t0:.1f}s)")
 
     def schedule_position(self):
         """(position along the schedules in iterations, progress in [0, 1]). Without a time budget the

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import novel_model
-from asca_selector import BlockSelector, block_masks
+from asca_selector import BlockSelector, block_masks, keep_counts
 from baseline_model import GPT
 from helpers import one_line, train_in_process
 from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention
@@ -29,6 +29,39 @@ def test_set_step_copies_the_counts_only_when_they_change():
     assert len(set(after)) == 1  # past the warm-up: no copy at all
     ref = selector(sparsity_warmup_iters=0)
     assert torch.equal(s.n_keep, ref.n_keep)  # and the counts are the target's
+
+
+class HostToDevice(torch.overrides.TorchFunctionMode):
+    """Counts the calls that mix a host tensor with one on another device: on a GPU, a copy from pageable host
+    memory that waits for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        if len({t.device.type for t in tensors}) > 1:
+            self.crossings.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep_first,local", [(True, 0), (False, 1), (False, 3)])
+def test_the_warm_up_copies_no_counts_from_host_memory(keep_first, local):
+    """Issue 30, item 4: each warm-up step copied its new counts from host memory, a host sync per layer and step
+    on a GPU (about 1,500 of 2,000 steps at T=8192). The counts of every step are now rows of a table on the
+    module's device, copied there once. On the meta device (a stand-in for a GPU, whose tensors the mode tells
+    from host tensors) no warm-up step mixes the two; the counts equal keep_counts' at every step."""
+    s = selector(keep_first_block=keep_first, local_blocks=local, sparsity_warmup_iters=40).to("meta")
+    host = selector(keep_first_block=keep_first, local_blocks=local, sparsity_warmup_iters=40)
+    watch = HostToDevice()
+    with watch:
+        for it in range(45):
+            s.set_step(it)
+    assert watch.crossings == [] and s.n_keep.device.type == "meta"
+    for it in range(45):
+        host.set_step(it)
+        assert torch.equal(host.n_keep, keep_counts(16, 16, 256, host.sparsity, keep_first, local)), it
 
 
 @pytest.mark.parametrize("keep_first", [True, False])
@@ -100,7 +133,7 @@ def test_cuda_start_up_check_on_the_compiled_flex_path():
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     r = novel_model.startup_check(model, torch.compile(model), x, y, ctx, low_precision=True)
     assert r["fast"] == "compiled flex" and r["reference"] == "gather"
-    assert r["logits"] <= r["tol"] and r["grad"] <= r["tol"], r
+    assert r["ok"], r
 
 
 # ----------------------------------------------------------------------------- item 7, the smaller points
