@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import baseline_model
 import novel_model
+from runtime import cuda_autocast_on_cpu
 
 
 def timeit(fn, warmup, iters, cuda):
@@ -53,14 +54,27 @@ def timeit(fn, warmup, iters, cuda):
     return statistics.median(times)
 
 
-def compiled(fn, args):
-    """fn compiled as the benchmark runs it (static shapes: training never runs a symbolic length), or fn."""
-    return torch.compile(fn, dynamic=False, backend=args.backend) if args.compile else fn
+def compiled(fn, args, asca=False):
+    """fn compiled as the benchmark runs it (static shapes: training never runs a symbolic length), or fn. The
+    gather path stays eager: its group sizes are host values that a compiled graph would guard on (one recompile
+    per count), and training never compiles it (attn_impl='auto' keeps a compiled CPU run on the reference)."""
+    eager = asca and args.device == "cpu" and args.cpu_impl == "gather"
+    return torch.compile(fn, dynamic=False, backend=args.backend) if args.compile and not eager else fn
 
 
-def autocast(device, dtype):
-    """The training loop's mixed precision: fp32 modules under autocast to dtype (nothing for fp32)."""
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device, dtype=dtype)
+def autocast(device, dtype, args):
+    """The training loop's mixed precision: fp32 modules under autocast to dtype (nothing for fp32); with
+    --cuda_policy on a CPU, CUDA's autocast policy (float32 softmax, sums and norms: runtime.cuda_autocast_on_cpu)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if args.cuda_policy and device == "cpu":
+        return cuda_autocast_on_cpu(dtype)
+    return torch.autocast(device, dtype=dtype)
+
+
+def asca_impl(device, args):
+    """The ASCA path the rows time: flex on CUDA; on a CPU --cpu_impl (the reference, or the gather path)."""
+    return "flex" if device == "cuda" else args.cpu_impl
 
 
 def bench_attention(T, sparsities, args, device, dtype):
@@ -79,10 +93,10 @@ def bench_attention(T, sparsities, args, device, dtype):
 
     cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
                                  target_sparsity=max(sparsities), sparsity_warmup_iters=0,
-                                 attn_impl="flex" if cuda else "reference")
+                                 attn_impl=asca_impl(device, args))
     attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
-    attend = compiled(attn.attend, args)
-    ctx = autocast(device, dtype)
+    attend = compiled(attn.attend, args, asca=True)
+    ctx = autocast(device, dtype, args)
 
     def sparse(fn=attend):
         with ctx:
@@ -95,10 +109,10 @@ def bench_attention(T, sparsities, args, device, dtype):
         twin = copy.deepcopy(attn)
         bias = twin.selector.gate_bias
         twin.selector.gate_bias = lambda scores, sel: bias(scores, sel).detach()
-        detached = (twin, compiled(twin.attend, args))
+        detached = (twin, compiled(twin.attend, args, asca=True))
         by_block = copy.deepcopy(attn)  # and with the bias indexed by block, as before issue 23's item 5
         by_block.flex_layout = "block"
-        block = (by_block, compiled(by_block.attend, args))
+        block = (by_block, compiled(by_block.attend, args, asca=True))
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
@@ -144,14 +158,14 @@ def bench_step(T, args, device, dtype, kind, sparsity=None, budget="fixed"):
     else:
         model = novel_model.make_model(**common, sparse_block_size=args.sparse_block_size,
                                        target_sparsity=sparsity, sparsity_warmup_iters=0, budget=budget,
-                                       attn_impl="flex" if cuda else "reference")
+                                       attn_impl=asca_impl(device, args))
     model.to(device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
-    fwd = compiled(model, args)
+    fwd = compiled(model, args, asca=kind == "asca")
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (B, T), device=device, generator=g)
     y = torch.randint(0, 256, (B, T), device=device, generator=g)
-    ctx = autocast(device, dtype)
+    ctx = autocast(device, dtype, args)
 
     def step():
         with ctx:
@@ -172,12 +186,12 @@ def profile_attention(T, args, device, dtype):
     B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
     cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
                                  target_sparsity=min(0.75, novel_model.max_sparsity(T, args.sparse_block_size, True)),
-                                 sparsity_warmup_iters=0, attn_impl="flex" if device == "cuda" else "reference")
+                                 sparsity_warmup_iters=0, attn_impl=asca_impl(device, args))
     attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
     torch._dynamo.reset()
-    attend = compiled(attn.attend, args)
+    attend = compiled(attn.attend, args, asca=True)
     q, k, v = (torch.randn(B, H, T, hs, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    ctx = autocast(device, dtype)
+    ctx = autocast(device, dtype, args)
 
     def once():
         with ctx:
@@ -258,13 +272,19 @@ def main():
                    help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU; the CPU dry run uses bfloat16)")
     p.add_argument("--compile", action="store_true", default=None, help="compile the rows (default: on CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (the CPU dry run: aot_eager)")
+    p.add_argument("--cuda_policy", action="store_true",
+                   help="CPU: autocast with CUDA's float32 ops (softmax, sums, norms), as a GPU runs them (dry run)")
+    p.add_argument("--cpu_impl", choices=("reference", "gather"), default="reference",
+                   help="CPU: the ASCA path of the rows (a GPU times flex)")
+    p.add_argument("--only", choices=("attention", "steps"), default=None,
+                   help="only the attention rows or only the whole-step rows (gpu_check.sh gives each its time limit)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     if p.parse_args().quick:  # small defaults; sizes given on the command line still win
         p.set_defaults(seq=[512], step_seq=[512], tokens=1024, warmup=1, iters=2, layers=2, heads=2, head_dim=32,
                        sparse_block_size=32)
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if args.compile is None:
         args.compile = device == "cuda"
@@ -272,11 +292,16 @@ def main():
         torch._dynamo.config.fail_on_recompile_limit_hit = True
     except AttributeError:
         pass
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (reference path, not a performance number)"
+    name = (torch.cuda.get_device_name() if device == "cuda" else f"CPU ({args.cpu_impl} path, not a performance "
+            f"number{', CUDA autocast policy emulated' if args.cuda_policy else ''})")
     print(f"{name}, torch {torch.__version__}; B*T={args.tokens}, {args.heads} heads x {args.head_dim}, "
           f"S={args.sparse_block_size}, {str(dtype).split('.')[-1]}, "
           f"{'compiled (' + args.backend + ')' if args.compile else 'eager'}", flush=True)
     rows, steps, errors = [], [], []
+    if args.only == "steps":
+        args.seq = []
+    if args.only == "attention":
+        args.step_seq = []
     for T in args.seq:
         try:
             rows += bench_attention(T, args.sparsity, args, device, dtype)
