@@ -30,7 +30,10 @@ def test_an_old_checkpoint_gives_the_logits_it_gave_when_written():
     ref = torch.load(LOGITS, weights_only=True)
     with torch.no_grad():
         logits, _ = model(ref["x"], ref["x"])
-    assert torch.equal(logits[:, ::8], ref["logits"])  # every 8th position was stored; bit for bit
+    # every 8th position was stored. Bit for bit on the CPU that wrote them; another CPU's vector kernels (AVX2
+    # against AVX-512) round float32 sums differently, by about 1e-7 here (2026-12-04), so the check allows float32
+    # rounding: a wrong remap of any tensor moves the logits by orders of magnitude more
+    assert torch.allclose(logits[:, ::8], ref["logits"], rtol=0, atol=1e-6)
     a = model.transformer.h[0].attn
     assert torch.isfinite(a.selector.threshold).all()  # the adaptive threshold came across, not left at -inf
     old = torch.load(FIXTURE, map_location="cpu", weights_only=True)["model"]
