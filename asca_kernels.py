@@ -104,7 +104,8 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
         own[:, :S].masked_fill_(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         if dropout_p > 0:  # SDPA's math path draws the dropout
             mask = slot_bias.repeat_interleave(S, dim=-1)[:, :, :, None, :] + own  # (B, nh, n, S, (K + 1) * S)
-            outs.append(F.scaled_dot_product_attention(qb[:, :, t0:t1], keys, vals, attn_mask=mask, dropout_p=dropout_p))
+            outs.append(F.scaled_dot_product_attention(qb[:, :, t0:t1], keys, vals, attn_mask=mask,
+                                                       dropout_p=dropout_p))
             continue
         M = B * H * n
         y = _BlockAttention.apply(qb[:, :, t0:t1].reshape(M, S, hs), keys.reshape(M, (K + 1) * S, hs),

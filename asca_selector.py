@@ -325,7 +325,8 @@ class BlockSelector(nn.Module):
         if self.rule != "learned":
             return torch.zeros(scores.shape, dtype=acc, device=scores.device)
         past = block_masks(scores.shape[-1], scores.device)[1]
-        return torch.where(selected & past, F.logsigmoid(scores.to(acc)), torch.zeros((), dtype=acc, device=scores.device))
+        zero = torch.zeros((), dtype=acc, device=scores.device)
+        return torch.where(selected & past, F.logsigmoid(scores.to(acc)), zero)
 
     def selection(self, scores, order, n_past, seq_len):
         selected = self.block_selection(order, n_past)
@@ -381,7 +382,8 @@ class BlockSelector(nn.Module):
         B, H = sel.scores.shape[:2]
         per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first, self.local)).sum())
         acc = torch.promote_types(sel.scores.dtype, torch.float32)
-        vals = sel.scores[..., :nb, :nb].to(acc).flatten(-2).index_select(-1, self.candidate_index(nb, sel.scores.device))
+        cand = self.candidate_index(nb, sel.scores.device)
+        vals = sel.scores[..., :nb, :nb].to(acc).flatten(-2).index_select(-1, cand)
         vals = vals.transpose(0, 1).reshape(H, -1) if self.per_head else vals.reshape(1, -1)  # (pools, m)
         K = per_seq * B * (1 if self.per_head else H)  # blocks the fixed budget would skip, per pool
         if K == 0 or vals.shape[1] == 0:

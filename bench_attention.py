@@ -8,7 +8,7 @@ attention, forward + backward, and a whole training step of both models. Prints 
     python bench_attention.py --out DIR       # also write DIR/bench.json and DIR/bench.md
 
 Rows print as they are measured (a failed row prints its error and the rest go on); the tables last.
-A target out of reach for (T, S) is skipped (novel_model.max_sparsity). --gate_grad also times the
+A target out of reach for (T, S) is skipped (asca.max_sparsity). --gate_grad also times the
 attention with the gate bias detached (the cost of its gradient: fp32 atomics inside FlexAttention) and with the
 bias read per block (flex_gate_bias='block', S*S logits per atomic address) instead of per key position (the
 default, S per address; asca_kernels.gate_score_mod).
@@ -19,7 +19,7 @@ B * T = --tokens (65,536 by default), 8 heads, head dim 64, bf16 autocast on CUD
 in training). Compiled rows: torch.compile(dynamic=False) with a fresh compile cache per sequence length, and
 hitting torch's recompile limit is an error, so a row never falls back to eager and is timed as compiled.
 
-The CPU dry run of scripts/gpu_check.sh (--dry-run, and tests/test_gpu_ready.py in CI) runs every row kind:
+The CPU dry run of scripts/gpu_check.sh (--dry-run, and tests/test_gpu_path.py in CI) runs every row kind:
     python bench_attention.py --quick --dtype bfloat16 --compile --backend aot_eager --gate_grad --profile 256
 """
 import argparse
@@ -30,8 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import baseline_model
-import novel_model
+import gpt
+import asca
 from runtime import cuda_autocast_on_cpu
 
 
@@ -54,11 +54,11 @@ def timeit(fn, warmup, iters, cuda):
     return statistics.median(times)
 
 
-def compiled(fn, args, asca=False):
+def compiled(fn, args, sparse=False):
     """fn compiled as the benchmark runs it (static shapes: training never runs a symbolic length), or fn. The
     gather path stays eager: its group sizes are host values that a compiled graph would guard on (one recompile
     per count), and training never compiles it (attn_impl='auto' keeps a compiled CPU run on the reference)."""
-    eager = asca and args.device == "cpu" and args.cpu_impl == "gather"
+    eager = sparse and args.device == "cpu" and args.cpu_impl == "gather"
     return torch.compile(fn, dynamic=False, backend=args.backend) if args.compile and not eager else fn
 
 
@@ -91,11 +91,11 @@ def bench_attention(T, sparsities, args, device, dtype):
     def dense():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
-    cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
+    cfg = asca.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
                                  target_sparsity=max(sparsities), sparsity_warmup_iters=0,
                                  attn_impl=asca_impl(device, args))
-    attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
-    attend = compiled(attn.attend, args, asca=True)
+    attn = asca.AdaptiveSparseCausalSelfAttention(cfg).to(device)
+    attend = compiled(attn.attend, args, sparse=True)
     ctx = autocast(device, dtype, args)
 
     def sparse(fn=attend):
@@ -109,14 +109,14 @@ def bench_attention(T, sparsities, args, device, dtype):
         twin = copy.deepcopy(attn)
         bias = twin.selector.gate_bias
         twin.selector.gate_bias = lambda scores, sel: bias(scores, sel).detach()
-        detached = (twin, compiled(twin.attend, args, asca=True))
+        detached = (twin, compiled(twin.attend, args, sparse=True))
         by_block = copy.deepcopy(attn)  # and with the bias indexed by block, as before issue 23's item 5
         by_block.flex_layout = "block"
-        block = (by_block, compiled(by_block.attend, args, asca=True))
+        block = (by_block, compiled(by_block.attend, args, sparse=True))
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
-    top = novel_model.max_sparsity(T, args.sparse_block_size, True)
+    top = asca.max_sparsity(T, args.sparse_block_size, True)
     for sparsity in sparsities:
         if sparsity > top:
             print(f"T={T} target {sparsity}: out of reach with S={args.sparse_block_size} (max {top:.3f}), skipped",
@@ -154,14 +154,14 @@ def bench_step(T, args, device, dtype, kind, sparsity=None, budget="fixed"):
     cuda = device == "cuda"
     common = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.heads * args.head_dim, block_size=T)
     if kind == "baseline":
-        model = baseline_model.make_model(**common)
+        model = gpt.make_model(**common)
     else:
-        model = novel_model.make_model(**common, sparse_block_size=args.sparse_block_size,
+        model = asca.make_model(**common, sparse_block_size=args.sparse_block_size,
                                        target_sparsity=sparsity, sparsity_warmup_iters=0, budget=budget,
                                        attn_impl=asca_impl(device, args))
     model.to(device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
-    fwd = compiled(model, args, asca=kind == "asca")
+    fwd = compiled(model, args, sparse=kind == "asca")
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (B, T), device=device, generator=g)
     y = torch.randint(0, 256, (B, T), device=device, generator=g)
@@ -184,12 +184,12 @@ def profile_attention(T, args, device, dtype):
     BlockMask build and the flex kernels each show up by name."""
     from torch.profiler import ProfilerActivity, profile
     B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
-    cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
-                                 target_sparsity=min(0.75, novel_model.max_sparsity(T, args.sparse_block_size, True)),
+    cfg = asca.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=args.sparse_block_size,
+                                 target_sparsity=min(0.75, asca.max_sparsity(T, args.sparse_block_size, True)),
                                  sparsity_warmup_iters=0, attn_impl=asca_impl(device, args))
-    attn = novel_model.AdaptiveSparseCausalSelfAttention(cfg).to(device)
+    attn = asca.AdaptiveSparseCausalSelfAttention(cfg).to(device)
     torch._dynamo.reset()
-    attend = compiled(attn.attend, args, asca=True)
+    attend = compiled(attn.attend, args, sparse=True)
     q, k, v = (torch.randn(B, H, T, hs, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     ctx = autocast(device, dtype, args)
 
@@ -225,15 +225,18 @@ def write_tables(rows, steps, errors, args, name, final=True):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda x: f"{x:.2f}" if x is not None else "-"
     for r in rows:
-        lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | {r['skipped_blocks']:.3f} | "
+        lines.append(f"| {r['T']} | {r['B']} | {r['target']:.2f} | {r['pair_sparsity']:.3f} | "
+                     f"{r['skipped_blocks']:.3f} | "
                      f"{r['dense_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | {ms(r['detached_gate_ms'])} | "
                      f"{ms(r.get('block_bias_ms'))} | {mem(r['peak_mib'])} |")
     lines += ["", f"whole training step ({args.layers} layers, n_embd {args.heads * args.head_dim}, AdamW, "
                   f"ASCA at the target shown)",
-              "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | ASCA peak MiB |",
+              "| T | ASCA target | ASCA budget | baseline ms | ASCA ms | ASCA/baseline | baseline peak MiB | "
+              "ASCA peak MiB |",
               "|---|---|---|---|---|---|---|---|"]
     for r in steps:
-        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | {r['ratio']:.2f}x | "
+        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | "
+                     f"{r['ratio']:.2f}x | "
                      f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
     lines += [f"failed: {e}" for e in errors]
     if final:
@@ -312,7 +315,7 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
     for T in args.step_seq:
-        sp = min(args.step_sparsity, novel_model.max_sparsity(T, args.sparse_block_size, True))
+        sp = min(args.step_sparsity, asca.max_sparsity(T, args.sparse_block_size, True))
         try:
             tb, mb = bench_step(T, args, device, dtype, "baseline")
         except Exception as e:

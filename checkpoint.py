@@ -12,17 +12,19 @@ import os
 import pickle
 import random
 import sys
+import time
 
 import numpy as np
 import torch
 
+import config_keys
 from models import MODELS
 from prepare_dataset import remove_stale_temps  # noqa: F401  (one helper for run and data directories)
 
 TRAINING_KEYS = ("model", "optimizer", "iter_num", "best_val_bpc", "data_generator", "rng", "config",
                  "model_args", "model_kind")
 MODEL_KEYS = ("model", "model_args", "model_kind")
-SHAPE_KEYS = ("block_size", "n_layer", "n_head", "n_embd")
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
 # what an older checkpoint's numpy RNG state needs (numpy 1.x and 2.x spell _reconstruct differently)
 # and its env held torch.__version__ (a str subclass). Nothing else is ever allowed.
 LEGACY_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
@@ -38,6 +40,38 @@ def first_line(e, limit=200):
     """The first line of an exception's text (its type name when the text is empty), for one-line errors."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+# ----------------------------------------------------------------------------- run directory files
+
+def append_jsonl(row, path):
+    """Append one JSON line; a symlink at `path` is refused, not followed (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise CheckpointError(f"cannot append to {path}: {e.strerror} (a symlink is refused); remove it, "
+                         f"or use another --out_dir") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def restart_incomplete(out_dir, say):
+    """A run killed after its first metrics row but before its first checkpoint holds nothing to resume:
+    set its metrics.jsonl (and config.json) aside as *.incomplete so it starts again cleanly."""
+    there = {f for f in RUN_FILES + ("config.json",) if os.path.lexists(os.path.join(out_dir, f))}
+    if not there or there - {"metrics.jsonl", "config.json"}:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for f in sorted(there):
+        os.replace(os.path.join(out_dir, f), os.path.join(out_dir, f"{f}.incomplete-{stamp}"))
+    say(f"note: {out_dir} held a run that stopped before its first checkpoint ({', '.join(sorted(there))}); "
+        f"set aside as *.incomplete-{stamp}, starting again")
+
+
+def data_identity(ds):
+    """The sha256 of each split (from the dataset's meta.json): what a run was trained and scored on."""
+    splits = ds.meta.get("splits") if isinstance(ds.meta.get("splits"), dict) else {}
+    return {name: rec.get("sha256") for name, rec in splits.items() if isinstance(rec, dict)} or None
 
 
 # ----------------------------------------------------------------------------- one writer per run directory
@@ -127,11 +161,13 @@ def load(path, require=TRAINING_KEYS):
                               f"written by this code's trainer; retrain, or resume from another checkpoint")
     for key in ("iter_num", "best_iter"):
         v = ckpt.get(key)
-        if key in ckpt and not (isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "iter_num" else -1)):
+        if key in ckpt and not (isinstance(v, int) and not isinstance(v,
+                                                                      bool) and v >= (0 if key == "iter_num" else -1)):
             raise CheckpointError(f"{path}: {key}={v!r} is not a whole number >= 0; the file is damaged or was "
                                   f"not written by this code's trainer; resume from another checkpoint")
     pos = ckpt.get("schedule_pos")
-    if pos is not None and not (isinstance(pos, (int, float)) and not isinstance(pos, bool) and 0 <= pos < float("inf")):
+    number = isinstance(pos, (int, float)) and not isinstance(pos, bool)
+    if pos is not None and not (number and 0 <= pos < float("inf")):
         raise CheckpointError(f"{path}: schedule_pos={pos!r} is not a finite number >= 0; the file is damaged")
     return ckpt
 
@@ -232,7 +268,8 @@ def check_model_args(args, kind, path, weights):
     if estimate > 4 * n_weights + 1_000_000:
         raise CheckpointError(f"{path}: its model_args describe a model of about {estimate:,} parameters but it "
                               f"holds {n_weights:,} weights; the file is damaged")
-    bad = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k,
+           t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {', '.join(bad[:3])}; use an earlier "
                               f"checkpoint (best.pt) or retrain")
@@ -246,13 +283,14 @@ def model_from_checkpoint(path, device="cpu"):
     if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: model_args or model is not a dict; the file is damaged")
     args = dict(ckpt["model_args"])
-    missing = [k for k in SHAPE_KEYS if k not in args]
+    missing = [k for k in kind.config_cls.shape_keys() if k not in args]
     if missing:  # keys added later may be missing (they default to the old behaviour); the shape may not
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}; it cannot be rebuilt faithfully")
-    for key, old in kind.config_cls.LEGACY.items():  # keys the checkpoint predates: the behaviour of its time
-        args.setdefault(key, old)  # (before the checks: today's default of such a key may not fit the old model)
+    # keys the checkpoint predates: the behaviour of its time (before the checks: today's default of such a key
+    # may not fit the old model)
+    args = config_keys.with_legacy(args, kind.config_cls.declarations())
     check_model_args(args, kind, path, ckpt["model"])
-    args.update(kind.config_cls.DEVICE_DEFAULTS)  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
+    args.update(kind.config_cls.device_defaults())  # e.g. a GPU run's attn_impl='flex' must not follow it onto a CPU
     model = kind.build(args)
     try:
         model.load_state_dict(ckpt["model"])

@@ -34,7 +34,7 @@ import extraction
 from checkpoint import CheckpointError, RunLock
 from models import MODELS
 from runtime import CONTENDED_CORES
-from train_config import TRAIN_LEGACY, TYPES, defaults_for
+from train_config import defaults_for, key_declarations, types_for, with_legacy
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL_KEYS = ("test set", "eval_stride", "block_size", "budget")
@@ -115,9 +115,6 @@ def stored_command(d):
         return None
 
 
-NOT_COMPARED = ("out_dir", "progress", "init_from")  # where and how a run was written, not what it trained
-
-
 def config_drift(d, script, args, budget, seed):
     """What a run is, beyond its command: the settings the command resolves to with TODAY's defaults, against
     the settings it trained with (its config.json). A default changed since (issue 22 moved local_blocks and
@@ -135,14 +132,14 @@ def config_drift(d, script, args, budget, seed):
         return None
     argv = [a if a.startswith("--") or os.path.isabs(a) else os.path.join(ROOT, a) for a in args]
     try:
-        now = configurator.resolve(defaults_for(kind), [*argv, *budget, f"--seed={seed}"], TYPES)
+        now = configurator.resolve(defaults_for(kind), [*argv, *budget, f"--seed={seed}"], types_for(kind))
     except configurator.ConfigError as e:
         return [f"its command no longer resolves ({e})"]
-    legacy = {**TRAIN_LEGACY, **MODELS[kind].config_cls.LEGACY}
+    then, decls = with_legacy(then, kind), key_declarations(kind)
     drift = []
     for key, value in now.items():
-        old = then.get(key, legacy.get(key, value))  # a key added since, not in LEGACY: its default is the old way
-        if key not in NOT_COMPARED and value is not None and old != value:
+        old = then.get(key, value)  # a key added since, without a legacy value: its default is the old way
+        if decls[key].compared and value is not None and old != value:
             drift.append(f"{key}: {old!r} -> {value!r}")
     return drift
 
@@ -223,7 +220,7 @@ def fmt(m, sd, spec):
 
 
 def protocol(run):
-    c, f = run.config, run.final or {}
+    c = run.config
     test, block, stride = run.test_set()
     budget = ", ".join(f"{k}={c.get(k)}" for k in ("max_time_s", "max_iters"))
     return {"test set": test, "eval_stride": stride, "block_size": block, "budget": budget}

@@ -4,10 +4,11 @@ Config resolution: script defaults, then each config/*.py file, then --key=value
     cfg = resolve(DEFAULTS, sys.argv[1:], types={"lr_decay_iters": int})
 
 Config files are plain Python assignments (as in nanoGPT), but only known keys may be
-assigned; `include("other.py")` pulls in another config file first (relative to this one). Values are typed by their default: an int is accepted for a float, true/false/1/0
-for a bool, strings need no quotes. A key whose default is None or "auto" takes the type
-given in `types` (or any Python literal). Every user error raises ConfigError with one line
-that names the key and the fix; scripts print it and exit(2) (see `resolve_or_exit`).
+assigned; `include("other.py")` pulls in another config file first (relative to this one). Values are
+typed by their default: an int is accepted for a float, true/false/1/0 for a bool, strings need no
+quotes. A key whose default is None or "auto" takes the type given in `types` (or any Python literal).
+Every user error raises ConfigError with one line that names the key and the fix; scripts print it and
+exit(2) (see `resolve_or_exit`).
 """
 import ast
 import difflib
@@ -89,7 +90,8 @@ def check_value(key, value, defaults, types=None, where=""):
 
 def load_config_file(path, defaults, types=None):
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} not found (config files are Python files such as config/train_enwik8.py)")
+        raise ConfigError(f"config file {path} not found (config files are Python files such as "
+                          f"config/train_enwik8.py)")
     with open(path) as f:
         src = f.read()
     ns = {}

@@ -33,7 +33,8 @@ def eval_windows(model, data, starts, block_size, batch_size, device, ctx, after
 
 
 @torch.no_grad()
-def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext(), after_forward=None):
+def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=contextlib.nullcontext(),
+                    after_forward=None):
     """Bits per byte over every target byte 1..n-1 of `data`, each scored exactly once, with sliding
     windows of block_size and the given stride (docs/design.md, "evaluation"). Returns (bpc, n_scored).
     after_forward(rows) is called after each forward (to tally what the model measured on its first `rows`

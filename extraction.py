@@ -23,7 +23,6 @@ attention.npz holds (L layers, H heads, T window bytes, nb = ceil(T / sparse_blo
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -139,7 +138,8 @@ def window_bytes(run, args, block_size):
         try:
             data = ByteDataset(data_dir).splits[args.split]
         except (DataError, TypeError) as e:
-            raise ExtractError(f"cannot read the {args.split} split of {run.name} ({e}); pass --text FILE instead") from None
+            raise ExtractError(f"cannot read the {args.split} split of {run.name} ({e}); "
+                               f"pass --text FILE instead") from None
         source = f"{data_dir}/{args.split}.bin"
     length = args.length or min(block_size, 256)
     if length > block_size:
@@ -173,7 +173,8 @@ def extract(run, args):
         h.remove()
     maps = [blk.attn.attention_map(inputs[i]) for i, blk in enumerate(model.transformer.h)]
     out = {"tokens": tokens, "offset": np.int64(args.offset), "iter": np.int64(ckpt.get("iter_num", 0)),
-           "source": np.array(source), "attention": np.stack([m["attention"][0].numpy() for m in maps]).astype(np.float32)}
+           "source": np.array(source),
+           "attention": np.stack([m["attention"][0].numpy() for m in maps]).astype(np.float32)}
     if "keep_mask" in maps[0]:
         keep = np.stack([m["keep_mask"][0].numpy() for m in maps])
         T = len(tokens)
@@ -212,7 +213,8 @@ def grid_plot(run, arr, title, path, cmap, block=None, norm=None):
     for l in range(L):
         for h in range(H):
             ax = axes[l][h]
-            im = ax.imshow(arr[l, h], cmap=cmap, norm=norm, interpolation="nearest", extent=(-0.5, T - 0.5, T - 0.5, -0.5))
+            im = ax.imshow(arr[l, h], cmap=cmap, norm=norm, interpolation="nearest",
+                           extent=(-0.5, T - 0.5, T - 0.5, -0.5))
             if block:
                 for b in range(block, T, block):
                     ax.axhline(b - 0.5, color="tab:red", lw=0.3)
@@ -261,8 +263,8 @@ def per_head_sparsity_plot(run, ex, path):
     per = np.array(per)
     L, H = per.shape
     dist = run.last("kept_block_distance_per_head_per_layer")
-    fig, axes = plt.subplots(1, 2 if dist is not None else 1, figsize=(max(5, 0.5 * L * H) * (2 if dist is not None else 1), 3.5),
-                             squeeze=False)
+    panels = 2 if dist is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(5, 0.5 * L * H) * panels, 3.5), squeeze=False)
     ax = axes[0][0]
     x = np.arange(L)
     w = 0.8 / H
@@ -277,7 +279,8 @@ def per_head_sparsity_plot(run, ex, path):
     if target is not None:
         ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target}")
     ax.legend(fontsize=6, ncol=2)
-    ax.set_title(f"sparsity per layer and head, {where}; black ticks: skipped-block fraction\n{run.label()}", fontsize=8)
+    ax.set_title(f"sparsity per layer and head, {where}; black ticks: skipped-block fraction\n{run.label()}",
+                 fontsize=8)
     if dist is not None:  # the budget is the same for every head; how far back each head looks is not
         ax2 = axes[0][1]
         dist = np.array(dist)
@@ -307,7 +310,8 @@ def sparsity_training_plot(run, path):
     ax.plot(its, vals, "k-", lw=2, label="mean pair sparsity")
     rows = [r for r in run.metrics if r.get("sparsity_per_layer")]
     for l in range(len(rows[0]["sparsity_per_layer"]) if rows else 0):
-        ax.plot([r["iter"] for r in rows], [r["sparsity_per_layer"][l] for r in rows], lw=1, alpha=0.7, label=f"layer {l}")
+        ax.plot([r["iter"] for r in rows], [r["sparsity_per_layer"][l] for r in rows], lw=1, alpha=0.7,
+                label=f"layer {l}")
     _, blk = run.series("block_sparsity")
     ax.plot(its, blk, "k:", lw=1.5, label="skipped-block fraction")
     return finish_over_iterations(fig, ax, path, "sparsity", f"sparsity over training\n{run.label()}", (0, 1))
@@ -442,7 +446,8 @@ def fmt(v, spec):
 def comparison_table(runs, path):
     base = next((r for r in runs if r.kind == "baseline" and r.last("test_bpc") is not None), None)
     lines = ["# Run comparison", "",
-             f"Differences are to the dense baseline `{base.name}`." if base else "No finished dense baseline among these runs.",
+             f"Differences are to the dense baseline `{base.name}`." if base
+             else "No finished dense baseline among these runs.",
              "", "| run | model | layers x d x heads | T | params | tokens | train time s | tokens/s | best val bpc | "
                  "test bpc | sparsity | test set (sha256, T, stride) | test bpc - baseline |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -455,18 +460,22 @@ def comparison_table(runs, path):
             mixed.append(r.name)
         diff = ("not comparable: other test set or protocol" if not same else
                 fmt(test - base.last("test_bpc"), "+.4f") if (base and test is not None) else "n/a")
-        kind = r.kind if r.kind != "asca" else f"asca (S={c.get('sparse_block_size')}, target {c.get('target_sparsity')})"
+        kind = (r.kind if r.kind != "asca" else
+                f"asca (S={c.get('sparse_block_size')}, target {c.get('target_sparsity')})")
+        best = r.last("best_val_bpc") or min((m["val_bpc"] for m in r.metrics if m.get("val_bpc")), default=None)
         lines.append(f"| {r.name} | {kind} | {c.get('n_layer')} x {c.get('n_embd')} x {c.get('n_head')} | "
                      f"{c.get('block_size')} | {fmt(r.last('n_params'), ',')} | {fmt(r.last('tokens'), ',')} | "
-                     f"{fmt(r.last('train_time_s') or r.last('elapsed_s'), '.1f')} | {fmt(r.last('tokens_per_s'), ',.0f')} | "
-                     f"{fmt(r.last('best_val_bpc') or min((m['val_bpc'] for m in r.metrics if m.get('val_bpc')), default=None), '.4f')} | "
-                     f"{fmt(test, '.4f')} | {fmt(r.last('test_sparsity') or r.last('sparsity'), '.3f')} | {', '.join(map(str, r.test_set()))} | {diff} |")
+                     f"{fmt(r.last('train_time_s') or r.last('elapsed_s'), '.1f')} | "
+                     f"{fmt(r.last('tokens_per_s'), ',.0f')} | {fmt(best, '.4f')} | {fmt(test, '.4f')} | "
+                     f"{fmt(r.last('test_sparsity') or r.last('sparsity'), '.3f')} | "
+                     f"{', '.join(map(str, r.test_set()))} | {diff} |")
     if mixed:
         lines[2:2] = [f"**Warning: {', '.join(mixed)} measured test bpc on another test set or protocol than "
                       f"`{base.name}`; their differences are not computed.**", ""]
     stale = [r.name for r in runs if r.stale_final]
     lines += ["", "tokens/s and train time exclude evaluation and compile/warm-up; sparsity is the measured fraction "
-                  "of causal query-key pairs skipped, over the whole test split where final.json has it. Runs without final.json show their latest metrics."]
+                  "of causal query-key pairs skipped, over the whole test split where final.json has it. Runs without "
+                  "final.json show their latest metrics."]
     if stale:
         lines.append(f"{', '.join(stale)}: final.json is older than metrics.jsonl (the run was resumed after it "
                      f"finished); its latest metrics are shown, and test bpc only once it finishes again.")

@@ -3,13 +3,14 @@ The model registry: every model kind the tools know, by the name checkpoints rec
 The trainer, checkpoint.py, sample.py and extraction.py look kinds up here; the model files hold models only.
 
 A new kind: write its config (a GPTConfig subclass) and attention class (a CausalSelfAttention subclass:
-override the hooks it needs), a two-line script like novel_model.py's __main__, and register it below.
+override the hooks it needs) in a module of their own, a thin training script like novel_model.py (its
+__main__ calls trainer.main), and register it below. The registry imports model modules, never the scripts.
 """
 from dataclasses import dataclass, fields
 
-import baseline_model
-import novel_model
-from baseline_model import GPT
+import asca
+import gpt
+from gpt import GPT
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def register(kind):
     return kind
 
 
-BASELINE = register(ModelKind("baseline", baseline_model.GPTConfig, baseline_model.CausalSelfAttention,
+BASELINE = register(ModelKind("baseline", gpt.GPTConfig, gpt.CausalSelfAttention,
                               "baseline_model.py", "out/baseline"))
-ASCA = register(ModelKind("asca", novel_model.ASCAConfig, novel_model.AdaptiveSparseCausalSelfAttention,
-                          "novel_model.py", "out/novel", startup_check=novel_model.startup_check))
+ASCA = register(ModelKind("asca", asca.ASCAConfig, asca.AdaptiveSparseCausalSelfAttention,
+                          "novel_model.py", "out/novel", startup_check=asca.startup_check))

@@ -17,7 +17,6 @@ test, in file order. For enwik8 that is exactly 90M / 5M / 5M.
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys

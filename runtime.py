@@ -6,6 +6,7 @@ environment a run records, and a meter of how much of the machine other processe
 import contextlib
 import os
 import platform
+import signal
 import time
 
 import numpy as np
@@ -49,7 +50,8 @@ class Runtime:
         if dt == "auto":
             if self.device_type == "cuda":
                 dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-                notes.append(f"dtype=auto -> {dt} ({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})")
+                notes.append(f"dtype=auto -> {dt} "
+                             f"({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})")
             else:
                 dt = "float32"
                 notes.append("dtype=auto -> float32 (CPU)")
@@ -140,6 +142,34 @@ class Runtime:
                 "compile": self.compile, "world_size": self.world_size,
                 "cuda": torch.version.cuda if self.device_type == "cuda" else None}
 
+
+
+class StopFlag:
+    """SIGINT/SIGTERM during training: finish the step, checkpoint, exit (a second SIGINT aborts at once).
+    Outside training (the final test evaluation) both signals interrupt at once. restore() puts back
+    the handlers it replaced."""
+
+    def __init__(self):
+        self.signum, self.saved = None, {}
+
+    def install(self):
+        def handler(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = signum
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.saved[s] = signal.signal(s, handler)
+
+    def interrupt_now(self):
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+
+    def restore(self):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+        self.saved = {}
 
 
 class LoadMeter:

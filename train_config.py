@@ -7,41 +7,65 @@ import math
 
 import torch
 
+import config_keys
 import trackers
+from config_keys import Key
 from models import MODELS
 from runtime import TrainError, free_memory_bytes
 
-TRAIN_DEFAULTS = dict(
+# The training loop's keys, each declared once with its rules (config_keys.Key: resume='this_run' = always this
+# command's on resume; compared=False = compare.py does not compare it; legacy = what runs from before it ran with).
+TRAIN_KEYS = dict(
     # I/O
-    out_dir="out/run", data_dir="data/enwik8", init_from="scratch",  # 'scratch' or 'resume'
-    eval_interval=500, log_interval=10, eval_iters=20, eval_only=False, final_test=True,
-    eval_stride=None,  # test stride; None = block_size // 2
-    progress=True,  # tqdm bar
+    out_dir=Key("out/run", resume="this_run", compared=False), data_dir=Key("data/enwik8"),
+    init_from=Key("scratch", resume="this_run", compared=False),  # 'scratch' or 'resume'
+    eval_interval=Key(500), log_interval=Key(10), eval_iters=Key(20), eval_only=Key(False, resume="this_run"),
+    final_test=Key(True),
+    eval_stride=Key(None, type=int),  # test stride; None = block_size // 2
+    progress=Key(True, resume="this_run", compared=False),  # tqdm bar
     # optional live trackers (trackers.py; each needs its package): every metrics row, as it is written
-    wandb_log=False, wandb_project="asca", wandb_run_name=None,  # run name None = the out_dir's name
-    tensorboard_log=False,  # event files in out_dir/tb/
+    wandb_log=Key(False), wandb_project=Key("asca"),
+    wandb_run_name=Key(None, type=str),  # None = the out_dir's name
+    tensorboard_log=Key(False),  # event files in out_dir/tb/
     # schedule
-    max_iters=5000, max_time_s=0.0,  # training stops at whichever comes first (0 = no time limit)
-    batch_size=32, gradient_accumulation_steps=1,  # accumulation is the total across DDP ranks
-    learning_rate=1e-3, min_lr=None, warmup_iters=200, lr_decay_iters=None, decay_lr=True,
-    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    optimizer="muon",  # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
-    muon_lr=0.02, muon_momentum=0.95,  # Muon's peak lr (same warm-up and decay shape) and momentum
-    # system
-    device="auto", dtype="auto", compile="auto", backend="auto", seed=1337,
+    max_iters=Key(5000), max_time_s=Key(0.0),  # training stops at whichever comes first (0 = no time limit)
+    batch_size=Key(32), gradient_accumulation_steps=Key(1),  # accumulation is the total across DDP ranks
+    learning_rate=Key(1e-3), min_lr=Key(None, type=float), warmup_iters=Key(200),
+    lr_decay_iters=Key(None, type=int), decay_lr=Key(True),
+    weight_decay=Key(0.1), beta1=Key(0.9), beta2=Key(0.95), grad_clip=Key(1.0),
+    # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
+    optimizer=Key("muon", legacy="adamw", choices=("adamw", "muon")),
+    muon_lr=Key(0.02), muon_momentum=Key(0.95),  # Muon's peak lr (same warm-up and decay shape) and momentum
+    # system: where and how this process runs
+    device=Key("auto", type=str, resume="this_run"), dtype=Key("auto", type=str, resume="this_run"),
+    compile=Key("auto", type=bool, resume="this_run"), backend=Key("auto", type=str, resume="this_run"),
+    seed=Key(1337),
     # before the first step, on one batch: the path this run trains on against an independent one (ASCA: compiled
     # flex against gather, or gather against the reference); 'auto' = on CUDA, 'on' = on any device, 'off'
-    startup_check="auto",
+    startup_check=Key("auto", resume="this_run", choices=("auto", "on", "off")),
 )
-TYPES = dict(min_lr=float, lr_decay_iters=int, eval_stride=int, compile=bool, device=str, dtype=str, backend=str,
-             wandb_run_name=str)
-# On resume these come from this command, everything else from the checkpoint unless given as --key=value.
-THIS_RUN_KEYS = ("out_dir", "init_from", "eval_only", "device", "dtype", "compile", "backend", "progress",
-                 "startup_check")
-# (plus each model config's DEVICE_DEFAULTS keys, such as ASCA's attn_impl)
-RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "final.json")  # a directory holding one holds a run
-TRAIN_LEGACY = {"optimizer": "adamw"}  # what a checkpoint from before a key existed ran with
+TRAIN_DEFAULTS = {k: d.default for k, d in TRAIN_KEYS.items()}
+TYPES = {k: d.type for k, d in TRAIN_KEYS.items() if d.type is not None}
+# On resume these come from this command, everything else from the checkpoint unless given as --key=value
+# (plus each model config's device keys, such as ASCA's attn_impl).
+THIS_RUN_KEYS = tuple(k for k, d in TRAIN_KEYS.items() if d.resume == "this_run")
 SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
+
+
+def key_declarations(kind):
+    """{name: Key} of every key a script of this model kind accepts: the loop's, then the model's."""
+    return {**TRAIN_KEYS, **MODELS[kind].config_cls.declarations()}
+
+
+def with_legacy(saved, kind):
+    """A run's saved config (or a checkpoint's model_args) with each key it predates set to what runs of its time
+    ran with (config_keys.with_legacy over this kind's declarations)."""
+    return config_keys.with_legacy(saved, key_declarations(kind))
+
+
+def types_for(kind):
+    """The value types configurator needs where a default (None, 'auto') does not say it."""
+    return {k: d.type for k, d in key_declarations(kind).items() if d.type is not None}
 
 
 def defaults_for(kind):
@@ -58,24 +82,21 @@ def explicit_keys(argv):
 
 
 def resume_config(cfg, kind, saved, explicit, say):
-    """The resumed run's config: the checkpoint's, except this command's THIS_RUN_KEYS and --key=value
-    overrides (each override is reported). Keys newer than the checkpoint keep their defaults."""
+    """The resumed run's config: the checkpoint's, except this command's 'this_run' keys and --key=value
+    overrides (each override is reported). Keys newer than the checkpoint take their legacy value (what runs of
+    its time ran with), else their default."""
     merged, overridden, kept = dict(cfg), [], []
-    this_run = THIS_RUN_KEYS + tuple(MODELS[kind].config_cls.DEVICE_DEFAULTS)
-    for key, old in saved.items():
-        if key not in merged or key in this_run:
+    decls = key_declarations(kind)
+    for key, old in with_legacy(saved, kind).items():
+        if key not in merged or decls.get(key, Key(None)).resume == "this_run":
             continue
         if key in explicit:
-            if merged[key] != old:
+            if merged[key] != old and key in saved:
                 overridden.append(f"{key} {old!r} -> {merged[key]!r}")
             continue
-        if merged[key] is not None and merged[key] != old:
+        if key in saved and merged[key] is not None and merged[key] != old:
             kept.append(f"{key}={old!r} (this command's config: {merged[key]!r})")
         merged[key] = old
-    legacy = {**TRAIN_LEGACY, **MODELS[kind].config_cls.LEGACY}
-    for key, old in legacy.items():  # a key the checkpoint predates: the behaviour of its time
-        if key not in saved and key not in explicit and key in merged:
-            merged[key] = old
     if overridden:
         say("resume: overriding the checkpoint's settings from the command line: " + ", ".join(overridden))
     if kept:
@@ -97,7 +118,8 @@ def finalize_config(cfg, kind, rt):
         mcfg.validate()
         mcfg.check_device(rt.device_type, rt.ptdtype, training=not cfg["eval_only"])
         if not cfg["eval_only"]:
-            mcfg.check_memory(cfg["batch_size"], rt.device_type, rt.compile, free_memory_bytes(rt.device_type, rt.device))
+            free = free_memory_bytes(rt.device_type, rt.device)
+            mcfg.check_memory(cfg["batch_size"], rt.device_type, rt.compile, free)
     except ValueError as e:
         raise TrainError(str(e)) from None
     _check(cfg["out_dir"].strip() != "", "out_dir is empty; give a directory such as --out_dir=out/run")
@@ -120,14 +142,13 @@ def finalize_config(cfg, kind, rt):
         _check(math.isfinite(cfg[k]) and cfg[k] >= 0, f"{k} must be a finite number >= 0, got {cfg[k]}")
     for k in ("beta1", "beta2", "muon_momentum"):
         _check(0 <= cfg[k] < 1, f"{k} must be in [0, 1), got {cfg[k]}")
-    _check(cfg["optimizer"] in ("adamw", "muon"), f"optimizer={cfg['optimizer']!r} must be 'adamw' or 'muon'")
+    for k, d in TRAIN_KEYS.items():
+        _check(d.choices is None or cfg[k] in d.choices, f"{k}={cfg[k]!r} must be one of {', '.join(d.choices or ())}")
     if cfg["optimizer"] == "muon":
         _check(hasattr(torch.optim, "Muon"), f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), this is "
                                              f"torch {torch.__version__}; use optimizer='adamw'")
         _check(math.isfinite(cfg["muon_lr"]) and cfg["muon_lr"] > 0, f"muon_lr must be a positive finite number, "
                                                                       f"got {cfg['muon_lr']}")
-    _check(cfg["startup_check"] in ("auto", "on", "off"),
-           f"startup_check={cfg['startup_check']!r} must be 'auto' (on CUDA), 'on' or 'off'")
     for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
         _check(cfg[k] >= 1, f"{k} must be at least 1, got {cfg[k]}")
     if cfg["eval_stride"] is None:
@@ -152,7 +173,7 @@ def check_kind(ckpt, kind, path):
 
 
 def check_architecture(ckpt, kind, cfg, path):
-    runtime = MODELS[kind].config_cls.RUNTIME_KEYS
+    runtime = MODELS[kind].config_cls.runtime_keys()
     old = ckpt["model_args"]
     diff = [f"{k}={old[k]!r} (run: {cfg[k]!r})" for k in MODELS[kind].defaults()
             if k in old and k not in runtime and old[k] != cfg[k]]

@@ -2,12 +2,12 @@
 The one training loop both scripts share: `python baseline_model.py ...` and `python novel_model.py ...`
 both call main(argv, kind) here, and differ only by the model kind (models.MODELS).
 
-Read it top to bottom: the lr schedule, the run's counters and signal handling, then the Trainer: build,
-resume, the loop (fit, train_step, evaluate_and_save), checkpoints, finish; then the entry point. The rooms
-around it: train_config.py (keys, resume rules, start-up checks), runtime.py (device, dtype, compile, DDP),
-evaluate.py (the bits-per-byte protocol), checkpoint.py (files), trackers.py (W&B, TensorBoard). Attention
-modules that own behaviour (ASCA's sparsity schedule and diagnostics) expose it through GPT.set_step /
-GPT.diagnostics; the loop only calls and logs them.
+Read it top to bottom: the lr schedule, the run's counters, then the Trainer: build, resume, the loop (fit,
+train_step, evaluate_and_save), checkpoints, finish; then the entry point. The rooms around it: train_config.py
+(keys, resume rules, start-up checks), runtime.py (device, dtype, compile, DDP, signals), evaluate.py (the
+bits-per-byte protocol), checkpoint.py (checkpoints and the run directory's files), trackers.py (W&B,
+TensorBoard). Attention modules that own behaviour (ASCA's sparsity schedule and diagnostics) expose it through
+GPT.set_step / GPT.diagnostics; the loop only calls and logs them.
 """
 import contextlib
 import json
@@ -27,12 +27,12 @@ import checkpoint
 import configurator
 import evaluate
 import trackers
-from checkpoint import CheckpointError
+from checkpoint import RUN_FILES, CheckpointError, append_jsonl, data_identity, restart_incomplete
 from evaluate import LN2
 from models import MODELS
 from prepare_dataset import ByteDataset, DataError
-from runtime import LoadMeter, Runtime, TrainError
-from train_config import (RUN_FILES, SEED_STRIDE, TYPES, check_architecture, check_kind, defaults_for,
+from runtime import LoadMeter, Runtime, StopFlag, TrainError
+from train_config import (SEED_STRIDE, check_architecture, check_kind, defaults_for, types_for,
                           explicit_keys, finalize_config, resume_config)
 
 def wrap_for_training(model, compile, ddp, device_ids=None):
@@ -66,17 +66,6 @@ def get_lr(it, cfg, pos=None):
 
 # ----------------------------------------------------------------------------- small pieces of the loop
 
-def append_jsonl(row, path):
-    """Append one JSON line; a symlink at `path` is refused, not followed (O_NOFOLLOW)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        raise TrainError(f"cannot append to {path}: {e.strerror} (a symlink is refused); remove it, "
-                         f"or use another --out_dir") from None
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 @dataclass
 class Counters:
     """Where the run stands; saved in checkpoints (the first five) so resume continues exactly."""
@@ -91,34 +80,6 @@ class Counters:
     run_tokens: int = 0
     interval_time: float = 0.0  # since the last eval, for the metrics row
     interval_tokens: int = 0
-
-
-class StopFlag:
-    """SIGINT/SIGTERM during training: finish the step, checkpoint, exit (a second SIGINT aborts at once).
-    Outside training (the final test evaluation) both signals interrupt at once. restore() puts back
-    the handlers it replaced."""
-
-    def __init__(self):
-        self.signum, self.saved = None, {}
-
-    def install(self):
-        def handler(signum, frame):
-            if self.signum is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signum = signum
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.saved[s] = signal.signal(s, handler)
-
-    def interrupt_now(self):
-        def handler(signum, frame):
-            raise KeyboardInterrupt
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, handler)
-
-    def restore(self):
-        for s, h in self.saved.items():
-            signal.signal(s, h)
-        self.saved = {}
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -162,18 +123,21 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise TrainError(f"{self.ckpt_path}: its weights do not fit its model_args ({checkpoint.first_line(e, 160)}); "
+            raise TrainError(f"{self.ckpt_path}: its weights do not fit its model_args "
+                             f"({checkpoint.first_line(e, 160)}); "
                              f"the file is damaged: resume from another checkpoint, or start again") from None
         c.iter_num, c.best_val = ckpt["iter_num"], ckpt["best_val_bpc"]
         self.sched_pos = checkpoint.schedule_position(ckpt)
-        c.best_iter, c.train_time, c.tokens = ckpt.get("best_iter", -1), ckpt.get("train_time_s", 0.0), ckpt.get("tokens", 0)
+        c.best_iter, c.tokens = ckpt.get("best_iter", -1), ckpt.get("tokens", 0)
+        c.train_time = ckpt.get("train_time_s", 0.0)
         if self.cfg["eval_only"]:
             return
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise TrainError(f"{self.ckpt_path}: its optimizer state does not fit optimizer={self.cfg['optimizer']!r} "
-                             f"({str(e).splitlines()[0][:120]}); resume with the optimizer it was written with") from None
+                             f"({str(e).splitlines()[0][:120]}); "
+                             f"resume with the optimizer it was written with") from None
         if ckpt.get("scaler") is not None:
             rt.scaler.load_state_dict(ckpt["scaler"])
         gens = ckpt["data_generator"]
@@ -186,10 +150,12 @@ class Trainer:
                 checkpoint.set_rng_states(ckpt["rng"][rt.rank])
             except Exception as e:  # a damaged file: the RNG states are the last thing read
                 raise TrainError(f"{self.ckpt_path}: its RNG states are damaged ({type(e).__name__}: "
-                                 f"{checkpoint.first_line(e, 120)}); resume from another checkpoint, or start again") from None
+                                 f"{checkpoint.first_line(e, 120)}); "
+                                 f"resume from another checkpoint, or start again") from None
         if rt.master:
             self.repair_best(ckpt)
-        self.say(f"resumed from {self.ckpt_path} at iter {c.iter_num} (best val {c.best_val:.4f} bpc at iter {c.best_iter})")
+        self.say(f"resumed from {self.ckpt_path} at iter {c.iter_num} "
+                 f"(best val {c.best_val:.4f} bpc at iter {c.best_iter})")
 
     # --- the loop
     def fit(self):
@@ -198,7 +164,8 @@ class Trainer:
         self.loss_sum, self.loss_n = torch.zeros((), device=rt.device), 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         self.last_val, self.bar = None, self.progress_bar()
-        self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0, say=self.say) if rt.master else None
+        self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0,
+                                          say=self.say) if rt.master else None
         self.startup_check()
         self.stop.install()
         try:
@@ -274,12 +241,14 @@ class Trainer:
         one batch (the model kind's startup_check); a mismatch stops the run with the way on (issue 23)."""
         cfg, rt = self.cfg, self.rt
         check = MODELS[self.kind].startup_check
-        if check is None or cfg["startup_check"] == "off" or (cfg["startup_check"] == "auto" and rt.device_type != "cuda"):
+        wanted = cfg["startup_check"] == "on" or (cfg["startup_check"] == "auto" and rt.device_type == "cuda")
+        if check is None or not wanted:
             return
         t0 = time.time()
         # a training micro-batch's shape (another would make the compiled model recompile, or go dynamic), drawn
         # from its own generator: the run's data stream is not touched
-        x, y = self.ds.get_batch("train", cfg["batch_size"], cfg["block_size"], torch.Generator().manual_seed(cfg["seed"]))
+        x, y = self.ds.get_batch("train", cfg["batch_size"], cfg["block_size"],
+                                 torch.Generator().manual_seed(cfg["seed"]))
         r = check(self.model, self.fwd, x.to(rt.device), y.to(rt.device), rt.ctx, rt.dtype != "float32")
         if r is None:
             return
@@ -288,9 +257,10 @@ class Trainer:
                  f"(tolerance {tol['grad']:g}" + (f"; worst: {r['worst']}" if r["worst"] else "") + f"), "
                  f"{r['grad_l2']:.2g} in L2 over {r['worst_l2']} (tolerance {tol['grad_l2']:g})")
         if rt.any_rank(not r["ok"]):
-            raise TrainError(f"start-up check failed: the {r['fast']} path differs from the {r['reference']} path on one batch "
-                             f"at the target sparsity by {where}, relative to their scale; this torch/device computes it "
-                             f"wrongly: train with --attn_impl={r['reference']}, or skip the check with --startup_check=off")
+            raise TrainError(f"start-up check failed: the {r['fast']} path differs from the {r['reference']} path "
+                             f"on one batch at the target sparsity by {where}, relative to their scale; this "
+                             f"torch/device computes it wrongly: train with --attn_impl={r['reference']}, or skip "
+                             f"the check with --startup_check=off")
         self.say(f"start-up check: the {r['fast']} path equals the {r['reference']} path on one batch at the target "
                  f"sparsity ({where}, relative to their scale; {time.time() - t0:.1f}s)")
 
@@ -318,7 +288,7 @@ class Trainer:
     def batch(self):
         x, y = self.ds.get_batch("train", self.cfg["batch_size"], self.cfg["block_size"], self.gen)
         if self.rt.device_type == "cuda":
-            x, y = x.pin_memory().to(self.rt.device, non_blocking=True), y.pin_memory().to(self.rt.device, non_blocking=True)
+            x, y = (t.pin_memory().to(self.rt.device, non_blocking=True) for t in (x, y))
         return x, y
 
     def account(self, t0):
@@ -402,8 +372,10 @@ class Trainer:
             if best:  # best.pt is a copy of this ckpt.pt: it holds its iter_num, checked before it is used
                 checkpoint.atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.ckpt_path, tmp))
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-            raise TrainError(f"cannot write a checkpoint in {self.out_dir}: {getattr(e, 'strerror', None) or checkpoint.first_line(e)}; "
-                             f"the previous one is intact; free some space (or use another --out_dir) and resume") from None
+            raise TrainError(f"cannot write a checkpoint in {self.out_dir}: "
+                             f"{getattr(e, 'strerror', None) or checkpoint.first_line(e)}; "
+                             f"the previous one is intact; "
+                             f"free some space (or use another --out_dir) and resume") from None
 
     def best_iter_on_disk(self):
         """The iteration best.pt holds (None: no readable best.pt)."""
@@ -496,7 +468,8 @@ class Trainer:
         if not (self.rt.master and self.cfg["progress"]):
             return None
         from tqdm import tqdm
-        return tqdm(total=self.cfg["max_iters"], initial=self.c.iter_num, unit="it", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=self.cfg["max_iters"], initial=self.c.iter_num, unit="it", dynamic_ncols=True,
+                    file=sys.stderr)
 
 
 def progress_text(row):
@@ -513,7 +486,7 @@ def progress_text(row):
 def main(argv, kind, build_model=None):
     """Entry point of a training script (kind: 'baseline' or 'asca'). Returns the process exit code.
     build_model(cfg) -> GPT replaces the kind's builder (tests use it to inject faults)."""
-    cfg = configurator.resolve_or_exit(defaults_for(kind), argv, TYPES)
+    cfg = configurator.resolve_or_exit(defaults_for(kind), argv, types_for(kind))
     try:
         return run(cfg, kind, explicit_keys(argv), build_model)
     except (TrainError, DataError, CheckpointError) as e:
@@ -537,36 +510,19 @@ def run(cfg, kind, explicit=(), build_model=None):
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
-            raise TrainError(f"cannot create out_dir {out_dir}: {e.strerror or e}; choose a writable --out_dir") from None
+            raise TrainError(f"cannot create out_dir {out_dir}: {e.strerror or e}; "
+                             f"choose a writable --out_dir") from None
         lock = checkpoint.RunLock(out_dir)  # one writer per run directory, before anything there is read
     with lock:
         return _run(cfg, kind, explicit, build_model, rt)
-
-
-def restart_incomplete(out_dir, say):
-    """A run killed after its first metrics row but before its first checkpoint holds nothing to resume:
-    set its metrics.jsonl (and config.json) aside as *.incomplete so it starts again cleanly."""
-    there = {f for f in RUN_FILES + ("config.json",) if os.path.lexists(os.path.join(out_dir, f))}
-    if not there or there - {"metrics.jsonl", "config.json"}:
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for f in sorted(there):
-        os.replace(os.path.join(out_dir, f), os.path.join(out_dir, f"{f}.incomplete-{stamp}"))
-    say(f"note: {out_dir} held a run that stopped before its first checkpoint ({', '.join(sorted(there))}); "
-        f"set aside as *.incomplete-{stamp}, starting again")
-
-
-def data_identity(ds):
-    """The sha256 of each split (from the dataset's meta.json): what a run was trained and scored on."""
-    splits = ds.meta.get("splits") if isinstance(ds.meta.get("splits"), dict) else {}
-    return {name: rec.get("sha256") for name, rec in splits.items() if isinstance(rec, dict)} or None
 
 
 def _run(cfg, kind, explicit, build_model, rt):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = None
     if cfg["init_from"] == "resume":
-        need = checkpoint.MODEL_KEYS + ("iter_num", "best_val_bpc", "config") if cfg["eval_only"] else checkpoint.TRAINING_KEYS
+        need = checkpoint.MODEL_KEYS + ("iter_num", "best_val_bpc",
+                                        "config") if cfg["eval_only"] else checkpoint.TRAINING_KEYS
         ckpt = checkpoint.load(ckpt_path, require=need)
         check_kind(ckpt, kind, ckpt_path)  # before any other check: the clearest error comes first
         cfg = resume_config(cfg, kind, ckpt["config"], explicit, rt.say)
@@ -585,7 +541,8 @@ def _run(cfg, kind, explicit, build_model, rt):
     if ckpt is not None and ckpt.get("data_sha256") and ckpt["data_sha256"] != data_identity(ds):
         changed = sorted(k for k in ckpt["data_sha256"] if ckpt["data_sha256"][k] != (data_identity(ds) or {}).get(k))
         rt.say(f"warning: the data in {cfg['data_dir']} changed since this checkpoint was written (split "
-               f"{', '.join(changed) or 'set'} differs): its curves and test bpc will not compare with the earlier ones")
+               f"{', '.join(changed) or 'set'} differs): "
+               f"its curves and test bpc will not compare with the earlier ones")
     rt.init_distributed()
     try:
         if rt.master:

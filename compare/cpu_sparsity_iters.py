@@ -8,7 +8,8 @@ ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_
         "--sparsity_warmup_iters=100", "--gate_input=unrotated",  # as README's table was measured
         "--keep_first_block=True", "--local_blocks=0"]
 RUNS = [
-    ("dense", "baseline_model.py", ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--eval_interval=100"] + NEW),
+    ("dense", "baseline_model.py", ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt",
+                                    "--eval_interval=100"] + NEW),
     ("asca_0", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.0"]),
     ("asca_0.5", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.5"]),
     ("asca_0.75", "novel_model.py", ASCA + NEW + ["--target_sparsity=0.75"]),

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import baseline_model  # noqa: E402
-import novel_model  # noqa: E402
+import gpt  # noqa: E402
+import asca  # noqa: E402
 
 
 def median_ms(fn, iters):
@@ -49,11 +49,11 @@ def attention_rows(T, sparsities, iters):
     dense = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), iters)
     yield ("attention", T, S, "dense", None, dense, 1.0)
     for s in sparsities:
-        if s > novel_model.max_sparsity(T, S, True) + 1e-9:
+        if s > asca.max_sparsity(T, S, True) + 1e-9:
             continue
-        cfg = novel_model.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=s,
+        cfg = asca.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=s,
                                      sparsity_warmup_iters=0, attn_impl="gather", pos_encoding="learned")
-        a = novel_model.AdaptiveSparseCausalSelfAttention(cfg)
+        a = asca.AdaptiveSparseCausalSelfAttention(cfg)
         ms = median_ms(lambda: a.attend(q, k, v).backward(grad), iters)
         measured = a.diagnostics()["sparsity"]
         yield ("attention", T, S, "asca gather", measured, ms, ms / dense)
@@ -77,13 +77,13 @@ def step_rows(T, sparsities, iters, tokens):
         return median_ms(step, iters), model
 
     torch.manual_seed(0)
-    dense, _ = timed(baseline_model.make_model(**common))
+    dense, _ = timed(gpt.make_model(**common))
     yield ("step", T, S, "dense", None, dense, 1.0)
     for s in sparsities:
-        if s > novel_model.max_sparsity(T, S, True) + 1e-9:
+        if s > asca.max_sparsity(T, S, True) + 1e-9:
             continue
         torch.manual_seed(0)
-        ms, m = timed(novel_model.make_model(**common, sparse_block_size=S, target_sparsity=s,
+        ms, m = timed(asca.make_model(**common, sparse_block_size=S, target_sparsity=s,
                                              sparsity_warmup_iters=0, attn_impl="gather"))
         yield ("step", T, S, "asca gather", m.diagnostics()["sparsity"], ms, ms / dense)
 
@@ -104,7 +104,8 @@ def main(argv=None):
     lines = ["| rows | T | S | path | measured sparsity | ms | x dense |", "|---|---|---|---|---|---|---|"]
     for T in a.seq:
         for kind in a.rows:
-            rows = attention_rows(T, a.sparsity, a.iters) if kind == "attention" else step_rows(T, a.sparsity, a.iters, a.tokens)
+            rows = (attention_rows(T, a.sparsity, a.iters) if kind == "attention"
+                    else step_rows(T, a.sparsity, a.iters, a.tokens))
             for kind_, T_, S, path, sp, ms, rel in rows:
                 line = (f"| {kind_} | {T_} | {S} | {path} | {'-' if sp is None else f'{sp:.3f}'} | {ms:,.1f} | "
                         f"{rel:.2f} |")

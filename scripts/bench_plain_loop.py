@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import baseline_model  # noqa: E402
+import gpt  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--data_dir", default="data/excerpt")
@@ -22,7 +22,7 @@ p.add_argument("--batch_size", type=int, default=16)
 p.add_argument("--block_size", type=int, default=256)
 a = p.parse_args()
 torch.manual_seed(0)
-model = baseline_model.make_model(n_layer=4, n_head=4, n_embd=256, block_size=a.block_size)
+model = gpt.make_model(n_layer=4, n_head=4, n_embd=256, block_size=a.block_size)
 opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
 data = np.memmap(os.path.join(a.data_dir, "train.bin"), dtype=np.uint8, mode="r")
 times = []
@@ -38,5 +38,6 @@ for step in range(a.steps):
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t0)
 tok = a.batch_size * a.block_size
-print(f"plain loop: {tok / statistics.median(times[5:]):,.0f} tokens/s (median of {len(times) - 5} steps after 5 warm-up), "
+print(f"plain loop: {tok / statistics.median(times[5:]):,.0f} tokens/s "
+      f"(median of {len(times) - 5} steps after 5 warm-up), "
       f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -9,7 +9,8 @@ run it before and after the change and compare the two files (they must be ident
 Each case trains the tiny model (config/train_tiny.py) for 20 iterations on the first 400 KB of the bundled
 excerpt (split into a temporary directory), evaluating every 5, then resumes it for 10 more. The fingerprint is
 every metrics row (losses as Python floats, exact), the test bpc, and a sha256 of the final weights (under
-their pre-refactor names, legacy_names) and of the optimizer state. Timing fields are left out (they change from run to run).
+their pre-refactor names, legacy_names) and of the optimizer state. Timing fields are left out (they change from
+run to run).
 """
 import argparse
 import hashlib

@@ -31,13 +31,13 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
 
-N=tests/test_novel.py
+N=tests/test_asca.py
 # In order of value: does the model as it trains on a GPU compute the reference function? Is it causal? Does
 # the start-up check pass a correct install? Then the rest.
-GROUP1="$N::test_cuda_compiled_whole_model_flex_matches_reference_forward_backward[fixed] $N::test_cuda_flex_model_is_causal tests/test_gpu_ready.py::test_cuda_start_up_check_on_the_compiled_flex_path"
+GROUP1="$N::test_cuda_compiled_whole_model_flex_matches_reference_forward_backward[fixed] $N::test_cuda_flex_model_is_causal tests/test_gpu_path.py::test_cuda_start_up_check_on_the_compiled_flex_path"
 GROUP2="$N::test_cuda_compiled_whole_model_flex_matches_reference_forward_backward[adaptive] $N::test_cuda_start_up_check_matches_what_inductor_compiles $N::test_cuda_flex_matches_reference_forward_backward[1024-128] $N::test_cuda_flex_matches_reference_forward_backward[4096-128] $N::test_cuda_compiled_training_run[novel_model.py-fixed] $N::test_compiled_training_does_not_recompile_as_the_schedule_moves[cuda]"
 GROUP3="$N::test_cuda_flex_short_sequences_match_reference[1] $N::test_cuda_flex_short_sequences_match_reference[37] $N::test_cuda_flex_short_sequences_match_reference[100]"
-DRY_TESTS="tests/test_gpu_ready.py tests/test_mixed_precision.py tests/test_kernels.py::test_bf16_inputs_to_an_fp32_module_run_and_match"
+DRY_TESTS="tests/test_gpu_path.py tests/test_mixed_precision.py tests/test_kernels.py::test_bf16_inputs_to_an_fp32_module_run_and_match"
 GATE=(--seq 8192 --sparsity 0.75 --gate_grad)  # the gate bias's gradient: per key (default), per block, detached
 case $MODE in
   quick) GROUPS_=("$GROUP1"); LIMITS=(120); ATTN_S=140; STEP_S=100

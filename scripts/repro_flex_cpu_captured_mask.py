@@ -10,7 +10,8 @@ Measured 2026-11-28, torch 2.13.0+cpu, this repository's 2-core CPU machine:
 The same selection passed in as a graph input (flex compiled alone) is exact. asca_kernels.attend_flex
 therefore passes the causal-only mask_mod when it is traced into a compiled model.
 """
-import torch, sys
+import torch
+import sys
 from torch.nn.attention.flex_attention import flex_attention, BlockMask
 torch.manual_seed(0)
 B, H, T, D, S = 1, 1, 128, 16, 16
@@ -29,12 +30,14 @@ def plan(r):
 def f(q, k, v, r):
     order, n_past, sel = plan(r)
     def mask_mod(b, h, qi, ki):
-        if mode == "causal": return qi >= ki
+        if mode == "causal":
+            return qi >= ki
         return (qi >= ki) & sel[b, h, qi // S, ki // S]
     idx = order.to(torch.int32)
     bm = BlockMask.from_kv_blocks(torch.ones(B, H, nb, dtype=torch.int32), idx.contiguous(),
                                   n_past.to(torch.int32).expand(B, H, nb).contiguous(),
-                                  torch.roll(idx, -1, -1).contiguous(), BLOCK_SIZE=S, mask_mod=mask_mod, seq_lengths=(T, T))
+                                  torch.roll(idx, -1, -1).contiguous(), BLOCK_SIZE=S, mask_mod=mask_mod,
+                                  seq_lengths=(T, T))
     return flex_attention(q, k, v, block_mask=bm)
 sel = plan(r)[2]
 m = sel.repeat_interleave(S, -2).repeat_interleave(S, -1) & torch.ones(T, T, dtype=torch.bool).tril()

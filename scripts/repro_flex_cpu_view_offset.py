@@ -76,8 +76,9 @@ with torch.no_grad():
         torch._dynamo.reset()
         alone = torch.compile(lambda a, b, c: flex_attention(a, b, c, block_mask=block_mask()), fullgraph=True)(
             q.clone(), k.clone(), v.clone())
-        line = f"{name:12s}  in-graph {(in_graph - ref).abs().max().item():.2g}   alone {(alone - ref).abs().max().item():.2g}"
+        off = lambda a, b: (a - b).abs().max().item()
+        line = f"{name:12s}  in-graph {off(in_graph, ref):.2g}   alone {off(alone, ref):.2g}"
         if name == "q,k scaled":
             raw_q = qkv(x)[0]
-            line += f"   (in-graph vs the reference with v := raw q: {(in_graph - reference(q, k, raw_q)).abs().max().item():.2g})"
+            line += f"   (in-graph vs the reference with v := raw q: {off(in_graph, reference(q, k, raw_q)):.2g})"
         print(line, flush=True)

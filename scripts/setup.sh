@@ -27,4 +27,4 @@ PY
 grep -v -E '^\s*torch([<>=!~ ]|$)' requirements.txt > /tmp/asca-requirements.$$.txt
 "$PY" -m pip install --quiet -r /tmp/asca-requirements.$$.txt
 rm -f /tmp/asca-requirements.$$.txt
-"$PY" -c "import torch, numpy, requests, tqdm, matplotlib, pytest; print('ready: torch', torch.__version__, '| CUDA' if torch.cuda.is_available() else '| CPU only')"
+"$PY" -c "import torch, numpy, requests, tqdm, matplotlib, pytest, ruff; print('ready: torch', torch.__version__, '| CUDA' if torch.cuda.is_available() else '| CPU only')"

@@ -1,11 +1,11 @@
 """
 The start-up check's bf16 noise floor, and what real faults give, on a CPU under CUDA's autocast policy (issue 30).
 
-For each seed: a freshly initialised ASCA model, one random batch, and novel_model.startup_check comparing the
+For each seed: a freshly initialised ASCA model, one random batch, and asca.startup_check comparing the
 gather path (bf16, CUDA's float32 ops emulated: runtime.cuda_autocast_on_cpu) with the reference path replaying
 its block choice. Then the same with two injected faults on the gather path: a wrong block (the last tile
 reads its best skipped block instead of its best kept one) and a dropped gate bias. Prints one row per seed and
-case, then the largest value of each measure per case: the tolerances in novel_model.STARTUP_TOL must lie
+case, then the largest value of each measure per case: the tolerances in asca.STARTUP_TOL must lie
 above the 'correct' row and below both fault rows.
 
     python3 scripts/startup_noise.py                        # the GPU config's shape: 12 x 512, T=1024, S=128, 0.5
@@ -22,8 +22,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from baseline_model import GPT  # noqa: E402
-from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention, startup_check  # noqa: E402
+from gpt import GPT  # noqa: E402
+from asca import ASCAConfig, AdaptiveSparseCausalSelfAttention, startup_check  # noqa: E402
 from runtime import cuda_autocast_on_cpu  # noqa: E402
 
 

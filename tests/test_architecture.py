@@ -8,6 +8,7 @@ import torch
 
 import baseline_model
 import checkpoint
+from config_keys import legacy_values
 import novel_model
 from baseline_model import Rotary
 from helpers import run_script, train_in_process
@@ -139,7 +140,8 @@ def test_a_checkpoint_from_before_the_options_loads_samples_and_resumes(tmp_path
                                              "--final_test=False", "--pos_encoding=learned", "--qk_norm=false",
                                              "--mlp_act=gelu", "--tie_embeddings=true", "--optimizer=adamw"]) == 0
     ck = checkpoint.load(str(out / "ckpt.pt"))
-    new_keys = set(baseline_model.GPTConfig.LEGACY) | {"rope_base", "optimizer", "muon_lr", "muon_momentum"}
+    new_keys = (set(legacy_values(baseline_model.GPTConfig.declarations()))
+                | {"rope_base", "optimizer", "muon_lr", "muon_momentum"})
     for d in (ck["model_args"], ck["config"]):
         for key in new_keys:
             d.pop(key, None)
@@ -156,7 +158,7 @@ def test_a_checkpoint_from_before_the_options_loads_samples_and_resumes(tmp_path
 
 @pytest.mark.parametrize("arg,needle", [("--pos_encoding=alibi", "pos_encoding='alibi' must be one of learned, rope"),
                                         ("--mlp_act=swish", "mlp_act='swish' must be one of gelu, relu2"),
-                                        ("--optimizer=sgd", "optimizer='sgd' must be 'adamw' or 'muon'"),
+                                        ("--optimizer=sgd", "optimizer='sgd' must be one of adamw, muon"),
                                         ("--muon_lr=0", "muon_lr must be a positive finite number"),
                                         ("--rope_base=1", "rope_base must be a finite number > 1")])
 def test_bad_option_values_are_one_line_errors(tmp_path, data_dir, capsys, arg, needle):

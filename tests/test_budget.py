@@ -83,7 +83,8 @@ def test_threshold_starts_dense_and_the_estimate_meets_the_scheduled_count():
     q, k, v = _qkv(T=128)
     a.attend(q, k, v)
     dense = torch.ones(16, 16, dtype=torch.bool).tril()
-    assert torch.isinf(a.selector.threshold).all() and torch.equal(a.last_selection.selected, dense.expand(2, 2, 16, 16))
+    assert torch.isinf(a.selector.threshold).all()
+    assert torch.equal(a.last_selection.selected, dense.expand(2, 2, 16, 16))
     a.update_budget()
     a.attend(q, k, v)
     sel = a.last_selection.selected
@@ -96,7 +97,8 @@ def test_threshold_starts_dense_and_the_estimate_meets_the_scheduled_count():
     d = a.diagnostics()
     assert d["sparsity"] == pytest.approx(per_seq * 64 / (128 * 129 / 2), abs=1e-6)  # diagnostics count in fp32
     assert d["budget_threshold_per_head"] == a.selector.threshold.tolist() and d["kept_blocks_sd"] > 0
-    assert a.selector.threshold[0] == a.selector.threshold[1]  # budget_scope='layer': one threshold for the layer's heads
+    # budget_scope='layer': one threshold for the layer's heads
+    assert a.selector.threshold[0] == a.selector.threshold[1]
     # at target 0 nothing is skipped: the estimate is -inf again
     a.selector.sparsity = 0.0
     a.update_budget()
@@ -242,9 +244,9 @@ def test_the_tally_counts_every_forward():
 
 
 def test_bad_budget_is_a_one_line_error():
-    with pytest.raises(ValueError, match="budget='sometimes' must be 'fixed' or 'adaptive'"):
+    with pytest.raises(ValueError, match="budget='sometimes' must be one of fixed, adaptive"):
         ASCAConfig(budget="sometimes").validate()
-    with pytest.raises(ValueError, match="budget_scope='model' must be 'layer' or 'head'"):
+    with pytest.raises(ValueError, match="budget_scope='model' must be one of layer, head"):
         ASCAConfig(budget_scope="model").validate()
     with pytest.raises(ValueError, match="budget_ema=0.0 must be in"):
         ASCAConfig(budget_ema=0.0).validate()
@@ -293,7 +295,8 @@ def test_exact_resume_with_the_controller_state_is_bitwise(tmp_path):
     a, b = checkpoint.load(str(tmp_path / "a" / "ckpt.pt")), checkpoint.load(str(tmp_path / "b" / "ckpt.pt"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    assert not torch.equal(a["model"]["transformer.h.0.attn.selector.threshold"], mid["model"]["transformer.h.0.attn.selector.threshold"])
+    assert not torch.equal(a["model"]["transformer.h.0.attn.selector.threshold"],
+                           mid["model"]["transformer.h.0.attn.selector.threshold"])
 
 
 def test_a_checkpoint_with_one_threshold_per_layer_loads():

@@ -5,7 +5,7 @@ and float32, fixed and adaptive budgets, lengths that are not a multiple of S, e
 through the whole model, causality in train and eval mode, a negative control that a skipped block is never
 read, and its memory estimate. attend_flex (CPU: compiled forward only): equal to the reference, its BlockMask
 lists exactly the selected blocks and the compiled kernel visits only those; flex_backward_problem follows
-inductor's tiles. The CUDA tests of the flex path (gradients, the compiled whole model) are in test_novel.py."""
+inductor's tiles. The CUDA tests of the flex path (gradients, the compiled whole model) are in test_asca.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,8 @@ def test_a_skipped_block_is_never_read():
         for j in skipped:
             k2[..., j * 8:(j + 1) * 8, :] = float("nan")
             v2[..., j * 8:(j + 1) * 8, :] = float("nan")
-        a.selector.predictor.forward = lambda q_, k_, S: nm.ContentBasedAdaptiveSparsity.forward(a.selector.predictor, q, k, S)
+        predictor = a.selector.predictor
+        predictor.forward = lambda q_, k_, S: nm.ContentBasedAdaptiveSparsity.forward(predictor, q, k, S)
         rows = slice(last * 8, None)  # the last tile's queries: they skip those blocks
         out = a.attend(q, k2, v2)
         assert torch.isfinite(out[..., rows, :]).all() and torch.equal(out[..., rows, :], clean[..., rows, :])
@@ -98,7 +99,7 @@ MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=1
 
 @pytest.mark.parametrize("opts", [{}, dict(pos_encoding="learned", qk_norm=False, mlp_act="gelu", tie_embeddings=True,
                                            gate_input="unrotated"), dict(budget="adaptive", budget_scope="head"),
-                                  # issue 22's keys (tests/test_quality.py)
+                                  # issue 22's keys (tests/test_selection_options.py)
                                   dict(local_blocks=1, keep_first_block=False, layer_sparsity="0.55,0.65",
                                        compressed_branch=True)])
 def test_whole_model_on_the_gather_path_equals_the_reference(opts):
@@ -294,7 +295,8 @@ def test_the_flex_score_mod_is_the_reference_function_with_its_gradients(layout)
         else:
             mod = asca_kernels.gate_score_mod(sel.gate_bias, 16, layout)
             i = torch.arange(64)
-            b, h, qi, ki = torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None], i[:, None], i[None, :]
+            b, h = torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None]
+            qi, ki = i[:, None], i[None, :]
             logits = mod(q @ k.transpose(-1, -2) / 4.0, b, h, qi, ki)  # (B, nh, T, T)
             keep = sel.selected[b, h, qi // 16, ki // 16] & (qi >= ki)
             y = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v

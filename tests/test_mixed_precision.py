@@ -89,7 +89,8 @@ def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtyp
     with cuda_autocast_on_cpu():
         y = attend_gather(q, k, v, sel.order, sel.n_past, bias, 16)
     (y.float() * w).sum().backward()
-    assert y.dtype == torch.bfloat16 and (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (qk_dtype, qk_dtype, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (qk_dtype, qk_dtype, torch.bfloat16)
     ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
     ref_sel = nm.Selection(sel.scores, sel.order, sel.n_past, sel.selected, ref_in[3], sel.seq_len)
     y_ref = attend_reference(*ref_in[:3], ref_sel, 16)

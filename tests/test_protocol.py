@@ -104,7 +104,8 @@ def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, d
 
 def test_compare_flags_mixed_protocols(tmp_path, data_dir):
     out = tmp_path / "mix"
-    spec = write_spec(tmp_path / "spec.py", data_dir, out, second_args=("--block_size=32", "--eval_stride=16", "--target_sparsity=0.3"))
+    spec = write_spec(tmp_path / "spec.py", data_dir, out,
+                      second_args=("--block_size=32", "--eval_stride=16", "--target_sparsity=0.3"))
     assert compare.main([spec, "--seeds", "1"]) == 0
     row = next(l for l in (out / "comparison.md").read_text().splitlines() if l.startswith("| sparse |"))
     assert "not comparable" in row and "**block_size**" in row and "**eval_stride**" in row

@@ -127,7 +127,8 @@ def test_resume_keeps_the_checkpoints_schedule_unless_overridden(tmp_path, data_
     out = tmp_path / "s"
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--sparse_block_size=8", "--final_test=False",
               "--eval_interval=2"]
-    assert train(common + ["--target_sparsity=0.3", "--sparsity_warmup_iters=4", "--max_iters=4"], module=novel_model) == 0
+    assert train(common + ["--target_sparsity=0.3", "--sparsity_warmup_iters=4", "--max_iters=4"],
+                 module=novel_model) == 0
     capsys.readouterr()
     # the README's "continue" line: config + --init_from=resume + a longer run; the config says 0.5 and warm-up 0
     assert train(common + ["--init_from=resume", "--max_iters=6", "--sparsity_warmup_iters=4"], module=novel_model) == 0

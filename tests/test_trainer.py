@@ -116,7 +116,8 @@ def test_training_run_writes_outputs_and_learns(tmp_path, data_dir):
 
 
 def test_exact_resume_is_bitwise(tmp_path, data_dir):
-    common = [f"--data_dir={data_dir}", "--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5", "--final_test=False"]
+    common = [f"--data_dir={data_dir}", "--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5",
+              "--final_test=False"]
     assert train(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=20"]) == 0
     assert train(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=10"]) == 0
     assert train(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=20", "--init_from=resume"]) == 0
@@ -167,7 +168,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, capsys):
     out = tmp_path / "nan"
-    rc = train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=4", "--log_interval=1"],
+    rc = train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=4",
+                "--log_interval=1"],
                build_model=lambda cfg: NaNAfter(GPTConfig.from_dict(cfg)))
     assert rc == 1
     err = capsys.readouterr().err

@@ -360,7 +360,8 @@ def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "failed: attention T=500: ValueError" in r.stdout and "out of reach" in r.stdout
     got = json.load(open(tmp_path / "bench.json"))
-    assert [row["T"] for row in got["attention"]] == [512] and [s["budget"] for s in got["steps"]] == ["fixed", "adaptive"]
+    assert [row["T"] for row in got["attention"]] == [512]
+    assert [s["budget"] for s in got["steps"]] == ["fixed", "adaptive"]
     row = got["attention"][0]
     assert f"| {row['asca_ms']:.2f} | {row['ratio']:.2f}x |" in r.stdout
     assert (tmp_path / "bench.md").read_text().splitlines()[-1].startswith("failed: attention T=500")
@@ -451,7 +452,8 @@ def test_cuda_compiled_whole_model_flex_matches_reference_forward_backward(budge
     outs = []
     for m, fwd in ((flex_model, compiled), (ref_model, ref_model)):
         if m is ref_model:  # the compiled model's choice, per layer: order and counts (the scores stay the ref's)
-            for a, chosen in zip(ref_model.attention_modules(), [b.last_selection for b in flex_model.attention_modules()]):
+            for a, chosen in zip(ref_model.attention_modules(),
+                                 [b.last_selection for b in flex_model.attention_modules()]):
                 a.selector.replay = (chosen.order, chosen.n_past)  # as BlockSelector.replaying does
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, loss = fwd(idx, tgt)

@@ -73,7 +73,8 @@ def test_local_blocks_reference_matches_a_naive_loop_fp64_with_gradients():
     ref = naive_local(q, k, v, scores, a.selector.n_keep, 8, 2)
     assert (y - ref).abs().max().item() < 1e-12
     w = torch.randn_like(y)
-    for got, want in zip(torch.autograd.grad((y * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+    grads = torch.autograd.grad((y * w).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
         assert got.abs().max() > 0 and (got - want).abs().max().item() < 1e-10
     sel = a.last_selection
     f = forced_past(8, True, 2)
@@ -91,7 +92,8 @@ def test_local_blocks_gather_equals_reference(budget, dtype):
     q, k, v = (torch.randn(2, 2, 122, 8, dtype=dtype, generator=g) for _ in range(3))  # 122: a padded last block
     wts = torch.randn(2, 2, 122, 8, dtype=dtype, generator=g)
     if budget == "adaptive":
-        a.selector.threshold.fill_(float(a.selector.predictor(F.pad(q, (0, 0, 0, 6)), F.pad(k, (0, 0, 0, 6)), 8).median()))
+        a.selector.threshold.fill_(float(a.selector.predictor(F.pad(q, (0, 0, 0, 6)), F.pad(k, (0, 0, 0, 6)),
+                                                              8).median()))
     outs = []
     for impl in ("reference", "gather"):
         a.impl = impl

@@ -1,4 +1,6 @@
-"""Issue 23, on a CPU: what the first GPU run would have tripped over, each shown where a CPU can show it."""
+"""The CUDA path's pieces a CPU can check (issues 23, 30): host syncs the warm-up must not make, the start-up
+self-check, DDP wrapping, the last test batch's shape, sampling's path; what the first GPU run would have tripped
+over."""
 import pytest
 import torch
 

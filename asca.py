@@ -1,0 +1,518 @@
+"""
+Adaptive Sparse Causal Attention (ASCA): the baseline GPT (gpt.py) with an attention that keeps, per query
+tile, only the earlier key blocks a small learned network scores highest, and skips the rest. Train it with
+novel_model.py:
+
+    python novel_model.py config/train_enwik8_novel.py --target_sparsity=0.75
+
+How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = queries b*S..b*S+S-1):
+1. ContentBasedAdaptiveSparsity scores every complete past key block j < b for tile b from
+   - the query at the tile's FIRST position b*S (the only query every member of the tile has seen),
+   - the mean of block j's keys (all at positions < b*S), and a learned per-head block-distance bias.
+   So the decision for any query i in tile b uses positions <= b*S <= i only: strictly causal.
+   (Pooling the tile's queries would leak the future into its earlier members.)
+2. The tile keeps its own block (causal inside), its local_blocks nearest past blocks (default 1: every
+   byte sees at least S bytes back), block 0 if keep_first_block (an attention sink; off by default: at 0.75
+   the nearest block is worth more, README "Quality at high sparsity"), and some of its other past blocks,
+   best-scored first. How many:
+   - budget='fixed': n_keep[b], fixed per tile by target_sparsity (spread evenly over tiles), so the
+     compute saved is exactly what was asked; the content decides WHICH blocks.
+   - budget='adaptive': every block scoring above a threshold (one per layer, or per head with
+     budget_scope='head'), so the content also decides HOW MANY, per head and tile. The threshold is
+     controller state, not a function of the sequence (a per-sequence quantile would leak the future into
+     earlier tiles): after each optimizer step it moves towards the threshold that would have met the
+     scheduled sparsity on the last training batch (update_budget), so the mean over heads, tiles and
+     inputs is held at the target.
+   The schedule ramps from dense to the target over sparsity_warmup_iters.
+3. Trainable end to end: each kept past block's logits get + logsigmoid(score), so the LM loss
+   differentiates the gate (routers do the same with top-k gate values). Skipped blocks get nothing.
+4. Three kernels compute that one function (asca_kernels.py): 'reference' (dense attention under the
+   expanded mask, any device), 'gather' (the kept blocks' keys and values gathered per tile, any device)
+   and 'flex' (CUDA: FlexAttention with a BlockMask built from the selected block indices, so skipped
+   blocks are never loaded or computed).
+Sharing the decision per query tile is what lets a kernel skip work: FlexAttention visits a KV tile if any
+query in the Q tile needs it (docs/design.md, "why tiles").
+
+Where things live: the selection, its schedule, budget, controller and diagnostics in asca_selector.py
+(BlockSelector); the kernels in asca_kernels.py; this file holds the config and the attention that glues
+them: q, k, v, positions, the predictor's inputs, padding, plan, kernel; plus attention maps and decoding.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import asca_kernels
+from asca_kernels import attend_gather, build_block_mask, flex_backward_problem, flex_kernel_options  # noqa: F401
+from asca_selector import (SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity, Selection,  # noqa: F401
+                           keep_counts, max_sparsity, padded_length)
+from config_keys import key
+from gpt import GPT, CausalSelfAttention, GPTConfig
+
+ATTN_IMPLS = ("auto", "reference", "flex", "gather")
+# attn_impl='auto' on a CPU takes the gather path from this sequence length on: measured 0.17-0.43x the
+# reference's time at T=1024 and 4096, sparsity 0.25-0.75 (README). Shorter sequences (the main job, the CPU
+# tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
+GATHER_MIN_T = 1024
+
+
+@dataclass
+class ASCAConfig(GPTConfig):
+    """ASCA's keys, each declared once with its rules (config_keys.Key; GPTConfig's docstring)."""
+    sparse_block_size: int = 128  # S: key blocks and query tiles, in tokens (128: see flex_backward_problem)
+    target_sparsity: float = key(0.5, resume="free")  # fraction of causal query-key pairs skipped after warm-up
+    sparsity_warmup_iters: int = key(1000, resume="free")  # linear ramp from dense (0 = target from the first step)
+    keep_first_block: bool = False  # block 0 always kept (attention sink); off: its budget buys the nearest block
+    #                                 (in every checkpoint's model_args: its old default True needs no legacy)
+    local_blocks: int = key(1, legacy=0)  # the w nearest past blocks always kept, counted in the budget (every byte
+    #                                       sees >= w*S back)
+    layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
+    #                           "" = target_sparsity in every layer
+    gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
+    compressed_branch: bool = False  # every query also attends to one mean key/value per complete past block, mixed
+    #                                  in by a learned per-head gate on the query (NSA's gated sum)
+    gate_dim: int = 32  # width of the sparsity predictor per head
+    gate_input: str = key("rotated", legacy="unrotated", choices=("unrotated", "rotated"))  # the predictor reads q, k
+    #                     'rotated' (as attended) or 'unrotated' (position-free; rope only)
+    gate_dist_bias: bool = key(True, legacy=True)  # a learned per-head bias by block distance in the predictor's scores
+    budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"))  # 'fixed': every tile keeps the
+    #                 scheduled count; 'adaptive': blocks scoring above a per-layer threshold, the threshold steered
+    #                 between steps to the scheduled sparsity
+    budget_ema: float = key(0.5, resume="free")  # adaptive: weight of the last step's estimate in the threshold's EMA
+    budget_scope: str = key("layer", choices=("layer", "head"))  # adaptive: one threshold per 'layer' or per 'head'
+    selector: str = key("learned", choices=SELECTORS)  # which past blocks a tile keeps: 'learned' (the predictor);
+    #                   controls at the same budget: 'local' (the nearest, plus the sink if kept) or 'random' (a new
+    #                   draw each forward)
+    attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS)  # 'auto' (flex on
+    #                    CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
+    flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS)  # flex path:
+    #                         the gate bias read per key position ('key') or per block ('block'): the same function,
+    #                         fewer contended atomics in backward with 'key'; 'auto' = 'key' on CUDA, 'block' on CPU
+
+    def validate(self):
+        super().validate()
+        S = self.sparse_block_size
+        if S < 1 or self.block_size % S:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of sparse_block_size={S}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
+        if self.local_blocks < 0:
+            raise ValueError(f"local_blocks={self.local_blocks} must be >= 0")
+        top = max_sparsity(self.block_size, S, self.keep_first_block, self.local_blocks)
+        for i, target in enumerate(self.layer_targets()):
+            if target > top + 1e-9:
+                what = f"layer {i}'s target {target}" if self.layer_sparsity else f"target_sparsity={target}"
+                raise ValueError(f"{what} is out of reach at block_size={self.block_size}, sparse_block_size={S}, "
+                                 f"keep_first_block={self.keep_first_block}, local_blocks={self.local_blocks}: the "
+                                 f"maximum is {top:.4f} (own block, sink and local blocks always kept); use smaller "
+                                 f"blocks, fewer local_blocks or a longer block_size")
+        if self.gate_loss < 0:
+            raise ValueError(f"gate_loss={self.gate_loss} must be >= 0 (0 = no distillation loss)")
+        if self.gate_loss > 0 and self.selector != "learned":
+            raise ValueError(f"gate_loss trains the learned predictor; selector={self.selector!r} has none: "
+                             f"set gate_loss=0")
+        if self.sparsity_warmup_iters < 0 or self.gate_dim < 1:
+            raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
+        if self.attn_impl == "gather" and self.budget == "adaptive" and self.dropout > 0:
+            # the gather path pads each group of tiles to its largest count, which the adaptive budget lets
+            # later tiles' content set: dropout's random draws would then depend on later bytes
+            raise ValueError("attn_impl='gather' with budget='adaptive' has no attention dropout: set dropout=0, "
+                             "or attn_impl='reference'")
+        if not 0.0 < self.budget_ema <= 1.0:
+            raise ValueError(f"budget_ema={self.budget_ema} must be in (0, 1]")
+
+    def layer_targets(self):
+        """Each layer's target sparsity: layer_sparsity's list, or target_sparsity everywhere. The list must have
+        one value per layer, each in [0, 1), with mean target_sparsity (so a run's label states its compute)."""
+        if not self.layer_sparsity:
+            return [self.target_sparsity] * self.n_layer
+        try:
+            vals = [float(x) for x in self.layer_sparsity.split(",")]
+        except ValueError:
+            raise ValueError(f"layer_sparsity={self.layer_sparsity!r} must be comma-separated numbers, one per layer, "
+                             f"such as '0.5,0.8,0.8,0.9'") from None
+        if len(vals) != self.n_layer:
+            raise ValueError(f"layer_sparsity has {len(vals)} values for n_layer={self.n_layer}: give one per layer")
+        if not all(0.0 <= v < 1.0 for v in vals):
+            raise ValueError(f"layer_sparsity={self.layer_sparsity!r}: every value must be in [0, 1)")
+        mean = sum(vals) / len(vals)
+        if abs(mean - self.target_sparsity) > 1e-3:
+            raise ValueError(f"layer_sparsity's mean is {mean:.4f} but target_sparsity={self.target_sparsity}: set "
+                             f"--target_sparsity={mean:.4f} or change the list")
+        return vals
+
+    def check_device(self, device_type, dtype, training):
+        """Start-up checks that need the device: a path this device lacks is a one-line ValueError."""
+        if self.attn_impl == "flex":
+            if device_type != "cuda":
+                raise ValueError(f"attn_impl='flex' needs a CUDA device (this run uses {device_type}); "
+                                 f"use attn_impl='reference' or 'auto'")
+            if self.sparse_block_size % 16:  # FlexAttention's smallest kernel tile is 16: tiles must divide S
+                raise ValueError(f"attn_impl='flex' needs sparse_block_size to be a multiple of 16, "
+                                 f"got {self.sparse_block_size}")
+        if self.attn_impl in ("flex", "auto") and device_type == "cuda":
+            if self.dropout > 0:
+                raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
+            why = flex_backward_problem(self.sparse_block_size, self.n_embd // self.n_head, dtype) if training else None
+            if why:
+                raise ValueError(why)
+
+
+    def check_memory(self, batch_size, device_type, compile, free_bytes):
+        """The gather path's memory grows with the kept blocks, (B, nh, T, (K + 1) * S) per layer: a run whose
+        estimate (gather_step_bytes) exceeds the free memory stops at start-up, naming a batch or T that fits."""
+        if free_bytes is None or self.attn_impl not in ("gather", "auto") or device_type == "cuda":
+            return
+        if self.attn_impl == "auto" and (self.block_size < GATHER_MIN_T or compile):
+            return  # auto takes the reference path there
+        need = gather_step_bytes(self, batch_size)
+        if need <= 0.9 * free_bytes:
+            return
+        fit_b = max(0, int(batch_size * 0.9 * free_bytes / need))
+        fix = (f"batch_size={fit_b}" if fit_b >= 1 else
+               f"block_size={self.block_size // 2} (or less)") + " or a higher target_sparsity"
+        raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for a step at batch_size={batch_size}, "
+                         f"block_size={self.block_size}, target_sparsity={self.target_sparsity} but "
+                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix}")
+
+
+def gather_attention_bytes(cfg, batch_size, elem=4):
+    """(bytes one layer's gather attention keeps for backward, its largest transient) for one forward at
+    T = block_size and the target sparsity, from the shapes alone: per tile group, the gathered keys and values
+    (B, nh, n, (K+1)*S, hs) each, the probabilities (B, nh, n, S, (K+1)*S) and the output; transient: the mask
+    and, in backward, the logits' gradient, of the probabilities' size (asca_kernels._BlockAttention)."""
+    from asca_kernels import tile_groups
+    S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
+    hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
+    counts = keep_counts(nb, S, T, min(cfg.layer_targets()), cfg.keep_first_block,
+                         cfg.local_blocks)  # the layer keeping most
+    saved, transient = 0, 0
+    for t0, t1 in tile_groups(nb):
+        n, L = t1 - t0, (int(counts[t0:t1].max()) + 1) * S
+        probs = batch_size * H * n * S * L
+        saved += 2 * batch_size * H * n * L * hs + probs + batch_size * H * n * S * hs
+        transient = max(transient, 2 * probs)
+    return saved * elem, transient * elem
+
+
+def gather_step_bytes(cfg, batch_size, elem=4):
+    """A training step's peak estimate on the gather path: every layer's attention saved for backward, the rest
+    of a layer's activations (about 20 B*T*C values: norms, q/k/v, rotary, projections, the 4C MLP twice), the
+    logits three times (logits, fp32 copy, softmax), the largest transient, and the weights with Adam's state."""
+    attn, transient = gather_attention_bytes(cfg, batch_size, elem)
+    btc = batch_size * cfg.block_size * cfg.n_embd
+    weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + 2 * 256 * cfg.n_embd
+    return (cfg.n_layer * (attn + 20 * btc * elem) + 3 * batch_size * cfg.block_size * 256 * elem + transient
+            + 4 * weights * elem)
+
+
+# ----------------------------------------------------------------------------- attention
+
+@dataclass
+class TileState:
+    """Decoding state of the tile in progress (LayerCache.tile): chosen once, at the tile's first byte."""
+    b: int  # the tile
+    keys: torch.Tensor  # (B, nh, m*S + S, hs): the m kept past blocks gathered once, then S slots for the
+    vals: torch.Tensor  # tile's own bytes, which the steps fill in place (values likewise)
+    mask: torch.Tensor  # (B, nh, m*S + S): logsigmoid(score) per kept block, -inf on a head's unused slots, 0 own
+    start: int  # m*S: where the own block's slots begin
+    summaries: tuple = None  # compressed branch: (keys, values) (B, nh, b, hs), the means of the b blocks before b
+
+
+class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
+    """Causal self-attention over the own block, the sink, and the selector's top past blocks."""
+
+    def __init__(self, config, layer=0):
+        super().__init__(config, layer)
+        self.S = config.sparse_block_size
+        self.impl = config.attn_impl
+        self.flex_layout = config.flex_gate_bias
+        self.block_size = config.block_size
+        self.selector = BlockSelector(config, layer)
+        self.compressed = config.compressed_branch
+        if self.compressed:  # the branch's gate per head: sigmoid(<q, w_h> + c_h), 0.5 at the start
+            hs = config.n_embd // config.n_head
+            self.cmp_gate_w = torch.nn.Parameter(torch.zeros(config.n_head, hs))
+            self.cmp_gate_b = torch.nn.Parameter(torch.zeros(config.n_head))
+        # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
+        # README), or the position-free ones, leaving position to its distance bias
+        self.gate_rotated = config.gate_input == "rotated"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the selector had its own module (2026-12-01) hold attn.predictor.* and
+        # attn.threshold: the same tensors, now under attn.selector.
+        for name in [k for k in state_dict if k.startswith(prefix + "predictor.") or k == prefix + "threshold"]:
+            state_dict[prefix + "selector." + name[len(prefix):]] = state_dict.pop(name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- the hooks the trainer calls (CausalSelfAttention declares them): the selector owns the behaviour
+    def set_step(self, iter_num):
+        self.selector.set_step(iter_num)
+
+    def update_budget(self, reduce=None):
+        self.selector.update_budget(reduce)
+
+    def diagnostics(self):
+        return self.selector.diagnostics()
+
+    def start_tally(self):
+        self.selector.start_tally()
+
+    def tally_step(self, rows=None):
+        self.selector.tally_step(rows)
+
+    def end_tally(self):
+        return self.selector.end_tally()
+
+    def aux_loss(self):
+        return self.selector.aux_loss()
+
+    def for_sampling(self):
+        # prefills run attend(); on CUDA 'auto' would compile the flex kernel before the first byte (and again for
+        # each bucketed prefill length). The gather path computes the same function uncompiled (issue 23, item 7).
+        if self.impl in ("auto", "flex"):
+            self.impl = "gather"
+
+    @property
+    def last_selection(self):
+        return self.selector.last
+
+    def attn_flops_per_token(self, T):
+        """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
+        plus the predictor's (small) matmuls."""
+        branch = 6 * self.n_embd * (T // self.S) if self.compressed else 0  # T x nb scores and mixes per head
+        return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T) + branch
+
+    def resolved_impl(self, device, T=0):
+        """The path for this forward. 'auto': flex on CUDA; on a CPU the gather path from T >= GATHER_MIN_T
+        (uncompiled), else the reference. All compute one function (tests/test_kernels.py)."""
+        if self.impl != "auto":
+            return self.impl
+        if device.type == "cuda":
+            return "flex"
+        if T < GATHER_MIN_T or torch.compiler.is_compiling():  # compiled CPU runs keep the compiled reference
+            return "reference"
+        no_gather = self.selector.adaptive and self.training and self.dropout > 0  # the gather path refuses that
+        return "reference" if no_gather else "gather"
+
+    def pad_to_blocks(self, *ts, bucket=False):
+        """Pad (B, nh, T, hs) tensors to whole blocks; padded keys lie in every real query's future.
+
+        bucket=True (flex path) pads further, to a power-of-two number of blocks (at most block_size),
+        so the compiled kernel (static shapes) sees about log2(block_size / S) lengths, not one per
+        sampled byte: past torch's recompile limit (8) it would fall back to slow eager attention.
+        Padding never changes a real position's output: tile b's choice reads tiles <= b only."""
+        T = ts[0].shape[2]
+        Tp = padded_length(T, self.S, self.block_size if bucket else None)
+        return [F.pad(t, (0, 0, 0, Tp - T)) for t in ts] if Tp > T else list(ts)
+
+    def prepare(self, q, k, v=None, bucket=False):
+        """Rotated q, k (and v), the predictor's inputs, all padded to whole blocks, and their Selection."""
+        T0 = q.shape[2]
+        qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
+        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
+        ts = self.pad_to_blocks(*((qr, kr, gq, gk) if v is None else (qr, kr, v, gq, gk)), bucket=bucket)
+        sel = self.selector.plan(ts[-2], ts[-1], T0)
+        if self.training:
+            self.selector.remember_inputs(ts[0], ts[1], ts[-2], ts[-1], T0)
+        return ts[:-2], sel
+
+    def attend(self, q, k, v):
+        T0 = q.shape[2]
+        impl = self.resolved_impl(q.device, T0)
+        (qr, kr, v), sel = self.prepare(q, k, v, bucket=impl == "flex")
+        y = self.kernel(impl, qr, kr, v, sel, self.dropout if self.training else 0.0)
+        if self.compressed:
+            y = y + self.compressed_gate(qr) * asca_kernels.attend_compressed(qr, kr, v, self.S)
+        self.selector.remember(sel)
+        return y[:, :, :T0]
+
+    def kernel(self, impl, q, k, v, sel, dropout):
+        """One kernel's output (B, nh, T, hs) for padded, rotated q, k and v and the Selection (asca_kernels.py)."""
+        if impl == "flex":
+            if dropout > 0:
+                raise ValueError("attn_impl='flex' has no attention dropout; use dropout=0 or attn_impl='reference'")
+            return asca_kernels.attend_flex(q, k, v, sel, self.S, layout=self.flex_layout)
+        if impl == "gather":  # the kept blocks only, any device
+            return attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, self.S, dropout_p=dropout)
+        return asca_kernels.attend_reference(q, k, v, sel, self.S, dropout_p=dropout)
+
+    def compressed_gate(self, q):
+        """(B, nh, T, 1): the compressed branch's weight for each query, from the query (as attended)."""
+        w = self.cmp_gate_w.to(q.dtype)
+        b = self.cmp_gate_b.to(q.dtype)[None, :, None, None]
+        return torch.sigmoid((q * w[None, :, None, :]).sum(-1, keepdim=True) + b)
+
+    @torch.no_grad()
+    def attention_map(self, x):
+        """For analysis (extraction.py): attention probabilities, keep mask, block selection and gate
+        scores for layer input x (B, T, C), as the reference path computes them."""
+        q, k, _ = self.qkv(x)
+        T0 = q.shape[2]
+        (qr, kr), sel = self.prepare(q, k)
+        mask, probs = asca_kernels.reference_probs(qr, kr, sel.selected, sel.gate_bias, self.S)
+        return {"attention": probs[..., :T0, :T0], "keep_mask": mask[..., :T0, :T0],
+                "block_selection": sel.selected, "gate_scores": sel.scores.float()}
+
+    # --- decoding with a KV cache (sample.py): a tile's blocks are chosen once, at its first byte
+    def gate_query(self, q, qr):
+        return qr if self.gate_rotated else q
+
+    def after_prefill(self, q, qr, lc):
+        """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
+        from its first query, which only the prefill saw."""
+        if self.selector.rule != "learned":
+            raise ValueError(f"cached decoding supports selector='learned' only (this model: "
+                             f"{self.selector.rule!r}); sample with --kv_cache=false")
+        L, S = q.shape[2], self.S
+        lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
+
+    def choose_tile(self, lc, b, q_first):
+        """Tile b's TileState, chosen by the training forward's own selection from the tile's first query
+        q_first (B, nh, hs) and the b complete blocks before it (m: the largest count over heads; a head that
+        keeps fewer has -inf on the rest)."""
+        S, sl = self.S, self.selector
+        B, H, _, hs = lc.k.shape
+        keys = lc.k if self.gate_rotated else lc.k_raw
+        kb = keys[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3)  # (B, nh, b, hs): as the forward's
+        row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))  # (B, nh, 1, b)
+        scores = row.new_zeros(B, H, b + 1, b + 1)  # rows < b are never read for tile b: rank() ranks per row
+        scores[:, :, b, :b] = row[:, :, 0]
+        sel = sl.selection(scores, *sl.rank(scores), (b + 1) * S)
+        n = sel.n_past[..., b]  # (B, nh): each head its own count, padded to the largest
+        blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
+        m = blocks.shape[-1]
+        bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
+        unused = torch.arange(m, device=blocks.device) >= n[..., None]  # beyond a head's count
+        bias = bias.masked_fill(unused, float("-inf"))  # -inf: a padded block gets no probability
+        bi = torch.arange(B, device=blocks.device)[:, None, None]
+        hi = torch.arange(H, device=blocks.device)[None, :, None]
+        k_buf, v_buf = lc.k.new_empty(B, H, m * S + S, hs), lc.v.new_empty(B, H, m * S + S, hs)
+        for buf, src in ((k_buf, lc.k), (v_buf, lc.v)):  # whole blocks: (B, nh, m, S, hs) by block index
+            buf[:, :, :m * S] = src[:, :, :b * S].reshape(B, H, b, S, hs)[bi, hi, blocks].reshape(B, H, m * S, hs)
+        have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
+        k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
+        mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
+        summaries = None
+        if self.compressed and b >= 1:  # the branch's summaries of the b blocks before the tile, as the forward's
+            summaries = tuple(t[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3) for t in (lc.k, lc.v))
+        return TileState(b, k_buf, v_buf, mask.to(lc.k.dtype), m * S, summaries)
+
+    def attend_step(self, q, qr, lc, pos0):
+        """One new query at pos0 over its tile's kept blocks (gathered once per tile) and its own block so
+        far: one fused SDPA call with the gate bias as its additive mask."""
+        if qr.shape[2] != 1:
+            raise ValueError("ASCA decodes one byte per step after the prefill")
+        S = self.S
+        b = pos0 // S
+        if lc.tile is None or lc.tile.b != b:
+            if pos0 % S:
+                raise RuntimeError(f"decoding state lost: position {pos0} is inside tile {b}, whose choice is unknown")
+            lc.tile = self.choose_tile(lc, b, self.gate_query(q, qr)[:, :, 0])
+        t = lc.tile
+        n = t.start + pos0 + 1 - b * S
+        t.keys[:, :, n - 1], t.vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
+        y = F.scaled_dot_product_attention(qr, t.keys[:, :, :n], t.vals[:, :, :n], attn_mask=t.mask[:, :, None, :n])
+        if t.summaries is not None:  # the compressed branch over the tile's past block summaries
+            y = y + self.compressed_gate(qr) * F.scaled_dot_product_attention(qr, *t.summaries)
+        return y
+
+
+# ----------------------------------------------------------------------------- start-up self-check
+
+# Tolerances of the start-up check, each relative to the reference's own scale. fp32: rounding only. bf16/fp16:
+# about 3x the largest difference a correct model showed over many seeds (the noise floor), and far under what
+# a wrong block or a dropped gate bias gives; both measured by `python3 scripts/startup_noise.py` (README,
+# "Start-up check"). 'grad' is per element, over every parameter but the predictor's, whose gradients are sums
+# that nearly cancel (their largest element differed by up to 0.14 in bf16 with nothing wrong); 'grad_l2' is
+# the relative L2 norm over all gradients and over the predictor's, which a fault in the gate bias moves.
+STARTUP_TOL = {False: {"logits": 1e-4, "grad": 1e-4, "grad_l2": 1e-4},
+               True: {"logits": 4e-2, "grad": 7e-2, "grad_l2": 7e-2}}
+
+
+def _rel_max(a, b):
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+
+
+def _rel_l2(a, b):
+    return (a - b).norm().item() / max(b.norm().item(), 1e-12)
+
+
+def startup_check(model, fwd, x, y, ctx, low_precision):
+    """Compare the path this run trains on with an independent one, on one batch, before the first step (issues
+    23, 30): the compiled flex path against the gather path (or the gather path against the reference), logits and
+    every parameter's gradient.
+    - At the target sparsity (the schedule is set to its end, an adaptive budget's unset thresholds from one
+      forward; both restored after), so the skipping is what is checked.
+    - The reference replays the fast path's block choice (BlockSelector.replaying): one choice, two computations.
+    - In training mode, so the compiled graph checked is the one training runs (eval mode when dropout > 0: the
+      paths cannot share dropout draws); the same RNG draws on both sides, the global RNG left as it was.
+    Returns None when the run uses the reference path (nothing to compare), else a dict: 'ok', 'fast',
+    'reference', 'logits', 'grad' (worst per element, predictor excepted) and 'worst' (its parameter),
+    'grad_l2' and 'worst_l2' (the worse of all gradients and the predictor's), 'tol' (STARTUP_TOL's)."""
+    import copy
+    import math
+    attns = model.attention_modules()
+    fast = {a.resolved_impl(x.device, x.shape[1]) for a in attns}
+    if fast == {"reference"}:
+        return None
+    ref_impl = "gather" if "flex" in fast else "reference"
+    ref = copy.deepcopy(model)
+    for a in ref.attention_modules():
+        a.impl = ref_impl
+    was_training, steps = model.training, [a.selector.step_pos for a in attns]
+    thresholds = [a.selector.threshold.clone() if a.selector.adaptive else None for a in attns]
+    for m in (model, ref):
+        m.set_step(math.inf)  # the end of the sparsity warm-up
+    if any(t is not None and not torch.isfinite(t).all() for t in thresholds):
+        # an adaptive budget that has not yet moved keeps every block: set its thresholds from one forward, as the
+        # first training step's update would at the target
+        with torch.no_grad(), ctx:
+            ref(x)
+        ref.update_budgets()
+        for a, r in zip(attns, ref.attention_modules()):
+            if r.selector.adaptive:
+                a.selector.threshold.copy_(r.selector.threshold)
+    outs = []
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            for m, call in ((model, fwd), (ref, ref)):
+                m.train(model.config.dropout == 0)
+                torch.manual_seed(0)
+                with contextlib.ExitStack() as replay:
+                    if m is ref:
+                        for a, chosen in zip(ref.attention_modules(), attns):
+                            replay.enter_context(a.selector.replaying(chosen.last_selection))
+                    with ctx:
+                        logits, loss = call(x, y)
+                params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+                grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+                outs.append((logits.detach().float(), {n: (torch.zeros_like(p) if g is None else g).float()
+                                                       for (n, p), g in zip(params, grads)}))
+    finally:
+        model.train(was_training)
+        for a, step, t in zip(attns, steps, thresholds):
+            a.set_step(step)
+            if t is not None:
+                a.selector.threshold.copy_(t)
+    (lf, gf), (lr, gr) = outs
+    grad = {n: _rel_max(gf[n], gr[n]) for n in gr if ".predictor." not in n}
+    pred = [n for n in gr if ".predictor." in n]
+    l2 = {"all gradients": _rel_l2(torch.cat([gf[n].flatten() for n in gr]), torch.cat([gr[n].flatten() for n in gr]))}
+    if pred:
+        l2["the predictor's gradients"] = _rel_l2(torch.cat([gf[n].flatten() for n in pred]),
+                                                  torch.cat([gr[n].flatten() for n in pred]))
+    worst, worst_l2 = max(grad, key=grad.get, default=None), max(l2, key=l2.get)
+    tol = STARTUP_TOL[bool(low_precision)]
+    r = {"fast": "compiled " + "/".join(sorted(fast)) if fwd is not model else "/".join(sorted(fast)),
+         "reference": ref_impl, "logits": _rel_max(lf, lr), "grad": grad.get(worst, 0.0), "worst": worst,
+         "grad_l2": l2[worst_l2], "worst_l2": worst_l2, "tol": tol}
+    r["ok"] = r["logits"] <= tol["logits"] and r["grad"] <= tol["grad"] and r["grad_l2"] <= tol["grad_l2"]
+    return r
+
+
+def make_model(**overrides):
+    """An ASCA GPT from the defaults plus model-config overrides (an unknown key is a TypeError)."""
+    return GPT(ASCAConfig(**overrides), attn_cls=AdaptiveSparseCausalSelfAttention)
+

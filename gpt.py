@@ -1,0 +1,484 @@
+"""
+Dense causal GPT over raw bytes (vocab 256), in the nanoGPT mould. Train it with baseline_model.py:
+
+    python baseline_model.py config/train_enwik8.py --max_time_s=600
+
+The attention class is a constructor argument, so asca.py swaps in the sparse attention without copying
+this model; both training scripts share the loop in trainer.py.
+References: nanoGPT model.py (Karpathy), GPT-2 (Radford et al. 2019) for the init.
+"""
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config_keys import declarations, key
+
+
+@dataclass
+class GPTConfig:
+    """The model's keys, each declared once with its rules (config_keys.Key): legacy = what a checkpoint from
+    before the key existed ran with; resume='free' = a resume may change it (the weights do not depend on it);
+    shape = it sets the weights' shapes."""
+    block_size: int = key(1024, shape=True)
+    vocab_size: int = 256  # raw bytes
+    n_layer: int = key(12, shape=True)
+    n_head: int = key(8, shape=True)
+    n_embd: int = key(512, shape=True)
+    dropout: float = key(0.0, resume="free")
+    bias: bool = False  # bias in Linears and LayerNorms; False is a bit better and faster
+    # the defaults are the best combination measured (docs/results/cpu_architecture.md); nanoGPT's 2019 model is
+    # config/nanogpt_2019.py: learned, no qk_norm, gelu, tied (and optimizer='adamw')
+    pos_encoding: str = key("rope", legacy="learned", choices=("learned", "rope"))  # a position table (GPT-2) or
+    #                                                                                  rotary q/k (Su et al. 2021)
+    rope_base: float = 10000.0  # rotary frequencies base ** (-2i / head_size)
+    qk_norm: bool = key(True, legacy=False)  # RMS-normalise q and k per head before the dot product
+    mlp_act: str = key("relu2", legacy="gelu", choices=("gelu", "relu2"))  # relu2: squared ReLU (So et al. 2021)
+    tie_embeddings: bool = key(False, legacy=True)  # input embedding = output head (Press & Wolf 2017)
+
+    @classmethod
+    def declarations(cls):
+        return declarations(cls)
+
+    @classmethod
+    def runtime_keys(cls):
+        """Keys that may differ between a checkpoint and a resumed run (the weights do not depend on them)."""
+        return tuple(k for k, d in cls.declarations().items() if d.resume != "checkpoint")
+
+    @classmethod
+    def device_defaults(cls):
+        """Keys that describe the device a run used: reset to these when a checkpoint is loaded elsewhere."""
+        return {k: d.default for k, d in cls.declarations().items() if d.device}
+
+    @classmethod
+    def shape_keys(cls):
+        return tuple(k for k, d in cls.declarations().items() if d.shape)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def validate(self):
+        """Raise ValueError with a one-line message for an impossible model shape."""
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        for k in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, d in self.declarations().items():
+            if d.choices is not None and getattr(self, name) not in d.choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(str, d.choices))}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_encoding='rope' needs an even head size, got "
+                             f"n_embd/n_head={self.n_embd // self.n_head}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base}")
+
+    def check_device(self, device_type, dtype, training):
+        """Raise ValueError (one line) if this config cannot run on the device; the dense GPT runs anywhere."""
+
+    def check_memory(self, batch_size, device_type, compile, free_bytes):
+        """Raise ValueError (one line) if a training step's estimated memory exceeds free_bytes (None: unknown).
+        Dense SDPA never builds a T x T tensor; its activations grow like the batch, which users size already."""
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer): rotates pairs (x_i, x_{i+hs/2}) of q and k
+    by angle pos * base^(-2i/hs), so q_m . k_n depends on m - n only."""
+
+    def __init__(self, head_size, max_len, base):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, hs/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x, offset=0):  # (B, nh, T, hs) at positions offset .. offset+T-1
+        T, half = x.shape[2], x.shape[3] // 2
+        cos, sin = self.cos[offset:offset + T].to(x.dtype), self.sin[offset:offset + T].to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through SDPA (flash attention on CUDA).
+
+    qkv() gives q and k after qk_norm but before rotary positions; attend() rotates them (position()),
+    so a subclass can read position-free q and k (ASCA's predictor does)."""
+
+    def __init__(self, config, layer=0):  # layer: its index in the model (a sparse attention may budget by it)
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        hs = config.n_embd // config.n_head
+        self.rotary = Rotary(hs, config.block_size, config.rope_base) if config.pos_encoding == "rope" else None
+
+    def qkv(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
+        if self.qk_norm:  # no gain: the norm bounds the logits, the projections learn the scale
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        return q, k, v
+
+    def position(self, q, k, offset=0):
+        """q and k with rotary positions applied (unchanged with learned positions)."""
+        return (self.rotary(q, offset), self.rotary(k, offset)) if self.rotary is not None else (q, k)
+
+    def attend(self, q, k, v):
+        q, k = self.position(q, k)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        y = self.attend(*self.qkv(x))  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    # --- decoding with a KV cache (sample.py): the same function as forward, one new byte at a time
+    @torch.no_grad()
+    def forward_cached(self, x, lc, pos0):
+        """Output for x (B, t, C) at positions pos0.. given the earlier ones in lc (a LayerCache), which
+        this call extends. pos0 == 0 (prefill) runs attend() itself: the training function."""
+        B, t, C = x.shape
+        q, k, v = self.qkv(x)
+        qr, kr = self.position(q, k, pos0)
+        lc.append(kr, v, k)
+        y = self.attend(q, k, v) if pos0 == 0 else self.attend_step(q, qr, lc, pos0)
+        if pos0 == 0:
+            self.after_prefill(q, qr, lc)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, t, C))
+
+    def attend_step(self, q, qr, lc, pos0):
+        """New queries qr (B, nh, t, hs) at pos0.. over every cached key up to themselves."""
+        t, L = qr.shape[2], lc.len
+        if t == 1:  # one new byte: every cached key is at or before it
+            return F.scaled_dot_product_attention(qr, lc.k, lc.v)
+        mask = torch.arange(L, device=qr.device)[None, :] <= (pos0 + torch.arange(t, device=qr.device))[:, None]
+        return F.scaled_dot_product_attention(qr, lc.k, lc.v, attn_mask=mask)
+
+    # --- hooks the trainer and the tools call on every attention module (GPT.set_step, diagnostics, ...).
+    # Dense attention has no state behind them: these no-op defaults are the whole declaration, so a sparse
+    # attention overrides what it needs and nothing asks hasattr.
+    def after_prefill(self, q, qr, lc):
+        """Decoding state beyond K and V (ASCA: the tile in progress), after the prompt's prefill."""
+
+    def for_sampling(self):
+        """Sampling is about to start (sample.py): take the path that needs no compile before the first byte."""
+
+    def set_step(self, iter_num):
+        """The schedule position (in iterations) of the step about to run."""
+
+    def update_budget(self, reduce=None):
+        """After an optimizer step: controller state moves (reduce averages a tensor over DDP ranks)."""
+
+    def diagnostics(self):
+        """What the last forward measured, as a flat dict of floats and lists (logged per eval)."""
+        return {}
+
+    def start_tally(self):
+        """Begin summing measurements over the following forwards (evaluation)."""
+
+    def tally_step(self, rows=None):
+        """Add the last forward to the tally (rows: only its first `rows` sequences count)."""
+
+    def end_tally(self):
+        """The tally since start_tally, as a dict ({} when nothing was measured)."""
+        return {}
+
+    def aux_loss(self):
+        """An auxiliary training loss from the last training forward, added to the LM loss (None: none)."""
+        return None
+
+    @torch.no_grad()
+    def attention_map(self, x):
+        """For analysis (extraction.py): attention probabilities (B, nh, T, T) for layer input x."""
+        q, k = self.position(*self.qkv(x)[:2])
+        T = q.shape[2]
+        att = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return {"attention": F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)}
+
+    def attn_flops_per_token(self, T):
+        """Forward+backward FLOPs of the score and value matmuls per token. PaLM (appendix B) counts
+        12 * C * T for the full T x T plane; causal attention computes half of it."""
+        return 6 * self.n_embd * T
+
+
+class LayerCache:
+    """One layer's decoding state: keys as the attention uses them (rotated), values, keys before rotation
+    (what ASCA's predictor averages per block), and per-tile state an attention may keep (`tile`).
+
+    The buffers are allocated once for `capacity` positions and written in place: growing them with
+    torch.cat copied the whole cache every step, which cost more than the attention itself at 8k."""
+
+    def __init__(self, capacity):
+        self.capacity, self.len = capacity, 0
+        self._k = self._v = self._k_raw = None  # (B, nh, capacity, hs)
+        self.tile = None
+
+    def append(self, k, v, k_raw):
+        if self._k is None:
+            B, H, _, hs = k.shape
+            self._k, self._v, self._k_raw = (k.new_empty(B, H, self.capacity, hs) for _ in range(3))
+        t = k.shape[2]
+        if self.len + t > self.capacity:
+            raise ValueError(f"the cache holds {self.len} positions; {t} more exceed its capacity {self.capacity}")
+        for buf, new in ((self._k, k), (self._v, v), (self._k_raw, k_raw)):
+            buf[:, :, self.len:self.len + t] = new
+        self.len += t
+
+    # views of the filled part, (B, nh, len, hs)
+    k = property(lambda self: self._k[:, :, :self.len])
+    v = property(lambda self: self._v[:, :, :self.len])
+    k_raw = property(lambda self: self._k_raw[:, :, :self.len])
+
+
+class KVCache:
+    """Decoding state of a whole model: one LayerCache per layer and the number of positions held."""
+
+    def __init__(self, n_layer, capacity):
+        self.layers = [LayerCache(capacity) for _ in range(n_layer)]
+        self.pos = 0
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+        self.act = F.gelu if config.mlp_act == "gelu" else (lambda h: F.relu(h).square())
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, attn_cls, layer=0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attn_cls(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Pre-norm GPT. forward(idx, targets=None) -> (logits (B, T, 256), mean loss in nats or None)."""
+
+    def __init__(self, config, attn_cls=CausalSelfAttention):
+        super().__init__()
+        config.validate()
+        self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_encoding == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(dict(
+            **parts,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, attn_cls, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the lookup tables (position table, untied input embedding),
+        which cost no matmul FLOPs (a tied embedding counts once, as the output head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, 256): every position, for tests and eval
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """Logits (B, t, 256) for bytes idx (B, t) that follow the cache.pos bytes in `cache` (a KVCache),
+        which this call extends: a prefill (cache.pos == 0) or decoding steps. Equal to forward() on the
+        whole sequence (tests: float64 to 1e-9). Eval mode only: no dropout."""
+        B, t = idx.shape
+        pos0 = cache.pos
+        if pos0 + t > self.config.block_size:
+            raise ValueError(f"the cache holds {pos0} bytes; {t} more exceed block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + t, device=idx.device))
+        for block, lc in zip(self.transformer.h, cache.layers):
+            x = x + block.attn.forward_cached(block.ln_1(x), lc, pos0)
+            x = x + block.mlp(block.ln_2(x))
+        cache.pos += t
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def new_cache(self):
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    # --- hooks the trainer calls; the attention modules own the behaviour (adaptive-span style; the hooks
+    # are declared with no-op defaults on CausalSelfAttention)
+    def attention_modules(self):
+        return [b.attn for b in self.transformer.h]
+
+    def for_sampling(self):
+        """Before sample.py decodes: each attention module takes its path for sampling (for_sampling)."""
+        self._per_layer("for_sampling")
+        return self
+
+    def aux_loss(self):
+        """The attention modules' auxiliary losses from the last training forward, summed (None: none). The trainer
+        adds it to the LM loss it backpropagates; the logged train bpc stays the LM loss alone."""
+        losses = [loss for loss in (a.aux_loss() for a in self.attention_modules()) if loss is not None]
+        return sum(losses) if losses else None
+
+    def set_step(self, iter_num):
+        """Tell schedule-owning attention modules the current training iteration."""
+        self._per_layer("set_step", iter_num)
+
+    def diagnostics(self):
+        """Flat dict of the attention modules' diagnostics from the last forward (empty for dense)."""
+        return self._per_layer("diagnostics")
+
+    def update_budgets(self, reduce=None):
+        """After an optimizer step: modules with controller state (ASCA's adaptive budget) update it from
+        the last training forward; `reduce` averages a tensor over DDP ranks so every rank agrees."""
+        self._per_layer("update_budget", reduce)
+
+    def start_tally(self):
+        """Count diagnostics over the following forwards (tally_step after each) until end_tally."""
+        self._per_layer("start_tally")
+
+    def tally_step(self, rows=None):
+        self._per_layer("tally_step", rows)
+
+    def end_tally(self):
+        return self._per_layer("end_tally")
+
+    def _per_layer(self, name, *args):
+        """Call hook `name` on every attention module; a flat dict of their returned dicts: floats
+        averaged over layers as `key`, every value per layer as `key_per_layer` (empty if none returns)."""
+        per_layer = [getattr(a, name)(*args) for a in self.attention_modules()]  # no-op defaults on dense
+        if not per_layer or not per_layer[0]:
+            return {}
+        out = {}
+        for name in per_layer[0]:
+            vals = [d[name] for d in per_layer]
+            if all(isinstance(v, float) for v in vals):
+                out[name] = sum(vals) / len(vals)
+            elif all(v is None or isinstance(v, float) for v in vals):
+                out[name] = None  # a layer without a value (e.g. no threshold yet): no mean either
+            out[f"{name}_per_layer"] = vals
+        return out
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token: 6N for the weights + each layer's attention FLOPs."""
+        T = T or self.config.block_size
+        return 6 * self.num_params() + sum(a.attn_flops_per_token(T) for a in self.attention_modules())
+
+    def muon_params(self):
+        """The hidden matrices Muon orthogonalises: the Linear weights inside the blocks (attention and MLP
+        projections). Embeddings, the head, norms, gains and the sparsity predictor's tensors stay with AdamW."""
+        return [m.weight for m in self.transformer.h.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                            muon_lr=0.02, muon_momentum=0.95):
+        """AdamW (decay only on matrices, >= 2-D, not on biases, norms or gains); with optimizer='muon',
+        torch.optim.Muon on muon_params() and AdamW on everything else. Every parameter is in exactly one
+        group; groups carry lr_scale so one schedule drives both (lr of a group = schedule lr * lr_scale)."""
+        muon = {id(p) for p in self.muon_params()} if optimizer == "muon" else set()
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if optimizer == "adamw":
+            return adamw
+        mu = torch.optim.Muon([{"params": self.muon_params(), "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                              weight_decay=weight_decay, momentum=muon_momentum)
+        return Optimizers(mu, adamw)
+
+
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): one
+    param_groups list for the schedule and GradScaler, one state_dict for checkpoints."""
+
+    def __init__(self, *opts):  # deliberately no super().__init__: the parts own the state
+        self.opts = opts
+        self.defaults = {}
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces the parts' group dicts
+        return [g for o in self.opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {k: v for o in self.opts for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state):
+        if len(state.get("parts", ())) != len(self.opts):
+            raise ValueError(f"the checkpoint's optimizer has {len(state.get('parts', ()))} parts, this one "
+                             f"{len(self.opts)}: it was written with another `optimizer` setting")
+        for o, s in zip(self.opts, state["parts"]):
+            o.load_state_dict(s)
+
+
+def make_model(**overrides):
+    """A dense GPT from the defaults plus model-config overrides (an unknown key is a TypeError)."""
+    return GPT(GPTConfig(**overrides))
+

@@ -1,0 +1,138 @@
+"""The repository's shape (issue 31): no import circle among the top-level modules, one copy of every model class
+when a training script runs, each config key declared once, and a README whose relative links and anchors all
+resolve."""
+import ast
+import os
+import re
+import runpy
+import sys
+
+import pytest
+
+import train_config
+from config_keys import Key, declarations
+from helpers import ROOT
+from models import MODELS
+
+
+def import_graph():
+    """{module: the repository's top-level modules it imports anywhere in its file (inside functions and
+    `if __name__ == "__main__":` blocks too)}."""
+    mods = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, m + ".py")).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[m] = (deps & mods) - {m}
+    return graph
+
+
+def circles(graph):
+    """Every import circle, each as the list of modules along it (depth-first search for back edges)."""
+    found, state = [], {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                found.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return found
+
+
+def test_the_top_level_modules_import_no_circle():
+    graph = import_graph()
+    assert {"trainer", "models", "gpt", "asca"} <= set(graph)
+    assert circles(graph) == []
+    assert "trainer" not in graph["models"] and not graph["models"] & {"baseline_model", "novel_model"}
+
+
+def test_the_circle_finder_finds_a_circle():
+    """The control: the search above does see a circle when there is one."""
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+@pytest.mark.parametrize("script,kind", [("novel_model.py", "asca"), ("baseline_model.py", "baseline")])
+def test_a_training_script_trains_the_registrys_classes(script, kind, monkeypatch):
+    """`python novel_model.py` used to load that file twice, as __main__ and as novel_model (through the registry),
+    so two copies of every class lived in one process. The script's classes are now the registry's."""
+    import trainer
+    seen = {}
+    monkeypatch.setattr(trainer, "main", lambda argv, k: seen.setdefault("kind", k) and 0)
+    monkeypatch.setattr(sys, "argv", [script])
+    monkeypatch.setattr(sys, "exit", lambda code=0: seen.setdefault("exit", code))
+    g = runpy.run_path(os.path.join(ROOT, script), run_name="__main__")  # as `python SCRIPT` runs it
+    assert seen == {"kind": kind, "exit": 0}
+    attn = "AdaptiveSparseCausalSelfAttention" if kind == "asca" else "CausalSelfAttention"
+    config = "ASCAConfig" if kind == "asca" else "GPTConfig"
+    assert g[attn] is MODELS[kind].attn_cls and g[config] is MODELS[kind].config_cls
+
+
+def test_each_key_is_declared_once_and_the_lists_follow_the_declarations():
+    for kind, m in MODELS.items():
+        model_keys = set(declarations(m.config_cls))
+        assert not model_keys & set(train_config.TRAIN_KEYS), kind  # a key belongs to the loop or to the model
+        decls = train_config.key_declarations(kind)
+        assert set(train_config.defaults_for(kind)) == set(decls) - {"vocab_size"}
+    asca = MODELS["asca"].config_cls
+    assert set(asca.runtime_keys()) == {"dropout", "attn_impl", "target_sparsity", "sparsity_warmup_iters",
+                                        "budget_ema", "flex_gate_bias"}
+    assert asca.device_defaults() == {"attn_impl": "auto"}
+    assert asca.shape_keys() == ("block_size", "n_layer", "n_head", "n_embd")
+    assert train_config.with_legacy({}, "asca")["local_blocks"] == 0  # old runs kept no nearest block
+    assert train_config.with_legacy({"local_blocks": 2}, "asca")["local_blocks"] == 2
+    assert train_config.with_legacy({}, "baseline")["optimizer"] == "adamw"
+    with pytest.raises(ValueError, match="resume='sometimes' must be one of"):
+        Key(1, resume="sometimes")
+
+
+# ----------------------------------------------------------------------------- README
+
+def anchors(markdown):
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#+ (.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def links(markdown):
+    return re.findall(r"\]\(([^)\s]+)\)", markdown)
+
+
+@pytest.mark.parametrize("doc", ["README.md"] + sorted(
+    os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")) + sorted(
+    os.path.join("docs", "results", f) for f in os.listdir(os.path.join(ROOT, "docs", "results")) if f.endswith(".md")))
+def test_every_relative_link_and_anchor_resolves(doc):
+    path = os.path.join(ROOT, doc)
+    text = open(path).read()
+    broken = []
+    for target in links(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # an absolute URL
+        file, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if not os.path.exists(dest):
+            broken.append(target)
+        elif anchor and dest.endswith(".md") and anchor not in anchors(open(dest).read()):
+            broken.append(target)
+    assert broken == []
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    """The control: a missing file and a missing anchor are both caught by the same rules."""
+    text = "# A title\n[ok](#a-title) [gone](nowhere.md) [bad anchor](#no-such-heading)"
+    assert "a-title" in anchors(text)
+    assert [t for t in links(text) if t.startswith("#") and t[1:] not in anchors(text)] == ["#no-such-heading"]
