@@ -13,7 +13,7 @@ How one layer works (S = sparse_block_size, nb = T / S blocks; query tile b = qu
    (Pooling the tile's queries would leak the future into its earlier members.)
 2. The tile keeps its own block (causal inside), its local_blocks nearest past blocks (default 1: every
    byte sees at least S bytes back), block 0 if keep_first_block (an attention sink; off by default: at 0.75
-   the nearest block is worth more, README "Quality at high sparsity"), and some of its other past blocks,
+   the nearest block is worth more, docs/results/cpu_quality.md), and some of its other past blocks,
    best-scored first. How many:
    - budget='fixed': n_keep[b], fixed per tile by target_sparsity (spread evenly over tiles), so the
      compute saved is exactly what was asked; the content decides WHICH blocks.
@@ -52,8 +52,8 @@ from gpt import GPT, CausalSelfAttention, GPTConfig
 
 ATTN_IMPLS = ("auto", "reference", "flex", "gather")
 # attn_impl='auto' on a CPU takes the gather path from this sequence length on: measured 0.17-0.43x the
-# reference's time at T=1024 and 4096, sparsity 0.25-0.75 (README). Shorter sequences (the main job, the CPU
-# tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
+# reference's time at T=1024 and 4096, sparsity 0.25-0.75 (docs/results/gather_cpu.md). Shorter sequences (the main
+# job, the CPU tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
 GATHER_MIN_T = 1024
 
 
@@ -221,7 +221,8 @@ class TileState:
 
 
 class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
-    """Causal self-attention over the own block, the sink, and the selector's top past blocks."""
+    """Causal self-attention over each tile's own block, its forced past blocks (the local_blocks nearest, and
+    block 0 if keep_first_block) and the selector's best other past blocks."""
 
     def __init__(self, config, layer=0):
         super().__init__(config, layer)
@@ -236,7 +237,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             self.cmp_gate_w = torch.nn.Parameter(torch.zeros(config.n_head, hs))
             self.cmp_gate_b = torch.nn.Parameter(torch.zeros(config.n_head))
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
-        # README), or the position-free ones, leaving position to its distance bias
+        # docs/results/cpu_architecture.md), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -423,10 +424,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
 # Tolerances of the start-up check, each relative to the reference's own scale. fp32: rounding only. bf16/fp16:
 # about 3x the largest difference a correct model showed over many seeds (the noise floor), and far under what
-# a wrong block or a dropped gate bias gives; both measured by `python3 scripts/startup_noise.py` (README,
-# "Start-up check"). 'grad' is per element, over every parameter but the predictor's, whose gradients are sums
-# that nearly cancel (their largest element differed by up to 0.14 in bf16 with nothing wrong); 'grad_l2' is
-# the relative L2 norm over all gradients and over the predictor's, which a fault in the gate bias moves.
+# a wrong block or a dropped gate bias gives; both measured by `python3 scripts/startup_noise.py`
+# (docs/results/startup_noise.md). 'grad' is per element, over every parameter but the predictor's, whose
+# gradients are sums that nearly cancel (issue 30 saw their largest element differ by up to 0.14 in bf16 with
+# nothing wrong); 'grad_l2' is the relative L2 norm over all gradients and over the predictor's, which a fault
+# in the gate bias moves.
 STARTUP_TOL = {False: {"logits": 1e-4, "grad": 1e-4, "grad_l2": 1e-4},
                True: {"logits": 4e-2, "grad": 7e-2, "grad_l2": 7e-2}}
 

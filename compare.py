@@ -28,9 +28,11 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import configurator
 import extraction
+import checkpoint
 from checkpoint import CheckpointError, RunLock
 from models import MODELS
 from runtime import CONTENDED_CORES
@@ -302,6 +304,13 @@ def report(spec):
     path = os.path.join(spec["out"], "comparison.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
+    # the same rows with every counted seed's test bpc, for figures (extraction.py --headline)
+    summary = {"title": os.path.basename(spec.get("path", "comparison")), "command": f"python3 compare.py "
+               f"{spec.get('path', 'SPEC')}", "budget": spec["budget"], "date": time.strftime("%Y-%m-%d"),
+               "rows": [{"name": name, "seeds": [r.config.get("seed") for r in runs],
+                         "test_bpc": [r.final.get("test_bpc") for r in runs]}
+                        for name, _, _, runs, _, _ in groups]}
+    checkpoint.write_json(summary, os.path.join(spec["out"], "comparison.json"))
     plot(groups, spec["out"])
     return path
 

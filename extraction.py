@@ -4,6 +4,12 @@ training curves from metrics.jsonl, and a comparison of several runs (baseline v
 
     python extraction.py out/excerpt_cpu_baseline out/excerpt_cpu_novel --chars
     python extraction.py out/RUN --text some.txt --offset 1000 --length 256
+    python extraction.py --headline docs/headline.png docs/results/headline.json   # README's figure
+    python extraction.py --headline fig.png out/compare_x/comparison.json out/compare_y/comparison.json
+
+--headline draws test bpc per run with every seed as a point and the mean as a bar, one panel per comparison:
+from the comparison.json that compare.py writes, or a JSON list of such panels ({"title", "rows": [{"name",
+"test_bpc": [per seed]}], ...}).
 
 Per run it writes out/RUN/extract/attention.npz and PNGs into out/RUN/plots/; with several runs,
 overlay plots and comparison.md go into the first run's plots/. It reads whatever exists, so it
@@ -515,9 +521,54 @@ def process(run, args):
     return [w for w in written if w]
 
 
+def load_panels(paths):
+    """The panels of --headline: each file a comparison.json (one panel) or a list of panels."""
+    panels = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ExtractError(f"cannot read {path} ({e}); give comparison.json files that compare.py wrote") from None
+        for panel in obj if isinstance(obj, list) else [obj]:
+            rows = panel.get("rows") if isinstance(panel, dict) else None
+            if not rows or not all(isinstance(r, dict) and "name" in r and isinstance(r.get("test_bpc"), list)
+                                   for r in rows):
+                raise ExtractError(f"{path}: a panel needs rows of {{name, test_bpc: [per seed]}}")
+            panels.append(panel)
+    return panels
+
+
+def headline_plot(panels, path):
+    """Test bpc per run, each seed a point, the mean a short bar; one panel per comparison (README's figure)."""
+    plt = plt_module()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 0.6, 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        for i, row in enumerate(panel["rows"]):
+            vals = [v for v in row["test_bpc"] if v is not None]
+            if not vals:
+                continue
+            jitter = np.linspace(-0.08, 0.08, len(vals)) if len(vals) > 1 else [0.0]
+            ax.plot([i + j for j in jitter], vals, "o", color=colors[i % len(colors)], ms=5, alpha=0.85)
+            ax.hlines(float(np.mean(vals)), i - 0.25, i + 0.25, color=colors[i % len(colors)], lw=2)
+        ax.set_xticks(range(len(panel["rows"])), [r["name"] for r in panel["rows"]], rotation=20, fontsize=7,
+                      ha="right")
+        ax.set_xlim(-0.6, len(panel["rows"]) - 0.4)
+        ax.set_title(panel.get("title", ""), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test bits per byte (lower is better)", fontsize=8)
+    fig.suptitle("each point one seed, bar the mean; equal iterations", fontsize=8)
+    return save(fig, path)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run directories (out/NAME); with several, the first gets the comparison")
+    p.add_argument("runs", nargs="+", help="run directories (out/NAME); with several, the first gets the comparison "
+                                           "(with --headline: comparison.json files)")
+    p.add_argument("--headline", metavar="PNG", default=None,
+                   help="draw test bpc per run and seed from comparison.json files into PNG (README's figure)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="take the window from this file instead of the run's data")
     src.add_argument("--split", default="val", choices=("train", "val", "test"),
@@ -539,6 +590,9 @@ def main(argv=None):
             v = getattr(args, name)
             if v is not None and v < low:
                 raise ExtractError(f"--{name} must be at least {low}, got {v}")
+        if args.headline:
+            print(headline_plot(load_panels(args.runs), args.headline))
+            return 0
         runs = [Run(p) for p in args.runs]
         for run in runs:
             for path in process(run, args):

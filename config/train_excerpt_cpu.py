@@ -1,5 +1,6 @@
-# Small baseline that trains on a 2-core CPU in minutes, on data made from any text file:
-#   python prepare_dataset.py --input ../shared/data/enwik8_excerpt.txt --out_dir data/excerpt
+# Small baseline that trains on a 2-core CPU in minutes, on the enwik8 excerpt shipped in assets/ (or on data
+# made from any text file with prepare_dataset.py --input FILE --out_dir data/NAME):
+#   python prepare_dataset.py --bundled                  # -> data/excerpt
 #   python baseline_model.py config/train_excerpt_cpu.py
 out_dir = "out/excerpt_cpu_baseline"
 data_dir = "data/excerpt"

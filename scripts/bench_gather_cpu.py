@@ -6,7 +6,7 @@ CPU benchmark of ASCA's gather path (asca_kernels.attend_gather) against dense c
              4 heads, rotary, QK-norm, relu2), B * T = 8192 bytes, dense GPT against ASCA on the gather path.
 Rows print as they are measured; the table (markdown) prints last and goes to --out if given.
 
-    OMP_NUM_THREADS=2 python3 scripts/bench_gather_cpu.py              # the README grid (about 10 minutes)
+    OMP_NUM_THREADS=2 python3 scripts/bench_gather_cpu.py              # the grid of docs/results/gather_cpu.md
     python3 scripts/bench_gather_cpu.py --seq 1024 --sparsity 0.5 --iters 2   # a quick look
 
 Timings: median of --iters runs after one warm-up run, fp32, torch.get_num_threads() threads; run it alone

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, from a fresh clone and a bare Python 3: set up, prepare the bundled enwik8
-# excerpt, train ASCA on 2 CPU cores (600 iterations, about 6 minutes), draw the plots, print a sample.
+# excerpt, train ASCA on 2 CPU cores (600 iterations; its time: docs/results/main_job.md), draw the plots, print
+# a sample.
 # Re-running it is safe: a finished run is shown again, an interrupted one resumes.
 #   bash scripts/main_job.sh                       # everything
 #   bash scripts/main_job.sh --max_iters=100       # extra --key=value go to the training command

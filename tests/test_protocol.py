@@ -97,6 +97,15 @@ def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, d
         assert f"{sum(diffs) / 2:+.4f}" in row
         assert row.rstrip().endswith("| - |")  # same protocol as the first run
     assert os.path.getsize(out / "compare_runs.png") > 5000
+    # comparison.json: every counted seed's test bpc, which README's figure is drawn from (extraction.py --headline)
+    summary = json.load(open(out / "comparison.json"))
+    assert [(r["name"], r["seeds"], r["test_bpc"]) for r in summary["rows"]] == [
+        (n, [1, 2], [finals[(n, s)]["test_bpc"] for s in (1, 2)]) for n in ("dense", "sparse")]
+    import extraction
+    assert extraction.main(["--headline", str(tmp_path / "fig.png"), str(out / "comparison.json")]) == 0
+    assert os.path.getsize(tmp_path / "fig.png") > 5000
+    (tmp_path / "bad.json").write_text('{"rows": [{"name": "x"}]}')
+    assert extraction.main(["--headline", str(tmp_path / "fig2.png"), str(tmp_path / "bad.json")]) == 1
     mtime = os.path.getmtime(out / "sparse_s2" / "final.json")
     assert compare.main([spec]) == 0  # finished runs are kept, not run again
     assert os.path.getmtime(out / "sparse_s2" / "final.json") == mtime
