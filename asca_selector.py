@@ -63,22 +63,25 @@ def blocks_to_skip(sparsity, T, S, skippable):
     return min(skippable, round(sparsity * T * (T + 1) / 2 / (S * S)))
 
 
-def count_table(nb, keep_first, local, n_max):
-    """(n_max + 1, nb) int64: row n is the keep counts of tiles 0..nb-1 when n blocks are skipped in all, spread
+def count_rows(nb, keep_first, local, ns):
+    """(len(ns), nb) int64: row i is the keep counts of tiles 0..nb-1 when ns[i] blocks are skipped in all, spread
     over tiles in proportion to how many each may skip (cumulative rounding), so every tile keeps about the same
     fraction."""
     skippable = _skippable(nb, keep_first, local)
     total = int(skippable.sum())
-    n = torch.arange(n_max + 1, dtype=torch.float64)[:, None]
-    cum = torch.round(n * torch.cumsum(skippable, 0).double() / max(total, 1)).long()  # (n_max + 1, nb)
-    return torch.arange(nb) - torch.diff(cum, dim=1, prepend=torch.zeros(n_max + 1, 1, dtype=torch.long))
+    n = torch.tensor(list(ns), dtype=torch.float64)[:, None]
+    cum = torch.round(n * torch.cumsum(skippable, 0).double() / max(total, 1)).long()  # (len(ns), nb)
+    return torch.arange(nb) - torch.diff(cum, dim=1, prepend=torch.zeros(len(ns), 1, dtype=torch.long))
 
 
 def keep_counts(nb, S, T, sparsity, keep_first, local=0):
-    """Past blocks kept per query tile (own block not counted), LongTensor (nb,): count_table's row for
+    """Past blocks kept per query tile (own block not counted), LongTensor (nb,): count_rows' row for
     blocks_to_skip at this sparsity. Never drops one of forced_past's blocks."""
     n = blocks_to_skip(sparsity, T, S, int(_skippable(nb, keep_first, local).sum()))
-    return count_table(nb, keep_first, local, n)[n]
+    return count_rows(nb, keep_first, local, [n])[0]
+
+
+COUNT_TABLE_MAX = 1 << 22  # entries of a layer's count table (16 MB in int32); a larger one keeps dense and target
 
 
 def block_masks(nb, device, keep_first=False, local=0):
@@ -196,15 +199,18 @@ class BlockSelector(nn.Module):
                                                       config.block_size // S, dist_bias=config.gate_dist_bias)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
-        # values that torch.compile would guard on (no recompiles during warm-up). Every count the schedule reaches
-        # is a row of a table on the same device, made once: set_step copies a row device to device, never from
-        # host memory, which on a GPU would wait for it at each step of the warm-up (issue 30, item 4)
+        # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
+        # of the warm-up are rows of a table on the same device, made once: set_step copies a row device to device,
+        # never from host memory, which on a GPU would wait for it at each step (issue 30, item 4). A position
+        # between steps (a time budget's schedule) copies its counts from the host.
         nb = config.block_size // S
         self.skippable = int(_skippable(nb, self.keep_first, self.local).sum())
-        table = count_table(nb, self.keep_first, self.local,
-                            blocks_to_skip(self.target, config.block_size, S, self.skippable))
-        self.register_buffer("count_table", table.int(), persistent=False)  # (skipped blocks + 1, nb)
-        self.register_buffer("n_keep", table[0].clone(), persistent=False)
+        ns = sorted({self.skips_at(i) for i in range(self.warmup + 1)} | {0, self.skips_at(math.inf)})
+        if len(ns) * nb > COUNT_TABLE_MAX:
+            ns = [0, self.skips_at(math.inf)]
+        self._rows = {n: i for i, n in enumerate(ns)}
+        self.register_buffer("count_table", count_rows(nb, self.keep_first, self.local, ns).int(), persistent=False)
+        self.register_buffer("n_keep", self.count_table[0].long(), persistent=False)
         self.sparsity, self._skips, self._cand_index = 0.0, 0, {}
         self.set_step(0)
         self.last = None  # Selection of the last forward
@@ -223,13 +229,22 @@ class BlockSelector(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- schedule (the trainer calls set_step with its schedule position)
+    def sparsity_at(self, iter_num):
+        frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
+        return self.target * frac
+
+    def skips_at(self, iter_num):
+        """Past blocks the fixed budget skips over all tiles at this schedule position."""
+        return blocks_to_skip(self.sparsity_at(iter_num), self.block_size, self.S, self.skippable)
+
     def set_step(self, iter_num):
         self.step_pos = iter_num
-        frac = 1.0 if self.warmup == 0 else min(1.0, iter_num / self.warmup)
-        self.sparsity = self.target * frac
+        self.sparsity = self.sparsity_at(iter_num)
         n = blocks_to_skip(self.sparsity, self.block_size, self.S, self.skippable)
         if n != self._skips:  # each step of the warm-up, then never
-            self.n_keep.copy_(self.count_table[n])
+            row = self._rows.get(n)
+            self.n_keep.copy_(self.count_table[row] if row is not None else
+                              count_rows(self.block_size // self.S, self.keep_first, self.local, [n])[0])
             self._skips = n
 
     # --- selection

@@ -61,9 +61,23 @@ def test_the_warm_up_copies_no_counts_from_host_memory(keep_first, local):
         for it in range(45):
             s.set_step(it)
     assert watch.crossings == [] and s.n_keep.device.type == "meta"
-    for it in range(45):
+    for it in [*range(45), 12.5, 3.25, 0]:  # a time budget's positions between steps copy from the host, still exact
         host.set_step(it)
         assert torch.equal(host.n_keep, keep_counts(16, 16, 256, host.sparsity, keep_first, local)), it
+
+
+def test_the_count_table_stays_small_for_many_blocks():
+    """Small blocks at long T have many skippable blocks (nb^2 / 2): the table holds only the rows the warm-up's
+    integer steps reach (and, past COUNT_TABLE_MAX entries, only dense and the target), never every count."""
+    from asca_selector import COUNT_TABLE_MAX
+    s = selector(block_size=16384, sparse_block_size=16, sparsity_warmup_iters=2000, target_sparsity=0.9)
+    assert s.count_table.shape == (2001, 1024)  # one row per step of the warm-up, not one per count (about 470k)
+    s.set_step(1000)
+    assert torch.equal(s.n_keep, keep_counts(1024, 16, 16384, 0.45, True, 0))
+    big = selector(block_size=32768, sparse_block_size=16, sparsity_warmup_iters=3000, target_sparsity=0.9)
+    assert big.count_table.shape[0] == 2 and big.count_table.numel() <= COUNT_TABLE_MAX
+    big.set_step(1500)  # from the host: still the counts of the schedule
+    assert torch.equal(big.n_keep, keep_counts(2048, 16, 32768, 0.45, True, 0))
 
 
 @pytest.mark.parametrize("keep_first", [True, False])
