@@ -55,6 +55,7 @@ ATTN_IMPLS = ("auto", "reference", "flex", "gather")
 # reference's time at T=1024 and 4096, sparsity 0.25-0.75 (docs/results/gather_cpu.md). Shorter sequences (the main
 # job, the CPU tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
 GATHER_MIN_T = 1024
+MAX_BLOCKS = 8192  # key blocks per sequence (block_size / sparse_block_size): each (nb, nb) mask is then <= 64 MB
 
 
 @dataclass
@@ -95,6 +96,9 @@ class ASCAConfig(GPTConfig):
         S = self.sparse_block_size
         if S < 1 or self.block_size % S:
             raise ValueError(f"block_size={self.block_size} must be a multiple of sparse_block_size={S}")
+        if self.block_size // S > MAX_BLOCKS:  # the selection holds (blocks x blocks) masks per sequence and head
+            raise ValueError(f"block_size / sparse_block_size = {self.block_size // S:,} blocks, more than "
+                             f"{MAX_BLOCKS:,}: use sparse_block_size={self.block_size // MAX_BLOCKS} or more")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
         if self.local_blocks < 0:
@@ -166,26 +170,39 @@ class ASCAConfig(GPTConfig):
             return
         if self.attn_impl == "auto" and (self.block_size < GATHER_MIN_T or compile):
             return  # auto takes the reference path there
-        need = gather_step_bytes(self, batch_size)
+        # the largest step of the schedule: its first, dense while the sparsity warms up (issue 35)
+        first = 0.0 if self.sparsity_warmup_iters > 0 else None
+        need = gather_step_bytes(self, batch_size, sparsity=first)
         if need <= 0.9 * free_bytes:
             return
+        at_target = gather_step_bytes(self, batch_size)
         fit_b = max(0, int(batch_size * 0.9 * free_bytes / need))
-        fix = (f"batch_size={fit_b}" if fit_b >= 1 else
-               f"block_size={self.block_size // 2} (or less)") + " or a higher target_sparsity"
-        raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for a step at batch_size={batch_size}, "
-                         f"block_size={self.block_size}, target_sparsity={self.target_sparsity} but "
-                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix}")
+        fix = (f"batch_size={fit_b}" if fit_b >= 1 else f"block_size={self.block_size // 2} (or less)")
+        if first is not None and at_target <= 0.9 * free_bytes:
+            raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for the first steps of the "
+                             f"sparsity warm-up (dense at its start) at batch_size={batch_size}, "
+                             f"block_size={self.block_size}, "
+                             f"but {free_bytes / 2 ** 30:.1f} GiB are free; the target's steps need "
+                             f"{at_target / 2 ** 30:.1f} GiB: use sparsity_warmup_iters=0 (the target from the first "
+                             f"step) or {fix}")
+        where = "the first step (dense: the sparsity warms up from 0)" if first is not None else "a step"
+        raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for {where} at "
+                         f"batch_size={batch_size}, block_size={self.block_size}, "
+                         f"target_sparsity={self.target_sparsity} but "
+                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix} or a higher target_sparsity")
 
 
-def gather_attention_bytes(cfg, batch_size, elem=4):
+def gather_attention_bytes(cfg, batch_size, elem=4, sparsity=None):
     """(bytes one layer's gather attention keeps for backward, its largest transient) for one forward at
-    T = block_size and the target sparsity, from the shapes alone: per tile group, the gathered keys and values
-    (B, nh, n, (K+1)*S, hs) each, the probabilities (B, nh, n, S, (K+1)*S) and the output; transient: the mask
-    and, in backward, the logits' gradient, of the probabilities' size (asca_kernels._BlockAttention)."""
+    T = block_size and the target sparsity (or `sparsity`: 0.0 for a warm-up's first, dense step), from the shapes
+    alone: per tile group, the gathered keys and values (B, nh, n, (K+1)*S, hs) each, the probabilities
+    (B, nh, n, S, (K+1)*S) and the output; transient: the mask and, in backward, the logits' gradient, of the
+    probabilities' size (asca_kernels._BlockAttention)."""
     from asca_kernels import tile_groups
     S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
     hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
-    counts = keep_counts(nb, S, T, min(cfg.layer_targets()), cfg.keep_first_block,
+    low = min(cfg.layer_targets()) if sparsity is None else sparsity  # the layer keeping most
+    counts = keep_counts(nb, S, T, low, cfg.keep_first_block,
                          cfg.local_blocks)  # the layer keeping most
     saved, transient = 0, 0
     for t0, t1 in tile_groups(nb):
@@ -196,11 +213,11 @@ def gather_attention_bytes(cfg, batch_size, elem=4):
     return saved * elem, transient * elem
 
 
-def gather_step_bytes(cfg, batch_size, elem=4):
+def gather_step_bytes(cfg, batch_size, elem=4, sparsity=None):
     """A training step's peak estimate on the gather path: every layer's attention saved for backward, the rest
     of a layer's activations (about 20 B*T*C values: norms, q/k/v, rotary, projections, the 4C MLP twice), the
     logits three times (logits, fp32 copy, softmax), the largest transient, and the weights with Adam's state."""
-    attn, transient = gather_attention_bytes(cfg, batch_size, elem)
+    attn, transient = gather_attention_bytes(cfg, batch_size, elem, sparsity)
     btc = batch_size * cfg.block_size * cfg.n_embd
     weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + 2 * 256 * cfg.n_embd
     return (cfg.n_layer * (attn + 20 * btc * elem) + 3 * batch_size * cfg.block_size * 256 * elem + transient

@@ -13,6 +13,7 @@ import pickle
 import random
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -53,6 +54,31 @@ def append_jsonl(row, path):
                          f"or use another --out_dir") from None
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def drop_rows_after(path, iter_num):
+    """Rewrite metrics.jsonl (atomically) without the rows past `iter_num`, the checkpoint a run resumes from: a row
+    is written before its checkpoint, so a stop between the two leaves a row the resumed run writes again. Returns
+    the number of rows dropped (lines that are not JSON rows are kept as they are)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+
+    def past(line):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(row, dict) and isinstance(row.get("iter"), int) and row["iter"] > iter_num
+
+    keep = [line for line in lines if not past(line)]
+    if len(keep) < len(lines):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+        atomic_write(path, write)
+    return len(lines) - len(keep)
 
 
 def restart_incomplete(out_dir, say):
@@ -150,8 +176,7 @@ def load(path, require=TRAINING_KEYS):
     except CheckpointError:
         raise
     except Exception as e:  # a truncated, empty or foreign file: say which and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}; it is damaged "
-                              f"(an empty file is what a full disk or a killed copy leaves); resume from another "
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable_because(path, e)}; resume from another "
                               f"checkpoint (best.pt), or start again") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this code (it holds a {type(ckpt).__name__}, not a dict)")
@@ -161,8 +186,8 @@ def load(path, require=TRAINING_KEYS):
                               f"written by this code's trainer; retrain, or resume from another checkpoint")
     for key in ("iter_num", "best_iter"):
         v = ckpt.get(key)
-        if key in ckpt and not (isinstance(v, int) and not isinstance(v,
-                                                                      bool) and v >= (0 if key == "iter_num" else -1)):
+        whole = isinstance(v, int) and not isinstance(v, bool)
+        if key in ckpt and not (whole and v >= (0 if key == "iter_num" else -1)):
             raise CheckpointError(f"{path}: {key}={v!r} is not a whole number >= 0; the file is damaged or was "
                                   f"not written by this code's trainer; resume from another checkpoint")
     pos = ckpt.get("schedule_pos")
@@ -170,6 +195,24 @@ def load(path, require=TRAINING_KEYS):
     if pos is not None and not (number and 0 <= pos < float("inf")):
         raise CheckpointError(f"{path}: schedule_pos={pos!r} is not a finite number >= 0; the file is damaged")
     return ckpt
+
+
+def unreadable_because(path, e):
+    """Why torch.load could not read `path`, in words: torch's own text for a truncated zip is a paragraph."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        size, head = None, b""
+    if size == 0:
+        return "the file is empty (what a full disk or a killed copy leaves)"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return (f"the file is truncated ({size:,} bytes, its zip archive's end is missing: an interrupted copy or a "
+                f"full disk)")
+    if head != b"PK\x03\x04":
+        return "the file is not a torch checkpoint (no zip archive)"
+    return f"it is damaged ({type(e).__name__}: {first_line(e, 120)})"
 
 
 def schedule_position(ckpt):
@@ -258,16 +301,18 @@ def check_model_args(args, kind, path, weights):
         if not ok:
             raise CheckpointError(f"{path}: model_args {key}={v!r} should be a {want.__name__}; the file is "
                                   f"damaged or was not written by this code")
-    try:
-        kind.config_cls.from_dict(args).validate()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its model_args are impossible ({first_line(e)}); the file is damaged") from None
+    # the size first, in arithmetic alone: validate() below may allocate by the shape (ASCA's block masks, per-layer
+    # targets), so a damaged block_size=10**12 or n_layer=10**9 must be refused before it runs
     n_weights = sum(t.numel() for t in weights.values() if torch.is_tensor(t))
     d, L = args["n_embd"], args["n_layer"]
     estimate = 12 * L * d * d + 2 * 256 * d + args["block_size"] * d  # the blocks, embeddings and a position table
     if estimate > 4 * n_weights + 1_000_000:
         raise CheckpointError(f"{path}: its model_args describe a model of about {estimate:,} parameters but it "
                               f"holds {n_weights:,} weights; the file is damaged")
+    try:
+        kind.config_cls.from_dict(args).validate()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its model_args are impossible ({first_line(e)}); the file is damaged") from None
     bad = [k for k,
            t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:

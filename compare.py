@@ -35,7 +35,7 @@ import extraction
 import checkpoint
 from checkpoint import CheckpointError, RunLock
 from models import MODELS
-from runtime import CONTENDED_CORES
+from runtime import CONTENDED_CORES, resolve_auto
 from train_config import defaults_for, key_declarations, types_for, with_legacy
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -138,6 +138,13 @@ def config_drift(d, script, args, budget, seed):
     except configurator.ConfigError as e:
         return [f"its command no longer resolves ({e})"]
     then, decls = with_legacy(then, kind), key_declarations(kind)
+    # 'auto' (device, dtype, compile, backend) as this machine resolves it, on both sides: the trainer records the
+    # resolved values, and a resumed run whose command left them 'auto' is the same run
+    now = {**now, **resolve_auto(now)}
+    try:
+        then = {**then, **resolve_auto({**now, **then})}
+    except (KeyError, TypeError, AttributeError):  # a config.json too old or odd to resolve: compared as written
+        pass
     drift = []
     for key, value in now.items():
         old = then.get(key, value)  # a key added since, without a legacy value: its default is the old way
@@ -225,7 +232,8 @@ def protocol(run):
     c = run.config
     test, block, stride = run.test_set()
     budget = ", ".join(f"{k}={c.get(k)}" for k in ("max_time_s", "max_iters"))
-    return {"test set": test, "eval_stride": stride, "block_size": block, "budget": budget}
+    return {"test set": test, "training data": run.training_data(), "eval_stride": stride, "block_size": block,
+            "budget": budget}
 
 
 def contended(run):

@@ -107,6 +107,14 @@ class Run:
         return (test, self.last("block_size") or self.config.get("block_size"),
                 self.last("eval_stride") or self.config.get("eval_stride"))
 
+    def training_data(self):
+        """The train and val splits' sha256 as the run recorded them (final.json), or 'not recorded': runs trained
+        on other bytes do not compare, even on one test set."""
+        recorded = (self.final or self.stale_final or {}).get("data_sha256")
+        if isinstance(recorded, dict) and recorded.get("train"):
+            return f"train {str(recorded['train'])[:12]}, val {str(recorded.get('val'))[:12]}"
+        return "not recorded"
+
     def label(self):
         c = self.config
         s = f"{self.name} ({self.kind}"

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from config_keys import declarations, key
 
 
+# The largest shapes a config may ask for: far beyond what one GPU trains, small enough that a damaged or mistyped
+# value (n_layer=10**9) is one line, not an allocation that takes the machine's memory.
+SHAPE_LIMITS = {"block_size": 1 << 20, "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16}
+
+
 @dataclass
 class GPTConfig:
     """The model's keys, each declared once with its rules (config_keys.Key): legacy = what a checkpoint from
@@ -62,12 +67,20 @@ class GPTConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def validate(self):
-        """Raise ValueError with a one-line message for an impossible model shape."""
+        """Raise ValueError with a one-line message for an impossible model shape. The sizes come first: nothing
+        after them (a subclass's checks included) may allocate or loop over an absurd one."""
+        for k, top in SHAPE_LIMITS.items():
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{k} must be at least 1, got {v!r}")
+            if v > top:
+                raise ValueError(f"{k}={v:,} is beyond this code's limit of {top:,}; use a smaller {k}")
+        for name in self.declarations():  # NaN and inf pass every comparison a range check makes
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name}={v} must be a finite number")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        for k in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name, d in self.declarations().items():

@@ -24,6 +24,22 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 DEVICES = "auto, cpu, cuda, cuda:N"
 
 
+def resolve_auto(cfg):
+    """{device, dtype, compile, backend} with each 'auto' resolved as a run on this machine resolves it: CUDA if
+    present; bf16 on CUDA (fp16 without bf16), fp32 on a CPU; compile on CUDA; nccl on CUDA, gloo on a CPU."""
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        bf16 = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = "float32" if not cuda else ("bfloat16" if bf16 else "float16")
+    compile_ = cuda if cfg["compile"] == "auto" else cfg["compile"]
+    backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if cuda else "gloo")
+    return {"device": device, "dtype": dtype, "compile": compile_, "backend": backend}
+
+
 class Runtime:
     """Device, dtype, autocast context, DDP rank info: resolved once, with the reasons logged."""
 
@@ -37,8 +53,11 @@ class Runtime:
         dev = cfg["device"]
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise TrainError(f"device={dev!r} is not one of {DEVICES} (lower case)")
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg["dtype"] not in ("float32", "bfloat16", "float16", "auto"):
+            raise TrainError(f"dtype={cfg['dtype']} is not one of float32, bfloat16, float16, auto")
+        self.resolved = resolve_auto(cfg)  # what 'auto' means on this machine: config.json records it
+        dev, dt, comp, backend = (self.resolved[k] for k in ("device", "dtype", "compile", "backend"))
+        if cfg["device"] == "auto":
             notes.append(f"device=auto -> {dev} ({'CUDA available' if dev == 'cuda' else 'no CUDA'})")
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise TrainError(f"device={dev} requested but torch.cuda.is_available() is False; use --device=cpu")
@@ -46,27 +65,14 @@ class Runtime:
             dev = f"cuda:{self.local_rank}"
         self.device = dev
         self.device_type = "cuda" if dev.startswith("cuda") else "cpu"
-        dt = cfg["dtype"]
-        if dt == "auto":
-            if self.device_type == "cuda":
-                dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-                notes.append(f"dtype=auto -> {dt} "
-                             f"({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})")
-            else:
-                dt = "float32"
-                notes.append("dtype=auto -> float32 (CPU)")
-        if dt not in ("float32", "bfloat16", "float16"):
-            raise TrainError(f"dtype={dt} is not one of float32, bfloat16, float16, auto")
+        if cfg["dtype"] == "auto":
+            notes.append(f"dtype=auto -> {dt} " + ("(CPU)" if self.device_type == "cpu" else
+                         f"({'bf16 supported' if dt == 'bfloat16' else 'no bf16: fp16 + GradScaler'})"))
         self.dtype = dt
         self.ptdtype = getattr(torch, dt)
-        comp = cfg["compile"]
-        if comp == "auto":
-            comp = self.device_type == "cuda"
+        if cfg["compile"] == "auto":
             notes.append(f"compile=auto -> {comp} ({'CUDA' if comp else 'CPU: compile time would dominate'})")
         self.compile = comp
-        backend = cfg["backend"]
-        if backend == "auto":
-            backend = "nccl" if self.device_type == "cuda" else "gloo"
         self.backend = backend
         self.notes = notes
         self.ctx = (contextlib.nullcontext() if dt == "float32"

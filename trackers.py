@@ -68,7 +68,7 @@ def wandb_mode():
 
 
 class WandbSink:
-    def __init__(self, cfg, out_dir, say):
+    def __init__(self, cfg, out_dir, resumed, say):
         import wandb
         id_path = os.path.join(out_dir, WANDB_ID_FILE)
         if os.path.exists(id_path):
@@ -95,7 +95,7 @@ class WandbSink:
 
 
 class TensorBoardSink:
-    def __init__(self, cfg, out_dir, resumed):
+    def __init__(self, cfg, out_dir, resumed, say):
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tb"))
         if not resumed:
@@ -117,30 +117,50 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def first_line(e, limit=160):
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class Trackers:
-    """The trackers a config turns on (none by default): log(row) after each metrics row, close() at the end."""
+    """The trackers a config turns on (none by default): log(row) after each metrics row, close() at the end.
+
+    A tracker that cannot start is a one-line TrackerError before training. One that fails mid-run (a network
+    error inside wandb.log) is switched off with a warning and training goes on: metrics.jsonl is the record."""
+
+    KINDS = (("wandb_log", "wandb", WandbSink), ("tensorboard_log", "TensorBoard", TensorBoardSink))
 
     def __init__(self, cfg, out_dir, resumed, say=print):
-        self.sinks = []
-        if cfg.get("wandb_log"):
-            self.sinks.append(WandbSink(cfg, out_dir, say))
-        if cfg.get("tensorboard_log"):
-            self.sinks.append(TensorBoardSink(cfg, out_dir, resumed))
+        self.sinks, self.say = [], say
+        for key, name, sink in self.KINDS:
+            if not cfg.get(key):
+                continue
+            try:
+                self.sinks.append((name, sink(cfg, out_dir, resumed, say)))
+            except Exception as e:  # wandb.init without a key or network in online mode, an unwritable log_dir, ...
+                hint = (" (online mode without an API key or network: set WANDB_MODE=offline, or `wandb login`)"
+                        if name == "wandb" else "")
+                raise TrackerError(f"{name} could not start: {type(e).__name__}: {first_line(e)}{hint}; fix it or "
+                                   f"drop --{key}") from None
+
+    def _each(self, what, *args):
+        for name, sink in list(self.sinks):
+            try:
+                getattr(sink, what)(*args)
+            except Exception as e:
+                self.sinks.remove((name, sink))
+                self.say(f"warning: {name} failed ({type(e).__name__}: {first_line(e)}) and is switched off for "
+                         f"the rest of the run; metrics.jsonl keeps every row")
 
     def log(self, row):
         if self.sinks:
-            flat = flatten(row)
-            for sink in self.sinks:
-                sink.log(flat, int(row["iter"]))
+            self._each("log", flatten(row), int(row["iter"]))
 
     def summary(self, final):
         """The final test bpc (and the rest of final.json's numbers, for wandb) once the run is done."""
         if self.sinks:
-            flat = flatten(final)
-            for sink in self.sinks:
-                sink.summary(flat)
+            self._each("summary", flatten(final))
 
     def close(self):
-        for sink in self.sinks:
-            sink.close()
+        self._each("close")
         self.sinks = []

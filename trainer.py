@@ -154,6 +154,10 @@ class Trainer:
                                  f"resume from another checkpoint, or start again") from None
         if rt.master:
             self.repair_best(ckpt)
+            dropped = checkpoint.drop_rows_after(os.path.join(self.out_dir, "metrics.jsonl"), c.iter_num)
+            if dropped:
+                self.say(f"note: metrics.jsonl held {dropped} row(s) past iter {c.iter_num}, written before the run "
+                         f"stopped but not checkpointed; dropped, the resumed run measures them again")
         self.say(f"resumed from {self.ckpt_path} at iter {c.iter_num} "
                  f"(best val {c.best_val:.4f} bpc at iter {c.best_iter})")
 
@@ -164,8 +168,11 @@ class Trainer:
         self.loss_sum, self.loss_n = torch.zeros((), device=rt.device), 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         self.last_val, self.bar = None, self.progress_bar()
-        self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0,
-                                          say=self.say) if rt.master else None
+        try:
+            self.trackers = trackers.Trackers(cfg, self.out_dir, resumed=c.iter_num > 0,
+                                              say=self.say) if rt.master else None
+        except trackers.TrackerError as e:
+            raise TrainError(str(e)) from None
         self.startup_check()
         self.stop.install()
         try:
@@ -459,9 +466,14 @@ class Trainer:
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
                "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env()}
         out.update(self.model.diagnostics())
+        if getattr(self.model.config, "selector", None) == "random":
+            out["note"] = ("selector='random' draws new blocks at every forward: this score differs from the one at "
+                           "the end of training in about the 4th decimal")
         checkpoint.write_json(out, os.path.join(self.out_dir, "eval.json"))
         self.say(f"checkpoint at iter {c.iter_num}: val {val:.4f} bpc, test {test:.4f} bpc "
                  f"({n:,} bytes, stride {cfg['eval_stride']}); wrote {self.out_dir}/eval.json")
+        if "note" in out:
+            self.say(f"note: {out['note']}")
         return 0
 
     def progress_bar(self):
@@ -560,7 +572,9 @@ def _run(cfg, kind, explicit, build_model, rt):
         if cfg["eval_only"]:
             return trainer.eval_only()
         if rt.master:
-            checkpoint.write_json(cfg, os.path.join(cfg["out_dir"], "config.json"))
+            # the settings the run trains with, 'auto' resolved (device, dtype, compile, backend): a resumed run's
+            # command may leave them 'auto', and compare.py must see the same run either way
+            checkpoint.write_json({**cfg, **rt.resolved}, os.path.join(cfg["out_dir"], "config.json"))
         return trainer.fit()
     finally:
         rt.close()

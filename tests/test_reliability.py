@@ -482,3 +482,211 @@ def test_a_read_only_out_dir_is_one_line_everywhere(tmp_path, read_only_copy, da
     spec = write_spec(tmp_path / "spec.py", data_dir, read_only_copy / "cmp")
     assert compare.main([spec]) == 1
     assert "Read-only file system" in one_line(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- round three (issue 35)
+
+def test_compare_flags_a_row_trained_on_other_training_data(tmp_path, capsys):
+    """Item 1: two rows of one command; one is deleted, the data split again with only its training part changed,
+    and compare run again. The re-run row trained on other bytes: flagged, not compared (the test set is the same,
+    so the old check saw nothing)."""
+    text = make_text(60_000, seed=4)
+    data = tmp_path / "data"
+    prepare_dataset.write_splits(text, str(data), "test-made text")
+    out = tmp_path / "cmp"
+    twin = ("twin", "baseline_model.py", [TINY, f"--data_dir={data}"])
+    spec = write_spec(tmp_path / "spec.py", data, out, extra_run=twin)
+    assert compare.main([spec]) == 0
+    assert "not comparable" not in row_of((out / "comparison.md").read_text(), "twin")
+    shutil.rmtree(out / "twin_s1")
+    changed = bytearray(text)
+    changed[:2000] = make_text(2001, seed=5)[:2000].ljust(2000)  # the training part only: val, test are the last 10%
+    prepare_dataset.write_splits(bytes(changed), str(data), "test-made text, edited")
+    assert compare.main([spec]) == 0
+    row = row_of((out / "comparison.md").read_text(), "twin")
+    assert "not comparable" in row and "**training data**" in row
+
+
+@pytest.mark.parametrize("arg,kind", [("--gate_loss=nan", "asca"), ("--target_sparsity=inf", "asca"),
+                                      ("--budget_ema=nan", "asca"), ("--dropout=nan", "baseline"),
+                                      ("--rope_base=inf", "baseline"), ("--beta1=nan", "baseline"),
+                                      ("--learning_rate=nan", "baseline")])
+def test_nan_and_inf_in_a_float_key_are_one_line(tmp_path, data_dir, capsys, arg, kind):
+    """Item 2: --gate_loss=nan trained with the loss off (NaN > 0 is False) and wrote NaN into config.json."""
+    module = novel_model if kind == "asca" else baseline_model
+    out = tmp_path / "o"
+    assert train_in_process(module, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1", arg]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert arg[2:].split("=")[0] in line and ("finite" in line or "must be" in line)
+    assert not (out / "config.json").exists()
+
+
+def test_a_resumed_compare_run_is_still_counted(tmp_path, data_dir, capsys):
+    """Item 3: a compare run interrupted and resumed with the command the trainer prints (--init_from=resume, no
+    config file) rewrote config.json with 'auto' device and compile; compare then called it a run under other
+    defaults and advised deleting it. config.json now records what 'auto' resolved to, and compare resolves both."""
+    out = tmp_path / "cmp"
+    spec = write_spec(tmp_path / "spec.py", data_dir, out)
+    assert compare.main([spec]) == 0
+    run = out / "sparse_s1"
+    ck = checkpoint.load(str(run / "ckpt.pt"))
+    ck["iter_num"] = 4  # as if stopped at iteration 4: resume it as the trainer's own message says
+    checkpoint.save(ck, str(run / "ckpt.pt"))
+    (run / "final.json").unlink()
+    assert train_in_process(novel_model, [f"--out_dir={run}", "--init_from=resume"]) == 0
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["device"] == "cpu" and cfg["compile"] is False and cfg["dtype"] == "float32"
+    capsys.readouterr()
+    assert compare.main([spec, "--report_only"]) == 0
+    assert "other defaults" not in capsys.readouterr().out
+    assert "| 1/1 |" in row_of((out / "comparison.md").read_text(), "sparse")
+    # and a run directory written before the fix (config.json holding 'auto') is counted too
+    cfg.update(device="auto", compile="auto", dtype="auto", backend="auto")
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert compare.main([spec, "--report_only"]) == 0
+    assert "| 1/1 |" in row_of((out / "comparison.md").read_text(), "sparse")
+
+
+def test_the_memory_check_sees_the_dense_first_steps_of_the_warm_up(tmp_path, data_dir, monkeypatch, capsys):
+    """Item 4: the check estimated the target's step, while a warm-up starts dense: a run that fit at the target
+    died on its first step (18.9 GiB against 2.65 estimated at T=8192, S=32, 0.9). The largest step is checked,
+    and the one line says that starting at the target fits."""
+    import train_config
+    cfg = novel_model.ASCAConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, sparse_block_size=16,
+                                 target_sparsity=0.9, sparsity_warmup_iters=100, attn_impl="gather")
+    dense, target = novel_model.gather_step_bytes(cfg, 4, sparsity=0.0), novel_model.gather_step_bytes(cfg, 4)
+    assert dense > 2 * target  # the first step needs far more than the target's
+    free = (dense + target) / 2 / 0.9  # the target's step fits, the first does not
+    monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a: free)
+    args = [f"--data_dir={data_dir}", "--attn_impl=gather", "--block_size=1024", "--sparse_block_size=16",
+            "--target_sparsity=0.9", "--batch_size=4", "--max_iters=1"]
+    out = tmp_path / "o"
+    assert train_in_process(novel_model, args + [f"--out_dir={out}", "--sparsity_warmup_iters=100"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "first steps of the sparsity warm-up" in line and "sparsity_warmup_iters=0" in line
+    assert not out.exists()
+    # starting at the target, as the line says, passes the check
+    assert train_in_process(novel_model, args + [f"--out_dir={tmp_path / 'fits'}", "--sparsity_warmup_iters=0",
+                                                 "--final_test=False"]) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_asca(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("trained_asca") / "run"
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+                                          "--sparse_block_size=8", "--final_test=False"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("key,value", [("block_size", 10 ** 12), ("n_layer", 10 ** 9)])
+@pytest.mark.parametrize("tool", ["sample.py", "extraction.py"])
+def test_absurd_sizes_in_an_asca_checkpoint_are_one_line_before_allocating(tmp_path, trained_asca, key, value,
+                                                                            tool):
+    """Item 5: ASCA's validate() (its block masks, one target per layer) ran before the size check, so a crafted
+    block_size=10**12 or n_layer=10**9 was an allocation traceback in sample.py and extraction.py."""
+    out = damaged_copy(tmp_path, trained_asca, lambda ck: ck["model_args"].__setitem__(key, value))
+    shutil.copy(trained_asca / "config.json", out / "config.json")
+    args = [f"--out_dir={out}", "--num_bytes=5"] if tool == "sample.py" else [str(out)]
+    t0 = time.time()
+    r = run_script(tool, *args, timeout=120)
+    assert r.returncode == 1 and "describe a model of about" in one_line(r.stderr) and time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("key,value,needle", [("block_size", 10 ** 12, "block_size=1,000,000,000,000 is beyond"),
+                                              ("n_layer", 10 ** 9, "n_layer=1,000,000,000 is beyond"),
+                                              ("sparse_block_size", 1, "more than 8,192")])
+def test_absurd_sizes_on_the_command_line_are_one_line(tmp_path, data_dir, capsys, key, value, needle):
+    out = tmp_path / "o"
+    extra = ["--block_size=65536"] if key == "sparse_block_size" else []
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", f"--{key}={value}",
+                                          *extra]) == 1
+    assert needle in one_line(capsys.readouterr().err)
+
+
+class FakeWandb:
+    """A wandb module whose init or log fails as the real one does without a key or a network."""
+
+    def __init__(self, fail_init=False, fail_log_at=None):
+        self.fail_init, self.fail_log_at, self.logged = fail_init, fail_log_at, []
+
+    def init(self, **kw):
+        if self.fail_init:
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore text")
+        fake = self
+
+        class Run:
+            summary = {}
+
+            def log(self, row, step):
+                if fake.fail_log_at is not None and step >= fake.fail_log_at:
+                    raise ConnectionError("Network error (ConnectionError), entering retry loop")
+                fake.logged.append(step)
+
+            def finish(self):
+                pass
+        return Run()
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
+    """Item 6: wandb.init failing (online mode without a key or network) was a traceback."""
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail_init=True))
+    out = tmp_path / "o"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+                                             "--wandb_log=True"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "wandb could not start" in line and "api_key not configured" in line and "WANDB_MODE=offline" in line
+    assert "more text" not in line
+
+
+def test_a_tracker_failing_mid_run_is_switched_off_and_training_goes_on(tmp_path, data_dir, monkeypatch, capsys):
+    """Item 6: wandb.log raising mid-run was a traceback that ended the run; metrics.jsonl is the record."""
+    fake = FakeWandb(fail_log_at=4)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "o"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=8",
+                                             "--eval_interval=2", "--wandb_log=True", "--final_test=False"]) == 0
+    said = capsys.readouterr().out
+    assert said.count("warning: wandb failed") == 1 and "switched off" in said
+    assert fake.logged == [0, 2]
+    assert [json.loads(l)["iter"] for l in open(out / "metrics.jsonl")] == [0, 2, 4, 6, 8]
+
+
+def test_a_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, data_dir, capsys):
+    """Item 7: a row is written before its checkpoint; a stop between the two left iterations 0 10 20 20 30."""
+    out = tmp_path / "o"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2", "--final_test=False"]
+    assert train_in_process(baseline_model, common + ["--max_iters=4"]) == 0
+    ck = checkpoint.load(str(out / "ckpt.pt"))
+    ck["iter_num"] = 2  # the checkpoint of iteration 2, while metrics.jsonl already holds iteration 4's row
+    checkpoint.save(ck, str(out / "ckpt.pt"))
+    (out / "final.json").unlink()
+    capsys.readouterr()
+    assert train_in_process(baseline_model, common + ["--max_iters=6", "--init_from=resume"]) == 0
+    assert "1 row(s) past iter 2" in capsys.readouterr().out
+    assert [json.loads(l)["iter"] for l in open(out / "metrics.jsonl")] == [0, 2, 4, 6]
+
+
+def test_eval_only_with_random_blocks_says_its_score_moves(tmp_path, data_dir, capsys):
+    """Cosmetic: --eval_only with selector=random draws new blocks, so its score differs from the end-of-training
+    one in the 4th decimal; it now says so, on screen and in eval.json."""
+    out = tmp_path / "o"
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+                                          "--sparse_block_size=8", "--selector=random", "--final_test=False"]) == 0
+    capsys.readouterr()
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                                          "--eval_only=True"]) == 0
+    assert "note: selector='random' draws new blocks" in capsys.readouterr().out
+    assert "4th decimal" in json.load(open(out / "eval.json"))["note"]
+
+
+def test_a_truncated_checkpoint_says_so_in_one_short_line(tmp_path, trained):
+    """Cosmetic: torch's text for a truncated zip ('... internal miniz error. If you are seeing this error, ...')
+    was the one line; it now names the file and says it is truncated."""
+    out = tmp_path / "t"
+    out.mkdir()
+    data = (trained / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    r = run_script("sample.py", f"--out_dir={out}", "--num_bytes=5", timeout=120)
+    line = one_line(r.stderr)
+    assert r.returncode == 1 and str(out / "ckpt.pt") in line and "truncated" in line and "miniz" not in line
+    assert len(line) < 300
