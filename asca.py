@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import asca_kernels
 from asca_kernels import attend_gather, build_block_mask, flex_backward_problem, flex_kernel_options  # noqa: F401
-from asca_selector import (SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity, Selection,  # noqa: F401
-                           keep_counts, max_sparsity, padded_length)
+from asca_selector import (READS_ATTENDED, SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity,  # noqa: F401
+                           Selection, keep_counts, max_sparsity, padded_length)
 from config_keys import key
 from gpt import GPT, CausalSelfAttention, GPTConfig
 
@@ -83,8 +83,9 @@ class ASCAConfig(GPTConfig):
     budget_ema: float = key(0.5, resume="free")  # adaptive: weight of the last step's estimate in the threshold's EMA
     budget_scope: str = key("layer", choices=("layer", "head"))  # adaptive: one threshold per 'layer' or per 'head'
     selector: str = key("learned", choices=SELECTORS)  # which past blocks a tile keeps: 'learned' (the predictor);
-    #                   controls at the same budget: 'local' (the nearest, plus the sink if kept) or 'random' (a new
-    #                   draw each forward)
+    #                   controls at the same budget: 'local' (the nearest, plus the sink if kept), 'random' (a new
+    #                   draw each forward), 'pooled' (the first query against each block's mean key, no parameters)
+    #                   and 'oracle' (the first query's dense attention mass per block: the ceiling; saves nothing)
     attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS)  # 'auto' (flex on
     #                    CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
     flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS)  # flex path:
@@ -330,6 +331,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         T0 = q.shape[2]
         qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
         gq, gk = (qr, kr) if self.gate_rotated else (q, k)
+        if self.selector.rule in READS_ATTENDED:  # rules that read the attention's own q and k (pooled, oracle)
+            gq, gk = qr, kr
         ts = self.pad_to_blocks(*((qr, kr, gq, gk) if v is None else (qr, kr, v, gq, gk)), bucket=bucket)
         sel = self.selector.plan(ts[-2], ts[-1], T0)
         if self.training:
@@ -343,6 +346,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         y = self.kernel(impl, qr, kr, v, sel, self.dropout if self.training else 0.0)
         if self.compressed:
             y = y + self.compressed_gate(qr) * asca_kernels.attend_compressed(qr, kr, v, self.S)
+        if self.selector.counting and not self.training and not torch.compiler.is_compiling():
+            self.selector.add_recall(qr, kr, sel)  # evaluation: how much dense attention mass the choice keeps
         self.selector.remember(sel)
         return y[:, :, :T0]
 

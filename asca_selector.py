@@ -6,7 +6,8 @@ the trainer only call it).
     BlockSelector(config)       per layer; the attention calls plan(q, k) -> Selection for the kernels
       .predictor                ContentBasedAdaptiveSparsity: scores (B, nh, nb, nb) from the tiles' first
                                 queries and the blocks' mean keys (docs/design.md, "causal by construction")
-      scores(q, k)              the predictor's, or a control rule's ('local', 'random': selector key)
+      scores(q, k)              the predictor's, or a control rule's ('local', 'random', 'pooled', 'oracle':
+                                selector key; 'oracle' is an analysis control that saves nothing)
       select(q, k)              scores, then rank(): per tile its own block, the sink, then past blocks by score
       counts(scores)            past blocks kept per tile, always (B, nh, nb): the fixed budget's scheduled
                                 counts, or the adaptive budget's blocks above the threshold
@@ -23,7 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SELECTORS = ("learned", "local", "random")
+SELECTORS = ("learned", "local", "random", "pooled", "oracle")
+# the selectors that read the attention's own q and k (as attended), not the predictor's inputs
+READS_ATTENDED = ("pooled", "oracle")
+# attention recall is measured for the run's own selection and for these two at the same counts (issue 32)
+RECALL_CHOICES = ("own", "local", "oracle")
 
 
 # ----------------------------------------------------------------------------- schedule arithmetic
@@ -121,6 +126,15 @@ def first_query_block_mass(q, k, S):
     before = torch.arange(T, device=q.device)[None, :] < (torch.arange(nb, device=q.device) * S)[:, None]
     probs = torch.softmax(logits.masked_fill(~before, float("-inf")), dim=-1).nan_to_num(0.0)  # row 0: nothing before
     return probs.view(B, H, nb, nb, S).sum(-1)
+
+
+def pooled_scores(q, k, S):
+    """(B, nh, nb, nb) float32: the first query of each tile (position b*S) dotted with each block's mean key, scaled
+    as attention logits (MoBA's gate). Meaningful for blocks before the tile; q, k as attended, T % S == 0."""
+    B, H, T, hs = q.shape
+    qt = q[:, :, ::S].float()  # (B, nh, nb, hs)
+    kb = k.float().view(B, H, T // S, S, hs).mean(dim=3)  # (B, nh, nb, hs)
+    return qt @ kb.transpose(-1, -2) / math.sqrt(hs)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -221,6 +235,7 @@ class BlockSelector(nn.Module):
         if self.adaptive:  # per head: keep a past block if its score > threshold; -inf = keep all; in checkpoints
             self.register_buffer("threshold", torch.full((config.n_head,), float("-inf")))
         self.tally, self.counting = None, False  # sums over forwards between start_tally and end_tally
+        self.recall_sum = None  # (sums (3, nh), forwards) of recall() in a tally
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "threshold"  # checkpoints from before budget_scope hold one threshold per layer
@@ -250,11 +265,20 @@ class BlockSelector(nn.Module):
     # --- selection
     def scores(self, q, k):
         """(B, nh, nb, nb) scores for padded q, k (B, nh, T, hs), T % S == 0: the predictor's (it learns
-        through the gate bias, so it reads q and k detached) or a control rule's."""
+        through the gate bias, so it reads q and k detached) or a control rule's. 'pooled' and 'oracle' read the
+        attention's own q and k (the caller passes them as attended), 'learned' the predictor's inputs.
+        - 'pooled' (MoBA's gate, no parameters): the tile's first query's dot product with each block's mean key;
+        - 'oracle' (the ceiling at the same counts, an analysis control: it computes a dense row per tile, so it
+          saves nothing): the dense attention mass the tile's first query puts on each block before its tile.
+        Both read only the first query of a tile and keys before it, as the predictor does: causal by construction."""
         if q.shape[2] > self.block_size:
             raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
         if self.rule == "learned":
             return self.predictor(q.detach(), k.detach(), self.S)
+        if self.rule == "pooled":
+            return pooled_scores(q.detach(), k.detach(), self.S)
+        if self.rule == "oracle":
+            return first_query_block_mass(q.detach(), k.detach(), self.S)
         return self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
 
     def rule_scores(self, B, H, nb, device):
@@ -304,14 +328,17 @@ class BlockSelector(nn.Module):
         blocks (the sink, then the local ones, by index), then past blocks by descending score; and counts(scores)."""
         if self.replay is not None:
             return self.replay
+        return self.order_by(scores), self.counts(scores)
+
+    def order_by(self, scores):
+        """rank()'s order for these scores (B, nh, nb, nb), whatever the budget."""
         nb = scores.shape[-1]
         device = scores.device
         past = block_masks(nb, device)[1]
         prio = scores.detach().float().masked_fill(~past, float("-inf"))
         prio = prio.masked_fill(torch.eye(nb, dtype=torch.bool, device=device), float("inf"))
         prio = prio.masked_fill(self.forced(nb, device), torch.finfo(torch.float32).max)  # after own, before the rest
-        order = torch.argsort(prio, dim=-1, descending=True, stable=True)
-        return order, self.counts(scores)
+        return torch.argsort(prio, dim=-1, descending=True, stable=True)
 
     @contextlib.contextmanager
     def replaying(self, sel):
@@ -471,8 +498,37 @@ class BlockSelector(nn.Module):
 
     # --- a tally over many forwards (the trainer counts the test split with it)
     def start_tally(self):
-        self.tally = None
+        self.tally, self.recall_sum = None, None
         self.counting = True
+
+    @torch.no_grad()
+    def recall(self, q, k, sel):
+        """(3, nh) float64, for the first sequence of a forward: per head, the mean over its real queries of the dense
+        attention mass (softmax of the query's q.k over every earlier position, q and k as attended) that lies in
+        its tile's kept blocks: for this Selection, and for the blocks the local rule and the oracle would keep at
+        the same counts (RECALL_CHOICES). Causal softmax per head: (nh, T, T) floats for one sequence."""
+        S, T0 = self.S, sel.seq_len
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q0, k0 = q[:1].to(acc), k[:1].to(acc)  # (1, nh, T, hs)
+        _, H, T, hs = q0.shape
+        nb = T // S
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = torch.softmax((q0 @ k0.transpose(-1, -2) / math.sqrt(hs)).masked_fill(~causal, float("-inf")), -1)
+        block_mass = probs[0].view(H, T, nb, S).sum(-1)  # (nh, T, nb): each query's mass per key block
+        blocks = torch.arange(nb, device=q.device, dtype=acc)
+        local = (blocks[None, :] - blocks[:, None]).expand(1, H, nb, nb)  # nearest first, as the local rule
+        out = []
+        for choice in RECALL_CHOICES:
+            selected = sel.selected[:1] if choice == "own" else self.block_selection(
+                self.order_by(local if choice == "local" else first_query_block_mass(q0, k0, S)), sel.n_past[:1])
+            kept = selected[0].repeat_interleave(S, dim=1).to(acc)  # (nh, T, nb): the query's tile's kept blocks
+            out.append((block_mass * kept).sum(-1)[:, :T0].mean(-1))
+        return torch.stack(out).double()
+
+    def add_recall(self, q, k, sel):
+        """In a tally (evaluation): add this forward's recall (recall()) to the sums end_tally averages."""
+        r = self.recall(q, k, sel)
+        self.recall_sum = (r, 1) if self.recall_sum is None else (self.recall_sum[0] + r, self.recall_sum[1] + 1)
 
     def tally_step(self, rows=None):
         """Add the last forward's selection to the tally: kept and causal pairs per head, and a histogram
@@ -497,11 +553,18 @@ class BlockSelector(nn.Module):
         """{'sparsity', 'sparsity_per_head', 'kept_blocks_hist_per_head'} over the tallied forwards."""
         self.counting = False
         t, self.tally = self.tally, None
+        r, self.recall_sum = getattr(self, "recall_sum", None), None
         if t is None:
             return {}
         per_head = 1 - t["kept"] / t["total"]
-        return {"sparsity": per_head.mean().item(), "sparsity_per_head": per_head.tolist(),
-                "kept_blocks_hist_per_head": t["hist"].tolist()}
+        out = {"sparsity": per_head.mean().item(), "sparsity_per_head": per_head.tolist(),
+               "kept_blocks_hist_per_head": t["hist"].tolist()}
+        if r is not None:  # recall of this selection, of the local rule's and of the oracle's at the same counts
+            mean = (r[0] / r[1]).cpu()
+            for choice, row in zip(RECALL_CHOICES, mean):
+                name = "recall" if choice == "own" else f"recall_{choice}"
+                out[name], out[f"{name}_per_head"] = row.mean().item(), row.tolist()
+        return out
 
     def kept_fraction(self, T):
         """Kept share of the causal pairs at length T under the schedule now (fixed budget's counts)."""

@@ -9,6 +9,7 @@ import torch
 
 import config_keys
 import trackers
+from asca_selector import SELECTORS
 from config_keys import Key
 from models import MODELS
 from runtime import TrainError, free_memory_bytes
@@ -20,6 +21,9 @@ TRAIN_KEYS = dict(
     out_dir=Key("out/run", resume="this_run", compared=False), data_dir=Key("data/enwik8"),
     init_from=Key("scratch", resume="this_run", compared=False),  # 'scratch' or 'resume'
     eval_interval=Key(500), log_interval=Key(10), eval_iters=Key(20), eval_only=Key(False, resume="this_run"),
+    # with eval_only, an ASCA checkpoint scored with another choice of blocks at the same counts (a mask swap):
+    # does the model depend on its own selector's choices? '' = its own
+    eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS)),
     final_test=Key(True),
     eval_stride=Key(None, type=int),  # test stride; None = block_size // 2
     progress=Key(True, resume="this_run", compared=False),  # tqdm bar
@@ -126,6 +130,11 @@ def finalize_config(cfg, kind, rt):
     _check(cfg["init_from"] in ("scratch", "resume"), f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
     _check(not cfg["eval_only"] or cfg["init_from"] == "resume",
            "--eval_only=True evaluates a checkpoint: add --init_from=resume")
+    if cfg["eval_selector"]:
+        _check(cfg["eval_only"], f"--eval_selector={cfg['eval_selector']} scores a checkpoint with another choice of "
+                                 f"blocks: add --eval_only=True --init_from=resume")
+        _check("selector" in MODELS[kind].defaults(), f"--eval_selector swaps an ASCA model's block choice; this "
+                                                      f"is a {kind!r} run (dense attention keeps every block): drop it")
     lr = cfg["learning_rate"]
     _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
     if cfg["min_lr"] is None:

@@ -457,6 +457,11 @@ class Trainer:
     def eval_only(self):
         cfg, c = self.cfg, self.c
         self.model.set_step(self.sched_pos)  # the checkpoint's schedule position (a time budget's, too)
+        if cfg["eval_selector"]:  # the mask swap: the same weights and counts, another choice of blocks
+            for a in self.model.attention_modules():
+                a.selector.rule = cfg["eval_selector"]
+            self.say(f"eval_selector={cfg['eval_selector']}: the checkpoint's weights and counts, this choice of "
+                     f"blocks (no gate bias unless 'learned')")
         if not self.rt.master:
             return 0
         val = self.val_bpc()
@@ -464,9 +469,10 @@ class Trainer:
         test, n = self.test_bpc(into=measured)
         out = {**measured, "iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
-               "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env()}
+               "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env(),
+               "eval_selector": cfg["eval_selector"] or None}
         out.update(self.model.diagnostics())
-        if getattr(self.model.config, "selector", None) == "random":
+        if (cfg["eval_selector"] or getattr(self.model.config, "selector", None)) == "random":
             out["note"] = ("selector='random' draws new blocks at every forward: this score differs from the one at "
                            "the end of training in about the 4th decimal")
         checkpoint.write_json(out, os.path.join(self.out_dir, "eval.json"))

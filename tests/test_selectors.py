@@ -1,6 +1,11 @@
-"""The selection controls (issue 21): selector='local' keeps the nearest past blocks plus the sink, 'random' a
-new uniform draw each forward, both at the learned selector's budget, without a gate bias, causal in train and
-eval mode, on the reference and gather paths; cached decoding refuses them in one line."""
+"""The selection controls (issues 21, 32): selector='local' keeps the nearest past blocks plus the sink, 'random' a
+new uniform draw each forward, 'pooled' the blocks whose mean key the tile's first query scores highest, 'oracle'
+the blocks that query's dense attention puts the most mass on; all at the learned selector's budget, without a
+gate bias, causal in train and eval mode, on the reference and gather paths; cached decoding refuses them in one
+line. Attention recall (the dense mass a choice keeps) against a per-query loop; the mask swap at evaluation."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -13,9 +18,10 @@ MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8
 
 def module(selector, **kw):
     torch.manual_seed(0)
-    cfg = ASCAConfig(block_size=128, n_head=2, n_embd=16, sparse_block_size=8, target_sparsity=0.7,
-                     sparsity_warmup_iters=0, attn_impl="reference", pos_encoding="learned", selector=selector,
-                     **{"keep_first_block": True, "local_blocks": 0, **kw})  # the rules as the tests below spell them
+    cfg = ASCAConfig(block_size=128, n_head=2, n_embd=16, sparse_block_size=8, sparsity_warmup_iters=0,
+                     attn_impl="reference", pos_encoding="learned", selector=selector,
+                     **{"keep_first_block": True, "local_blocks": 0, "target_sparsity": 0.7, **kw})
+    # (the sink and no forced local block: the rules as the tests below spell them)
     return AdaptiveSparseCausalSelfAttention(cfg).double()
 
 
@@ -64,7 +70,7 @@ def test_random_draws_anew_each_forward_at_the_same_budget():
     assert row.min() > 0.05 and row.max() < 0.6 and abs(row.mean() - (int(a.selector.n_keep[15]) - 1) / 14) < 0.05
 
 
-@pytest.mark.parametrize("selector", ["local", "random"])
+@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle"])
 @pytest.mark.parametrize("impl", ["reference", "gather"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_rules_are_causal(selector, impl, mode):
@@ -75,7 +81,7 @@ def test_rules_are_causal(selector, impl, mode):
     assert model.diagnostics()["sparsity"] > 0.6
 
 
-@pytest.mark.parametrize("selector", ["local", "random"])
+@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle"])
 def test_rules_on_the_gather_path_equal_the_reference(selector):
     a = module(selector)
     q, k, v = qkv(2)
@@ -87,14 +93,126 @@ def test_rules_on_the_gather_path_equal_the_reference(selector):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-9
 
 
-def test_cached_decoding_refuses_the_rules():
+@pytest.mark.parametrize("selector", ["local", "oracle"])
+def test_cached_decoding_refuses_the_rules(selector):
     import sample
-    model = make_model(**MODEL, selector="local").eval()
+    model = make_model(**MODEL, selector=selector).eval()
     with pytest.raises(ValueError, match="cached decoding supports selector='learned' only"):
         sample.generate(model, b"hello", 4)
     assert len(sample.generate(model, b"hello", 4, kv_cache=False)) == 4
 
 
 def test_bad_selector_is_one_line():
-    with pytest.raises(ValueError, match="selector='nearest' must be one of learned, local, random"):
+    with pytest.raises(ValueError, match="selector='nearest' must be one of learned, local, random, pooled, oracle"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, selector="nearest").validate()
+
+
+def naive_first_query(q, k, S, b, kind):
+    """Tile b's score of each earlier block j < b, by a loop: the first query (b*S) against block j's mean key
+    ('pooled'), or the share of that query's softmax over positions < b*S that falls in block j ('oracle')."""
+    hs = q.shape[-1]
+    first = q[b * S]
+    if kind == "pooled":
+        return [float(first @ k[j * S:(j + 1) * S].mean(0)) / math.sqrt(hs) for j in range(b)]
+    p = torch.softmax(torch.stack([first @ k[t] for t in range(b * S)]) / math.sqrt(hs), 0)
+    return [float(p[j * S:(j + 1) * S].sum()) for j in range(b)]
+
+
+@pytest.mark.parametrize("kind", ["pooled", "oracle"])
+def test_pooled_and_oracle_keep_the_blocks_their_first_query_scores_highest(kind):
+    a = module(kind)
+    q, k, v = qkv(4)
+    a.attend(q, k, v)
+    sel = a.last_selection
+    for bb, h in ((0, 0), (1, 1)):
+        for b in range(1, 16):
+            want = naive_first_query(q[bb, h], k[bb, h], 8, b, kind)
+            got = sel.scores[bb, h, b, :b]
+            assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5), (kind, b)
+            n = int(sel.n_past[bb, h, b])
+            rest = sorted(range(1, b), key=lambda j: -want[j])  # block 0 is the sink here (keep_first_block)
+            keep = ({0} if n else set()) | set(rest[:max(0, n - 1)]) | {b}
+            assert {j for j in range(16) if sel.selected[bb, h, b, j]} == keep, (kind, b)
+    assert (sel.gate_bias == 0).all()
+
+
+def test_the_causality_check_catches_an_oracle_that_reads_its_tiles_last_query(monkeypatch):
+    """The negative control: the oracle reads the tile's FIRST query, the one every member of the tile has seen.
+    Reading its last query instead leaks later bytes into earlier positions' choice, and the check sees it."""
+    import asca_selector
+    real = asca_selector.first_query_block_mass
+    monkeypatch.setattr(asca_selector, "first_query_block_mass",
+                        lambda q, k, S: real(torch.roll(q, -(S - 1), dims=2), k, S))
+    model = make_model(**MODEL, selector="oracle", attn_impl="reference")
+    before, _ = causality_violation(model, "eval")
+    assert before > 1e-3
+
+
+def naive_recall(q, k, selected, S):
+    """Per head: the mean over queries of the softmax mass (over every earlier position) in the query's tile's
+    selected blocks, by a loop over queries."""
+    H, T, hs = q.shape
+    out = []
+    for h in range(H):
+        total = 0.0
+        for i in range(T):
+            p = torch.softmax(torch.stack([q[h, i] @ k[h, t] for t in range(i + 1)]) / math.sqrt(hs), 0)
+            total += float(sum(p[t] for t in range(i + 1) if selected[h, i // S, t // S]))
+        out.append(total / T)
+    return out
+
+
+@pytest.mark.parametrize("selector", ["learned", "local", "oracle"])
+def test_recall_is_the_dense_mass_each_choice_keeps(selector):
+    """Issue 32: recall (the run's choice), recall_local and recall_oracle (their choices at the same counts),
+    against a loop over queries; each choice's recall is that of the run that uses it."""
+    a = module(selector, target_sparsity=0.5)
+    a.eval()
+    q, k, v = (t[:, :, :64] for t in qkv(6))
+    a.start_tally()
+    a.attend(q, k, v)
+    a.tally_step()
+    got = a.end_tally()
+    sel = a.last_selection
+    assert got["recall_per_head"] == pytest.approx(naive_recall(q[0], k[0], sel.selected[0], 8), abs=1e-9)
+    assert got[{"learned": "recall", "local": "recall_local", "oracle": "recall_oracle"}[selector]] == \
+        pytest.approx(got["recall"], abs=1e-12)
+    assert 0 < got["recall_local"] < 1 and 0 < got["recall_oracle"] < 1
+    a.attend(q, k, v)  # outside a tally nothing is summed
+    assert a.selector.recall_sum is None
+
+
+def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
+    """Issue 32, item 4: --eval_only --eval_selector=X scores a trained ASCA checkpoint with another choice of blocks
+    at the same counts; a dense checkpoint, or eval_selector without eval_only, is one line."""
+    import baseline_model
+    import novel_model
+    from helpers import one_line, train_in_process
+    out = tmp_path / "o"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}"]
+    assert train_in_process(novel_model, common + ["--max_iters=4", "--sparse_block_size=8",
+                                                   "--target_sparsity=0.6", "--sparsity_warmup_iters=0"]) == 0
+    final = json.load(open(out / "final.json"))
+    evals = {}
+    for swap in ("", "local", "oracle"):
+        args = ["--init_from=resume", "--eval_only=True"] + ([f"--eval_selector={swap}"] if swap else [])
+        assert train_in_process(novel_model, common + args) == 0
+        evals[swap] = ev = json.load(open(out / "eval.json"))
+        assert ev["eval_selector"] == (swap or None) and abs(ev["test_sparsity"] - final["test_sparsity"]) < 1e-9
+    assert evals[""]["test_bpc"] == pytest.approx(final["test_bpc"], abs=1e-9)
+    assert evals["local"]["test_bpc"] != evals[""]["test_bpc"] != evals["oracle"]["test_bpc"]
+    # in the first layer (its input does not depend on the choice) the swapped choice keeps what the unswapped eval
+    # measured for it at the same counts
+    for swap in ("local", "oracle"):
+        assert evals[swap]["test_recall_per_layer"][0] == pytest.approx(
+            evals[""][f"test_recall_{swap}_per_layer"][0], abs=1e-9)
+    capsys.readouterr()
+    assert train_in_process(novel_model, common + ["--init_from=resume", "--eval_selector=local"]) == 1
+    assert "add --eval_only=True" in one_line(capsys.readouterr().err)
+    dense = tmp_path / "dense"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={dense}", "--max_iters=2",
+                                             "--final_test=False"]) == 0
+    capsys.readouterr()
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={dense}", "--init_from=resume",
+                                             "--eval_only=True", "--eval_selector=local"]) == 1
+    assert "dense attention keeps every block" in one_line(capsys.readouterr().err)
