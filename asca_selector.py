@@ -219,7 +219,7 @@ class BlockSelector(nn.Module):
         # between steps (a time budget's schedule) copies its counts from the host.
         nb = config.block_size // S
         self.skippable = int(_skippable(nb, self.keep_first, self.local).sum())
-        ns = sorted({self.skips_at(i) for i in range(self.warmup + 1)} | {0, self.skips_at(math.inf)})
+        ns = sorted({self.skips_at(i) for i in range(min(self.warmup, 100_000) + 1)} | {0, self.skips_at(math.inf)})
         if len(ns) * nb > COUNT_TABLE_MAX:
             ns = [0, self.skips_at(math.inf)]
         self._rows = {n: i for i, n in enumerate(ns)}
