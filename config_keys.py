@@ -2,7 +2,8 @@
 One declaration per config key: its default and type, the value a run or checkpoint from before the key existed
 ran with, and how a resume, a checkpoint loaded elsewhere and compare.py treat it. Every list the tools use is
 derived from the declarations (the model configs' runtime_keys / legacy / device_defaults / shape_keys,
-train_config's TRAIN_DEFAULTS, TYPES, THIS_RUN_KEYS), never written out a second time.
+train_config's TRAIN_DEFAULTS, types_for, with_legacy, and the resume rule in resume_config), never written out a
+second time.
 
 Model keys are dataclass fields of GPTConfig / ASCAConfig declared with key(default, ...); the training loop's keys
 are Key(...) entries of train_config.TRAIN_KEYS.

@@ -49,10 +49,6 @@ TRAIN_KEYS = dict(
     startup_check=Key("auto", resume="this_run", choices=("auto", "on", "off")),
 )
 TRAIN_DEFAULTS = {k: d.default for k, d in TRAIN_KEYS.items()}
-TYPES = {k: d.type for k, d in TRAIN_KEYS.items() if d.type is not None}
-# On resume these come from this command, everything else from the checkpoint unless given as --key=value
-# (plus each model config's device keys, such as ASCA's attn_impl).
-THIS_RUN_KEYS = tuple(k for k, d in TRAIN_KEYS.items() if d.resume == "this_run")
 SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
 
 

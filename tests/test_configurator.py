@@ -100,13 +100,14 @@ def test_include_builds_on_another_file(tmp_path):
 def test_shipped_configs_resolve_and_build(kind, cfg):
     import train_config
     from models import MODELS
-    c = resolve(train_config.defaults_for(kind), [os.path.join(ROOT, "config", cfg)], train_config.TYPES)
+    c = resolve(train_config.defaults_for(kind), [os.path.join(ROOT, "config", cfg)], train_config.types_for(kind))
     if cfg == "train_tiny.py":
         c["sparse_block_size"] = 8
     MODELS[kind].config_cls.from_dict(c).validate()
     twin = {"train_enwik8_novel.py": "train_enwik8.py", "train_excerpt_cpu_novel.py": "train_excerpt_cpu.py",
             "train_enwik8_long_novel.py": "train_enwik8_long.py"}.get(cfg)
     if twin:  # the ASCA configs differ from their baseline twins only in out_dir and ASCA keys
-        b = resolve(train_config.defaults_for("baseline"), [os.path.join(ROOT, "config", twin)], train_config.TYPES)
+        b = resolve(train_config.defaults_for("baseline"), [os.path.join(ROOT, "config", twin)],
+                    train_config.types_for("baseline"))
         shared = {k: v for k, v in c.items() if k in b and k != "out_dir"}
         assert shared == {k: v for k, v in b.items() if k != "out_dir"}
