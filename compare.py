@@ -178,9 +178,11 @@ def finished(d):
         return False
 
 
-def execute(spec, log=print):
-    """Train every (run, seed) not finished yet, one after another; returns the number that failed."""
-    failed = 0
+def execute(spec, log=print, jobs=1):
+    """Train every (run, seed) not finished yet, `jobs` at a time (in the spec's order; with jobs > 1 each run gets
+    OMP_NUM_THREADS = cores // jobs unless it is set: for equal-iteration specs, whose bpc does not depend on
+    speed); returns the number that failed."""
+    failed, todo = 0, []
     for name, script, args, own in spec["runs"]:
         for seed in run_seeds(spec, own):
             d = run_dir(spec["out"], name, seed)
@@ -202,15 +204,34 @@ def execute(spec, log=print):
             resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
             cmd = [sys.executable, os.path.join(ROOT, script), *args, *want["budget"], f"--seed={seed}",
                    f"--out_dir={d}", "--progress=False", *resume]
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, RUN_RECORD), "w") as f:
-                json.dump(want, f)
-            log("compare: " + " ".join(cmd[1:]))
-            with open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "w") as f:
-                rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-            if rc != 0:
-                failed += 1
-                log(f"compare: {name} seed {seed} failed (exit {rc}); see {f.name}")
+            todo.append((name, seed, d, want, cmd))
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    running = []  # (name, seed, process, log file)
+
+    def wait_until_fewer_than(limit):
+        nonlocal failed
+        while len(running) >= limit:
+            for r in [r for r in running if r[2].poll() is not None]:
+                running.remove(r)
+                name, seed, proc, f = r
+                f.close()
+                if proc.returncode != 0:
+                    failed += 1
+                    log(f"compare: {name} seed {seed} failed (exit {proc.returncode}); see {f.name}")
+            if len(running) >= limit:
+                time.sleep(0.5)
+
+    for name, seed, d, want, cmd in todo:
+        wait_until_fewer_than(jobs)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, RUN_RECORD), "w") as f:
+            json.dump(want, f)
+        log("compare: " + " ".join(cmd[1:]))
+        f = open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "w")
+        running.append((name, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env), f))
+    wait_until_fewer_than(1)
     return failed
 
 
@@ -239,6 +260,33 @@ def protocol(run):
 def contended(run):
     load = (run.final or {}).get("other_cpu_load")
     return load is not None and load > CONTENDED_CORES
+
+
+PROBES = ("test_recall", "test_recall_local", "test_recall_oracle", "copy_test")  # issue 32's instruments
+
+
+def probe_table(groups):
+    """The instruments' table, where a run has them: attention recall of its own choice and of the local rule's and
+    the oracle's at the same counts, and the copy test's bpc on copied bytes / the same bytes unplanted per
+    distance bucket (mean over seeds); [] where no run has them."""
+    have = [(name, runs) for name, _, _, runs, _, _ in groups if any(k in r.final for r in runs for k in PROBES)]
+    if not have:
+        return []
+    buckets = next((b for _, runs in have for r in runs if (b := [(x["lo"], x["hi"]) for x in
+                                                                  r.final.get("copy_test", {}).get("buckets", [])])),
+                   [])
+    head = ["run", "recall (own)", "recall (local rule)", "recall (oracle)"] + [f"copy {lo}-{hi}" for lo, hi in buckets]
+    out = ["", "Attention recall (test pass) and the copy test (bpc on copied bytes / the same bytes unplanted, per "
+               "distance in bytes):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in have:
+        cells = [fmt(*mean_sd([r.final.get(k) for r in runs]), ".3f") for k in PROBES[:3]]
+        for lo, hi in buckets:
+            got = [b for r in runs for b in r.final.get("copy_test", {}).get("buckets", [])
+                   if (b["lo"], b["hi"]) == (lo, hi)]
+            copy, plain = (mean_sd([b[k] for b in got])[0] for k in ("bpc_copy", "bpc_plain"))
+            cells.append(f"{copy:.2f} / {plain:.2f}" if got else "n/a")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def report(spec):
@@ -304,6 +352,7 @@ def report(spec):
                      f"{tps} | "
                      f"{fmt(*mean_sd([x.get('test_sparsity', x.get('sparsity')) for x in f]), '.3f')} | "
                      f"{', '.join(f'**{k}**' for k in differs) or '-'} |")
+    lines += probe_table(groups)
     lines += ["", "Protocol of the first run: " + "; ".join(f"{k} {v}" for k, v in ref_protocol.items()) + ".",
               "Test bpc: every byte of the test split scored once (sliding windows, stride eval_stride); tokens/s "
               "excludes evaluation and compile/warm-up; sparsity: measured over the whole test split (older runs: "
@@ -316,7 +365,8 @@ def report(spec):
     summary = {"title": os.path.basename(spec.get("path", "comparison")), "command": f"python3 compare.py "
                f"{spec.get('path', 'SPEC')}", "budget": spec["budget"], "date": time.strftime("%Y-%m-%d"),
                "rows": [{"name": name, "seeds": [r.config.get("seed") for r in runs],
-                         "test_bpc": [r.final.get("test_bpc") for r in runs]}
+                         "test_bpc": [r.final.get("test_bpc") for r in runs],
+                         **{k: [r.final.get(k) for r in runs] for k in PROBES if any(k in r.final for r in runs)}}
                         for name, _, _, runs, _, _ in groups]}
     checkpoint.write_json(summary, os.path.join(spec["out"], "comparison.json"))
     plot(groups, spec["out"])
@@ -352,10 +402,17 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", help="override the spec's SEEDS")
     p.add_argument("--out", help="override the spec's OUT directory")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and plots")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1). Only for equal-iteration "
+                   "specs: side by side, each run's tokens/s (and an equal-wall-clock budget) are not comparable")
     a = p.parse_args(argv)
     try:
         spec = load_spec(a.spec)
         spec["path"] = a.spec
+        if a.jobs < 1:
+            raise CompareError(f"--jobs={a.jobs} must be at least 1")
+        if a.jobs > 1 and "max_time_s" in spec["budget"]:
+            raise CompareError(f"--jobs={a.jobs} runs trained side by side: their speed, and so an equal-wall-clock "
+                               f"budget (this spec's max_time_s), depends on each other; run this spec with --jobs=1")
         if a.seeds:
             spec["seeds"], spec["seeds_overridden"] = check_seeds(a.seeds, "--seeds"), True
         if a.out:
@@ -364,7 +421,7 @@ def main(argv=None):
             raise CompareError(f"OUT {spec['out']} is a file, not a directory; give another --out")
         os.makedirs(spec["out"], exist_ok=True)
         with RunLock(spec["out"], what="--out"):  # two compare.py into one OUT would train every run twice at once
-            failed = 0 if a.report_only else execute(spec)
+            failed = 0 if a.report_only else execute(spec, jobs=a.jobs)
             path = report(spec)
         print(open(path).read())
         print(f"wrote {path} and {os.path.join(spec['out'], 'compare_runs.png')}")

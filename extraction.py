@@ -387,6 +387,70 @@ def kept_blocks_hist_plot(run, path):
     return save(fig, path)
 
 
+def recall_plot(run, path):
+    """Attention recall (issue 32): the share of each query's dense attention mass in its tile's kept blocks, for
+    the run's own choice and for the local rule's and the oracle's at the same counts. Left: over training (val
+    evals); right: per layer and head on the test pass (final.json)."""
+    rows = [r for r in run.metrics if r.get("recall") is not None]
+    final = run.final or {}
+    per = {k: final.get(f"test_{k}_per_head_per_layer") for k in ("recall", "recall_local", "recall_oracle")}
+    if not rows and per["recall"] is None:
+        return None
+    plt = plt_module()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
+    names = {"recall": "own choice", "recall_local": "local rule", "recall_oracle": "oracle"}
+    for key, style in zip(names, ("o-", "s--", "^:")):
+        xs, ys = run.series(key)
+        if xs:
+            ax1.plot(xs, ys, style, ms=3, label=names[key])
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("attention recall (val)")
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=7)
+    if per["recall"] is not None:
+        own = np.array(per["recall"])  # (L, H)
+        L, H = own.shape
+        x = np.arange(L * H)
+        ax2.bar(x, own.flatten(), 0.8, color="C0", alpha=0.6, label=names["recall"])
+        for key, marker in (("recall_local", "s"), ("recall_oracle", "^")):
+            if per[key] is not None:
+                ax2.plot(x, np.array(per[key]).flatten(), marker, color="k" if marker == "s" else "C3", ms=4,
+                         ls="none", label=names[key])
+        ax2.set_xticks(x, [f"L{l}H{h}" for l in range(L) for h in range(H)], fontsize=6, rotation=90)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("attention recall (test)")
+        ax2.legend(fontsize=7)
+    fig.suptitle(f"attention recall: dense attention mass kept, own choice against the local rule and the oracle at "
+                 f"the same counts\n{run.label()}", fontsize=9)
+    fig.subplots_adjust(top=0.82, bottom=0.22)
+    return save(fig, path)
+
+
+def copy_test_axes(ax, run, color, label):
+    """One run's copy test (final.json) on ax: bpc on copied bytes (solid) and the same bytes unplanted (dashed)
+    per distance bucket; False if the run has none."""
+    ct = (run.final or {}).get("copy_test")
+    if not ct:
+        return False
+    mid = [(b["lo"] + b["hi"]) / 2 for b in ct["buckets"]]
+    ax.plot(mid, [b["bpc_copy"] for b in ct["buckets"]], "o-", color=color, label=f"{label}: copied bytes")
+    ax.plot(mid, [b["bpc_plain"] for b in ct["buckets"]], "x--", color=color, alpha=0.6, label=f"{label}: unplanted")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"distance from the source (bytes; {ct['copy_len']}-byte copies, first {ct['skip']} not scored)")
+    ax.set_ylabel("bits per byte")
+    return True
+
+
+def copy_test_plot(run, path):
+    fig, ax = plt_module().subplots(figsize=(6, 3.6))
+    if not copy_test_axes(ax, run, "C0", "this run"):
+        plt_module().close(fig)
+        return None
+    ax.legend(fontsize=7)
+    ax.set_title(f"long-range copy test (test split)\n{run.label()}", fontsize=8)
+    return save(fig, path)
+
+
 def bpc_plot(run, path):
     plt = plt_module()
     if not run.metrics:
@@ -449,6 +513,14 @@ def comparison(runs, out_dir):
             ax.plot(*run.series("sparsity"), "o-", ms=3, label=run.label())
         written.append(finish_over_iterations(fig, ax, os.path.join(out_dir, "compare_sparsity.png"),
                                               "pair sparsity", "sparsity over training", (0, 1)))
+    copies = [r for r in runs if (r.final or {}).get("copy_test")]
+    if copies:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, run in enumerate(copies):
+            copy_test_axes(ax, run, f"C{i % 10}", run.label())
+        ax.legend(fontsize=6)
+        ax.set_title("long-range copy test per run (test split)", fontsize=8)
+        written.append(save(fig, os.path.join(out_dir, "compare_copy_test.png")))
     written.append(comparison_table(runs, os.path.join(out_dir, "comparison.md")))
     return written
 
@@ -519,13 +591,14 @@ def process(run, args):
                 raise ExtractError(f"--layer {layer} --head {args.head} out of range ({L} layers, {H} heads)")
             written.append(chars_plot(run, ex, os.path.join(run.plots, "attention_chars.png"), args.chars_len,
                                       layer, args.head))
-    for fn, name in ((bpc_plot, "bpc.png"), (throughput_plot, "throughput.png")):
+    for fn, name in ((bpc_plot, "bpc.png"), (throughput_plot, "throughput.png"), (copy_test_plot, "copy_test.png")):
         written.append(fn(run, os.path.join(run.plots, name)))
     if run.kind == "asca":
         written.append(per_head_sparsity_plot(run, ex, os.path.join(run.plots, "sparsity_per_head.png")))
         written.append(sparsity_training_plot(run, os.path.join(run.plots, "sparsity_training.png")))
         written.append(head_budget_plot(run, os.path.join(run.plots, "sparsity_per_head_training.png")))
         written.append(kept_blocks_hist_plot(run, os.path.join(run.plots, "kept_blocks_hist.png")))
+        written.append(recall_plot(run, os.path.join(run.plots, "recall.png")))
     return [w for w in written if w]
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 import config_keys
+import evaluate
 import trackers
 from asca_selector import SELECTORS
 from config_keys import Key
@@ -25,6 +26,10 @@ TRAIN_KEYS = dict(
     # does the model depend on its own selector's choices? '' = its own
     eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS)),
     final_test=Key(True),
+    # issue 32's long-range copy test (evaluate.copy_test): with the final test (and --eval_only), bpc on copy_len-byte
+    # copies planted in this many test windows per distance bucket, next to the same bytes unplanted; 0 = off
+    copy_test_windows=Key(0, resume="this_run", compared=False), copy_len=Key(64),
+    copy_augment=Key(0.0),  # the fraction of training windows with such a copy planted (retrieval to learn)
     eval_stride=Key(None, type=int),  # test stride; None = block_size // 2
     progress=Key(True, resume="this_run", compared=False),  # tqdm bar
     # optional live trackers (trackers.py; each needs its package): every metrics row, as it is written
@@ -131,6 +136,14 @@ def finalize_config(cfg, kind, rt):
                                  f"blocks: add --eval_only=True --init_from=resume")
         _check("selector" in MODELS[kind].defaults(), f"--eval_selector swaps an ASCA model's block choice; this "
                                                       f"is a {kind!r} run (dense attention keeps every block): drop it")
+    _check(math.isfinite(cfg["copy_augment"]) and 0 <= cfg["copy_augment"] <= 1,
+           f"copy_augment={cfg['copy_augment']} is the fraction of training windows with a planted copy: use a "
+           f"number in [0, 1] (0 = off)")
+    _check(cfg["copy_test_windows"] >= 0, f"copy_test_windows={cfg['copy_test_windows']} must be >= 0 (0 = no copy "
+                                          f"test)")
+    if cfg["copy_augment"] > 0 or cfg["copy_test_windows"] > 0:
+        why = evaluate.check_copy_len(cfg["copy_len"], cfg["block_size"])
+        _check(why is None, why)
     lr = cfg["learning_rate"]
     _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
     if cfg["min_lr"] is None:

@@ -294,6 +294,7 @@ class Trainer:
 
     def batch(self):
         x, y = self.ds.get_batch("train", self.cfg["batch_size"], self.cfg["block_size"], self.gen)
+        x, y = evaluate.plant_copies(x, y, self.cfg["copy_augment"], self.cfg["copy_len"], self.gen)
         if self.rt.device_type == "cuda":
             x, y = (t.pin_memory().to(self.rt.device, non_blocking=True) for t in (x, y))
         return x, y
@@ -358,6 +359,18 @@ class Trainer:
         if into is not None:
             into.update({f"test_{k}": v for k, v in measured.items()})
         return bpc, n
+
+    def copy_test(self, into):
+        """The long-range copy test (evaluate.copy_test) on the test split, into into["copy_test"], if asked for."""
+        cfg = self.cfg
+        if cfg["copy_test_windows"] <= 0:
+            return
+        r = into["copy_test"] = evaluate.copy_test(self.model, self.ds.splits["test"], cfg["block_size"],
+                                                   cfg["copy_len"], cfg["copy_test_windows"], cfg["batch_size"],
+                                                   self.rt.device, self.rt.ctx)
+        self.say(f"copy test ({r['windows']} windows, {cfg['copy_len']}-byte copies), bpc on copied bytes / the same "
+                 f"bytes unplanted, per distance: " + ", ".join(f"{b['lo']}-{b['hi']}: {b['bpc_copy']:.2f}/"
+                                                                 f"{b['bpc_plain']:.2f}" for b in r["buckets"]))
 
     def save(self, best=False):
         """ckpt.pt (and best.pt) atomically, from finite weights only: a NaN never replaces a good file."""
@@ -433,6 +446,7 @@ class Trainer:
         if cfg["final_test"]:
             t0 = time.time()
             final["test_bpc"], final["test_bytes_scored"] = self.test_bpc(into=final)
+            self.copy_test(into=final)  # the final weights', before best.pt may replace them
             if c.best_iter not in (-1, c.iter_num) and os.path.exists(self.best_path):
                 best = checkpoint.load(self.best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
                 if best["iter_num"] == c.best_iter:
@@ -467,6 +481,7 @@ class Trainer:
         val = self.val_bpc()
         measured = {}
         test, n = self.test_bpc(into=measured)
+        self.copy_test(into=measured)
         out = {**measured, "iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
                "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env(),

@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     for script, name, extra in (("baseline_model.py", "base", []), ("novel_model.py", "asca", ASCA_ARGS),
                                 ("novel_model.py", "adaptive", ASCA_ARGS + ["--budget=adaptive"])):
         r = run_script(script, TINY, f"--data_dir={data}", f"--out_dir={root / name}", "--max_iters=12",
-                       "--eval_interval=4", *extra)
+                       "--eval_interval=4", "--copy_test_windows=2", "--copy_len=16", *extra)
         assert r.returncode == 0, r.stderr
     return root
 
@@ -68,10 +68,12 @@ def test_extraction_arrays_plots_and_comparison(runs):
     for name in ("attention.png", "attention_chars.png", "bpc.png", "throughput.png"):
         check_png(base / "plots" / name)
         check_png(asca / "plots" / name)
-    for name in ("keep_masks.png", "sparsity_per_head.png", "sparsity_training.png"):
+    for name in ("keep_masks.png", "sparsity_per_head.png", "sparsity_training.png", "recall.png",
+                 "copy_test.png"):
         check_png(asca / "plots" / name)
-    assert not (base / "plots" / "keep_masks.png").exists()
-    for name in ("compare_val_bpc.png", "compare_sparsity.png"):
+    check_png(base / "plots" / "copy_test.png")
+    assert not (base / "plots" / "keep_masks.png").exists() and not (base / "plots" / "recall.png").exists()
+    for name in ("compare_val_bpc.png", "compare_sparsity.png", "compare_copy_test.png"):
         check_png(base / "plots" / name)
 
     table = (base / "plots" / "comparison.md").read_text()

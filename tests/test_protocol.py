@@ -143,3 +143,48 @@ def test_compare_rows_may_name_their_own_seeds(tmp_path, capsys):
     assert "run 'a'" in err and "repeat" in err and err.count("\n") == 1
     long = compare.load_spec(os.path.join(os.path.dirname(compare.__file__), "compare", "cpu_long.py"))
     assert {r[0]: compare.run_seeds(long, r[3]) for r in long["runs"]}["learned_0.875"] == [1337, 1338]
+
+
+def test_compare_jobs_runs_side_by_side_and_scores_the_same(tmp_path, data_dir, monkeypatch):
+    """--jobs=2 trains two runs at once and gives every run the test bpc it gets one at a time (equal iterations do
+    not depend on speed; one thread each, so the float sums are the same)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    finals = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        spec = write_spec(tmp_path / f"spec{jobs}.py", data_dir, out)
+        assert compare.main([spec, f"--jobs={jobs}"]) == 0
+        finals[jobs] = {(n, s): json.load(open(out / f"{n}_s{s}" / "final.json"))["test_bpc"]
+                        for n in ("dense", "sparse") for s in (1, 2)}
+    assert finals[1] == finals[2]
+
+
+def test_compare_jobs_keeps_at_most_that_many_running(tmp_path, monkeypatch):
+    """The scheduler alone, with fake processes: never more than --jobs at once, every run started, a failure
+    counted; an equal-wall-clock spec refuses --jobs > 1 in one line."""
+    live, most, started = [], [0], []
+
+    class FakeRun:
+        def __init__(self, cmd, **kw):
+            self.polls, self.returncode, self.name = 0, None, next(a for a in cmd if a.startswith("--out_dir="))
+            live.append(self)
+            started.append(self.name)
+            most[0] = max(most[0], len(live))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 3 and self.returncode is None:
+                self.returncode = 1 if self.name.endswith("b_s2") else 0
+                live.remove(self)
+            return self.returncode
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(compare.time, "sleep", lambda s: None)
+    spec = tmp_path / "s.py"
+    spec.write_text(f"RUNS = [('a', 'baseline_model.py', []), ('b', 'novel_model.py', [])]\n"
+                    f"BUDGET = {{'max_iters': 1}}\nSEEDS = [1, 2, 3]\nOUT = '{tmp_path / 'o'}'\n")
+    s = compare.load_spec(str(spec))
+    assert compare.execute(s, log=lambda m: None, jobs=2) == 1
+    assert most[0] == 2 and len(started) == 6 and not live
+    spec.write_text("RUNS = [('a', 'baseline_model.py', [])]\nBUDGET = {'max_time_s': 60}\n")
+    assert compare.main([str(spec), "--jobs=2"]) == 1

@@ -1,0 +1,25 @@
+# Issue 32 at longer context: T=2048, S=64, target sparsity 0.875 (32 blocks; a tile keeps its own block, the
+# nearest one and up to 3 more), 400 iterations of 4096 bytes at EQUAL ITERATIONS on a 2-core CPU (the runs may
+# share it: OMP_NUM_THREADS=1, two at a time). Dense at T=2048, the learned choice, and every rule at the same
+# counts: the nearest blocks, the oracle (the ceiling: an analysis control that saves nothing), the pooled mean-key
+# gate and random blocks. Every run ends with the long-range copy test (32 test windows per distance bucket;
+# evaluate.copy_test), and each ASCA run logs the attention recall of its own choice and of the local rule's and
+# the oracle's at the same counts.
+#   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_ceiling_2048.py
+COMMON = ["--data_dir=data/excerpt", "--block_size=2048", "--batch_size=2", "--warmup_iters=30",
+          "--eval_interval=100", "--eval_iters=16", "--eval_stride=1024", "--copy_test_windows=32"]
+DENSE = ["config/train_excerpt_cpu.py"] + COMMON
+ASCA = ["config/train_excerpt_cpu_novel.py"] + COMMON + [
+    "--sparse_block_size=64", "--target_sparsity=0.875", "--sparsity_warmup_iters=100", "--budget=fixed",
+    "--gate_input=rotated"]
+RUNS = [
+    ("dense", "baseline_model.py", DENSE),
+    ("learned", "novel_model.py", ASCA + ["--selector=learned"], [1337, 1338]),
+    ("local", "novel_model.py", ASCA + ["--selector=local"], [1337, 1338]),
+    ("oracle", "novel_model.py", ASCA + ["--selector=oracle"], [1337, 1338]),
+    ("pooled", "novel_model.py", ASCA + ["--selector=pooled"]),
+    ("random", "novel_model.py", ASCA + ["--selector=random"]),
+]
+BUDGET = {"max_iters": 400}
+SEEDS = [1337]
+OUT = "out/compare_cpu_ceiling_2048"
