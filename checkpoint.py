@@ -343,3 +343,69 @@ def model_from_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({first_line(e)})") from None
     model.set_step(schedule_position(ckpt))
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- init_from=PATH (issue 33)
+# the keys that give a dense GPT's weights their meaning (block_size aside: rotary positions carry to any T), and
+# those that give an ASCA predictor's: a new run starting from a checkpoint must match them
+WARM_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_encoding", "rope_base", "qk_norm", "mlp_act",
+             "tie_embeddings")
+PREDICTOR_KEYS = ("sparse_block_size", "gate_dim", "gate_dist_bias", "gate_input", "compressed_branch")
+
+
+def warm_start(model, cfg, kind, path):
+    """--init_from=PATH: a new run whose model starts from another run's weights, as nanoGPT's init_from (the
+    optimizer, schedule and data stream start afresh). A dense checkpoint may start an ASCA model: its attention
+    is the dense one, and what ASCA adds (the predictor) keeps its fresh initialisation. Rotary positions serve any
+    block_size; a learned position table serves at most its own (a shorter run uses its first rows). An ASCA
+    predictor is sized for its number of key blocks, so an ASCA checkpoint starts ASCA at its own block_size only.
+    Everything else that differs is a one-line CheckpointError. Returns what was done, in words."""
+    ckpt = load(path, require=MODEL_KEYS)
+    src = model_kind(ckpt, path)
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: model_args or model is not a dict; the file is damaged")
+    args = config_keys.with_legacy(dict(ckpt["model_args"]), src.config_cls.declarations())
+    check_model_args(args, src, path, ckpt["model"])
+    both_asca = ckpt["model_kind"] == kind == "asca"
+    keys = WARM_KEYS + (PREDICTOR_KEYS if both_asca else ())
+    diff = [f"{k}={args.get(k)!r} (this run: {cfg[k]!r})" for k in keys if k in cfg and args.get(k) != cfg[k]]
+    if diff:
+        raise CheckpointError(f"--init_from={path} holds another architecture: {', '.join(diff)}; give this run the "
+                              f"checkpoint's values")
+    T0, T = args["block_size"], cfg["block_size"]
+    weights, own = dict(ckpt["model"]), model.state_dict()
+    notes = []
+    if "transformer.wpe.weight" in own:
+        if T > T0:
+            raise CheckpointError(f"{path} has learned positions for block_size={T0}, not this run's {T}: a position "
+                                  f"table cannot be extended faithfully; train at block_size <= {T0}, or start from "
+                                  f"a pos_encoding=rope model")
+        if T < T0:
+            weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]
+            notes.append(f"the first {T} of its {T0} learned positions")
+    if both_asca and T != T0:
+        S = args["sparse_block_size"]
+        raise CheckpointError(f"{path}'s ASCA predictor is sized for {T0 // S} key blocks (block_size={T0}), this "
+                              f"run has {T // S}: continue it at block_size={T0}, or start ASCA from a dense "
+                              f"checkpoint (its predictor starts fresh)")
+    with torch.device("meta"):  # the dense model's names, to tell what ASCA adds
+        dense = set(MODELS["baseline"].build({**cfg, "block_size": T}).state_dict())
+    added = [k for k in own if k not in dense]  # ASCA's own (the predictor): fresh unless the source has it
+    fresh = [k for k in own if k not in weights]
+    dropped = [k for k in weights if k not in own]
+    wrong = [k for k in fresh if k not in added] + [k for k in dropped if k in dense or k in own]
+    wrong += [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"--init_from={path}: its weights do not fit this run's model ({', '.join(wrong[:3])}); "
+                              f"start from a checkpoint of the same architecture")
+    for k in fresh:
+        weights[k] = own[k]
+    for k in dropped:
+        del weights[k]
+    model.load_state_dict(weights)
+    if fresh:
+        notes.append(f"{len(fresh)} fresh tensors ({'the predictor' if all(k in added for k in fresh) else 'new'})")
+    if dropped:
+        notes.append(f"{len(dropped)} of its tensors dropped (its predictor)")
+    return (f"weights from {path} ({ckpt['model_kind']}, iter {ckpt.get('iter_num', '?')}, block_size {T0})"
+            + (": " + ", ".join(notes) if notes else "") + "; a fresh optimizer, schedule and data stream")

@@ -4,6 +4,7 @@ resumed run takes from its checkpoint and what from the command line, and the st
 impossible setting into one line naming the key and a fix.
 """
 import math
+import os
 
 import torch
 
@@ -20,7 +21,9 @@ from runtime import TrainError, free_memory_bytes
 TRAIN_KEYS = dict(
     # I/O
     out_dir=Key("out/run", resume="this_run", compared=False), data_dir=Key("data/enwik8"),
-    init_from=Key("scratch", resume="this_run", compared=False),  # 'scratch' or 'resume'
+    # 'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights (issue 33;
+    # checkpoint.warm_start: fresh optimizer and schedule, the same or a longer block_size, dense into ASCA)
+    init_from=Key("scratch", resume="this_run", compared=False),
     eval_interval=Key(500), log_interval=Key(10), eval_iters=Key(20), eval_only=Key(False, resume="this_run"),
     # with eval_only, an ASCA checkpoint scored with another choice of blocks at the same counts (a mask swap):
     # does the model depend on its own selector's choices? '' = its own
@@ -128,7 +131,13 @@ def finalize_config(cfg, kind, rt):
     except ValueError as e:
         raise TrainError(str(e)) from None
     _check(cfg["out_dir"].strip() != "", "out_dir is empty; give a directory such as --out_dir=out/run")
-    _check(cfg["init_from"] in ("scratch", "resume"), f"init_from={cfg['init_from']!r} must be 'scratch' or 'resume'")
+    init = cfg["init_from"]
+    _check(init in ("scratch", "resume") or os.path.isfile(init),
+           f"init_from={init!r} must be 'scratch', 'resume' or a checkpoint file to start a new run from (such as "
+           f"out/RUN/ckpt.pt); there is no file {init}")
+    _check(init in ("scratch", "resume") or not cfg["eval_only"],
+           f"--eval_only=True evaluates this out_dir's checkpoint (--init_from=resume); to score {init} at another "
+           f"block_size, start a run from it with --max_iters=0")
     _check(not cfg["eval_only"] or cfg["init_from"] == "resume",
            "--eval_only=True evaluates a checkpoint: add --init_from=resume")
     if cfg["eval_selector"]:

@@ -99,6 +99,11 @@ class Trainer:
         self.build(build_model)
         if ckpt is not None:
             self.resume(ckpt)
+        elif starts_from_checkpoint(cfg):  # init_from=PATH: another run's weights, all else fresh
+            try:
+                self.say("init_from: " + checkpoint.warm_start(self.model, cfg, kind, cfg["init_from"]))
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
 
     # --- build and resume
     def build(self, build_model):
@@ -531,15 +536,21 @@ def main(argv, kind, build_model=None):
         return 130
 
 
+def starts_from_checkpoint(cfg):
+    """init_from=PATH (not 'scratch' or 'resume'): a new run from another run's weights."""
+    return cfg["init_from"] not in ("scratch", "resume")
+
+
 def run(cfg, kind, explicit=(), build_model=None):
     rt = Runtime(cfg)
     out_dir = cfg["out_dir"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
-    if cfg["init_from"] == "scratch":
+    new_run = cfg["init_from"] != "resume"  # from scratch or from another run's weights
+    if new_run:
         finalize_config(cfg, kind, rt)  # a bad setting is named before out_dir is created
     lock = contextlib.nullcontext()
-    if rt.master and (cfg["init_from"] == "scratch" or os.path.isdir(out_dir)):
+    if rt.master and (new_run or os.path.isdir(out_dir)):
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
