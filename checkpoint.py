@@ -56,6 +56,21 @@ def append_jsonl(row, path):
         f.write(json.dumps(row) + "\n")
 
 
+def read_jsonl(path):
+    """The JSON object rows of a metrics.jsonl ([] if there is none; a line that is not one is skipped)."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
 def drop_rows_after(path, iter_num):
     """Rewrite metrics.jsonl (atomically) without the rows past `iter_num`, the checkpoint a run resumes from: a row
     is written before its checkpoint, so a stop between the two leaves a row the resumed run writes again. Returns

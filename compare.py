@@ -10,9 +10,11 @@ the difference to the first run.
 A spec file is Python (like config files) assigning:
     RUNS = [("name", "novel_model.py", ["config/X.py", "--key=value", ...]), ...]  # the first is the reference
     #        a 4th element, a list of seeds, runs that row on those seeds only (SEEDS for the others)
-    BUDGET = {"max_time_s": 150}   or   {"max_iters": 1000}  # --key=value added to every run
+    BUDGET = {"max_time_s": 150}   or   {"max_iters": 1000}  # --key=value added to every run (unless it sets it)
     SEEDS = [1337, 1338]
     OUT = "out/compare_cpu_budget"                            # runs go to OUT/NAME_sSEED, the table to OUT
+An argument may name an earlier row's checkpoint of the same seed as {run:NAME}, e.g. "--init_from={run:short}"
+(a run that starts from another's weights, issue 33): that row finishes first, whatever --jobs.
 Finished runs (final.json present) are not run again, interrupted ones resume, so re-running the command
 continues where it stopped. Each run directory keeps the command it was run with (compare_run.json): a
 finished run whose command differs from the spec now is flagged, never silently counted as the new one
@@ -26,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,6 +69,13 @@ def load_spec(path):
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise CompareError(f"{path}: run names must differ, got {names}")
+    for i, r in enumerate(runs):
+        for dep in depends_on(r[2]):
+            if dep not in names[:i]:
+                raise CompareError(f"{path}: run {r[0]!r} names {{run:{dep}}}, which is not a row before it; "
+                                   f"list {dep!r} first")
+            if run_seeds({"seeds": seeds}, r[3]) != run_seeds({"seeds": seeds}, runs[names.index(dep)][3]):
+                raise CompareError(f"{path}: run {r[0]!r} starts from {dep!r}, so both need the same seeds")
     for name in names:
         if not name or name.startswith(".") or not all(ch.isalnum() or ch in "._-" for ch in name):
             raise CompareError(f"{path}: run name {name!r} must be letters, digits, '.', '_' or '-' (it names a "
@@ -77,6 +87,19 @@ def load_spec(path):
         raise CompareError(f"{path}: OUT must be a directory name such as 'out/compare_x', got {out!r}")
     return {"runs": runs, "budget": budget, "seeds": seeds,
             "out": os.path.join(ROOT, out)}  # a spec's OUT, like its configs and data, is under the repository
+
+
+RUN_REF = re.compile(r"\{run:([A-Za-z0-9._-]+)\}")
+
+
+def depends_on(args):
+    """The rows whose checkpoints these arguments name ({run:NAME})."""
+    return [m for a in args for m in RUN_REF.findall(a)]
+
+
+def with_run_paths(args, out, seed):
+    """args with each {run:NAME} replaced by that row's ckpt.pt for this seed."""
+    return [RUN_REF.sub(lambda m: os.path.join(run_dir(out, m.group(1), seed), "ckpt.pt"), a) for a in args]
 
 
 def run_seeds(spec, own):
@@ -103,9 +126,11 @@ RUN_RECORD = "compare_run.json"  # in each run directory: the command it was run
 
 
 def run_command(spec, script, args, seed):
-    """What one (run, seed) is, as stored with it: the script, its arguments, the budget and the seed."""
-    return {"script": script, "args": list(args), "budget": [f"--{k}={v}" for k, v in spec["budget"].items()],
-            "seed": seed}
+    """What one (run, seed) is, as stored with it: the script, its arguments, the budget (less the keys its
+    arguments set: a row may have its own, such as the pre-training row of compare/cpu_extend.py) and the seed."""
+    own = {a[2:].split("=", 1)[0] for a in args if a.startswith("--") and "=" in a}
+    return {"script": script, "args": list(args),
+            "budget": [f"--{k}={v}" for k, v in spec["budget"].items() if k not in own], "seed": seed}
 
 
 def stored_command(d):
@@ -202,9 +227,9 @@ def execute(spec, log=print, jobs=1):
                     failed += 1
                     continue
             resume = ["--init_from=resume"] if os.path.exists(os.path.join(d, "ckpt.pt")) else []
-            cmd = [sys.executable, os.path.join(ROOT, script), *args, *want["budget"], f"--seed={seed}",
-                   f"--out_dir={d}", "--progress=False", *resume]
-            todo.append((name, seed, d, want, cmd))
+            cmd = [sys.executable, os.path.join(ROOT, script), *with_run_paths(args, spec["out"], seed),
+                   *want["budget"], f"--seed={seed}", f"--out_dir={d}", "--progress=False", *resume]
+            todo.append((name, seed, d, want, cmd, depends_on(args)))
     env = dict(os.environ)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -223,8 +248,10 @@ def execute(spec, log=print, jobs=1):
             if len(running) >= limit:
                 time.sleep(0.5)
 
-    for name, seed, d, want, cmd in todo:
+    for name, seed, d, want, cmd, deps in todo:
         wait_until_fewer_than(jobs)
+        while any(r[0] in deps and r[1] == seed for r in running):  # a run starting from another's checkpoint
+            wait_until_fewer_than(len(running))
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, RUN_RECORD), "w") as f:
             json.dump(want, f)

@@ -29,6 +29,9 @@ TRAIN_KEYS = dict(
     # does the model depend on its own selector's choices? '' = its own
     eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS)),
     final_test=Key(True),
+    # iterations at which the test split is scored during training too (a comma list, e.g. '500,1000'; issue 33:
+    # does a gap move with more steps?), into that iteration's metrics row and final.json's test_bpc_at_iter
+    test_iters=Key("", type=str, compared=False),
     # issue 32's long-range copy test (evaluate.copy_test): with the final test (and --eval_only), bpc on copy_len-byte
     # copies planted in this many test windows per distance bucket, next to the same bytes unplanted; 0 = off
     copy_test_windows=Key(0, resume="this_run", compared=False), copy_len=Key(64),
@@ -153,6 +156,12 @@ def finalize_config(cfg, kind, rt):
     if cfg["copy_augment"] > 0 or cfg["copy_test_windows"] > 0:
         why = evaluate.check_copy_len(cfg["copy_len"], cfg["block_size"])
         _check(why is None, why)
+    try:
+        its = [int(x) for x in str(cfg["test_iters"]).split(",") if x.strip()]
+    except ValueError:
+        its = None
+    _check(its is not None and all(i >= 1 for i in its),
+           f"test_iters={cfg['test_iters']!r} must be a comma list of iterations >= 1, such as '500,1000'")
     lr = cfg["learning_rate"]
     _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
     if cfg["min_lr"] is None:

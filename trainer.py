@@ -121,6 +121,7 @@ class Trainer:
         self.fwd, self.ddp, self.train_fwd = wrap_for_training(
             self.model, rt.compile, rt.ddp, [rt.local_rank] if rt.device_type == "cuda" else None)
         self.tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+        self.test_iters = parse_iters(cfg["test_iters"])
         self.grad_accum = cfg["gradient_accumulation_steps"] // rt.world_size
 
     def resume(self, ckpt):
@@ -186,8 +187,9 @@ class Trainer:
                 time_up = cfg["max_time_s"] > 0 and c.train_time >= cfg["max_time_s"]
                 done = c.iter_num >= cfg["max_iters"] or rt.any_rank(time_up)
                 resumed_here = c.iter_num == self.start_iter > 0  # already evaluated before the checkpoint
-                if done or (c.iter_num % cfg["eval_interval"] == 0 and not resumed_here):
-                    self.evaluate_and_save(lr)
+                test_now = c.iter_num in self.test_iters and not done  # the final test covers the last iteration
+                if done or ((c.iter_num % cfg["eval_interval"] == 0 or test_now) and not resumed_here):
+                    self.evaluate_and_save(lr, test=test_now)
                 if done:
                     break
                 self.train_step()
@@ -226,7 +228,9 @@ class Trainer:
         self.model.update_budgets(rt.mean_over_ranks)  # controller state moves between steps only
         self.account(t0)
 
-    def evaluate_and_save(self, lr):
+    def evaluate_and_save(self, lr, test=False):
+        """Val bpc, a metrics row and a checkpoint; test=True (an iteration of test_iters): the test split's bpc too,
+        in the same row."""
         rt, c = self.rt, self.c
         t0 = time.time()
         self.check_finite(f"before iter {c.iter_num}")
@@ -237,6 +241,8 @@ class Trainer:
             if improved:
                 c.best_val, c.best_iter = val, c.iter_num
             row = self.metrics_row(lr, val)
+            if test:
+                row["test_bpc"], row["test_bytes_scored"] = self.test_bpc()
             append_jsonl(row, os.path.join(self.out_dir, "metrics.jsonl"))
             self.trackers.log(row)  # the same row, as it is written
             if self.bar is not None:
@@ -448,6 +454,11 @@ class Trainer:
                                                                 for p in self.model.parameters())))
         if not rt.master:
             return 0
+        earlier = {str(r["iter"]): r["test_bpc"] for r in checkpoint.read_jsonl(os.path.join(self.out_dir,
+                                                                                           "metrics.jsonl"))
+                   if r.get("test_bpc") is not None}
+        if earlier:  # test_iters: the test split scored during training, by iteration
+            final["test_bpc_at_iter"] = earlier
         if cfg["final_test"]:
             t0 = time.time()
             final["test_bpc"], final["test_bytes_scored"] = self.test_bpc(into=final)
@@ -534,6 +545,11 @@ def main(argv, kind, build_model=None):
         print(f"error: interrupted; {cfg['out_dir']}/ckpt.pt holds the last checkpoint: continue with "
               f"--init_from=resume, or test it with --eval_only=True --init_from=resume", file=sys.stderr)
         return 130
+
+
+def parse_iters(text):
+    """test_iters' comma list of iterations, as a set of ints (the config check has named any bad entry)."""
+    return {int(x) for x in str(text).split(",") if x.strip()}
 
 
 def starts_from_checkpoint(cfg):

@@ -125,3 +125,29 @@ def test_a_checkpoint_that_cannot_start_the_run_is_one_line(sources, data_dir, t
     assert train_in_process(module, common + args) == 1
     assert needle in one_line(capsys.readouterr().err)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_test_iters_scores_the_test_split_during_training(tmp_path, data_dir, capsys):
+    """test_iters=2,4: the test split's bpc in iteration 2's metrics row and in final.json, equal to the final test of
+    a run stopped at 2 on the same schedule; the test does not move the training (the last iteration scores what a
+    run without it scores, through a run started from its checkpoint); a bad list is one line."""
+    out = tmp_path / "run"
+    common = [f"--data_dir={data_dir}", "--eval_interval=4"]
+    assert train_in_process(baseline_model, common + [f"--out_dir={out}", "--max_iters=4", "--final_test=False"]) == 0
+    at4 = tmp_path / "at4"
+    assert train_in_process(baseline_model, common + [f"--out_dir={at4}", f"--init_from={out / 'ckpt.pt'}",
+                                                      "--max_iters=0"]) == 0
+    longer = tmp_path / "longer"
+    assert train_in_process(baseline_model, common + [f"--out_dir={longer}", "--max_iters=4", "--test_iters=2,4",
+                                                      "--eval_interval=10"]) == 0
+    rows = {r["iter"]: r for r in map(json.loads, open(longer / "metrics.jsonl"))}
+    at2 = tmp_path / "at2"
+    assert train_in_process(baseline_model, common + [f"--out_dir={at2}", "--max_iters=2", "--lr_decay_iters=4"]) == 0
+    assert rows[2]["test_bpc"] == json.load(open(at2 / "final.json"))["test_bpc"]
+    final = json.load(open(longer / "final.json"))
+    assert set(rows) == {0, 2, 4} and "test_bpc" in rows[2] and "test_bpc" not in rows[4]  # 4: the final test
+    assert final["test_bpc_at_iter"] == {"2": rows[2]["test_bpc"]}
+    assert final["test_bpc"] == json.load(open(at4 / "final.json"))["test_bpc"]
+    capsys.readouterr()
+    assert train_in_process(baseline_model, common + [f"--out_dir={tmp_path / 'bad'}", "--test_iters=5,x"]) == 1
+    assert "test_iters='5,x' must be a comma list" in one_line(capsys.readouterr().err)

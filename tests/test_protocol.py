@@ -188,3 +188,51 @@ def test_compare_jobs_keeps_at_most_that_many_running(tmp_path, monkeypatch):
     assert most[0] == 2 and len(started) == 6 and not live
     spec.write_text("RUNS = [('a', 'baseline_model.py', [])]\nBUDGET = {'max_time_s': 60}\n")
     assert compare.main([str(spec), "--jobs=2"]) == 1
+
+
+def test_compare_starts_a_run_from_an_earlier_rows_checkpoint_after_it(tmp_path, monkeypatch, capsys):
+    """{run:NAME} in a row's arguments is NAME's ckpt.pt of the same seed, and with --jobs that row starts only once
+    NAME's run of that seed has finished; a later or unknown row, or other seeds, are one-line spec errors. A row
+    that sets a budget key itself keeps its own value."""
+    events, live = [], []
+
+    class FakeRun:
+        def __init__(self, cmd, **kw):
+            self.cmd, self.polls, self.returncode = cmd, 0, None
+            self.out = next(a for a in cmd if a.startswith("--out_dir="))[len("--out_dir="):]
+            events.append(("start", os.path.basename(self.out)))
+            live.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 4 and self.returncode is None:
+                self.returncode = 0
+                live.remove(self)
+                events.append(("end", os.path.basename(self.out)))
+            return self.returncode
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(compare.time, "sleep", lambda s: None)
+    spec = tmp_path / "s.py"
+    out = tmp_path / "o"
+    spec.write_text(f"RUNS = [('short', 'baseline_model.py', ['--max_iters=3']), ('long', 'novel_model.py', "
+                    f"['--init_from={{run:short}}'])]\nBUDGET = {{'max_iters': 1}}\nSEEDS = [1, 2]\nOUT = '{out}'\n")
+    s = compare.load_spec(str(spec))
+    started = []
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or FakeRun(cmd, **kw))
+    assert compare.execute(s, log=lambda m: None, jobs=2) == 0
+    for seed in (1, 2):
+        assert events.index(("end", f"short_s{seed}")) < events.index(("start", f"long_s{seed}"))
+        cmd = next(c for c in started if f"--out_dir={out / f'long_s{seed}'}" in c)
+        assert f"--init_from={out / f'short_s{seed}' / 'ckpt.pt'}" in cmd and "--max_iters=1" in cmd
+        short = next(c for c in started if f"--out_dir={out / f'short_s{seed}'}" in c)
+        assert [a for a in short if a.startswith("--max_iters")] == ["--max_iters=3"]  # a row's own budget wins
+    assert events[:2] == [("start", "short_s1"), ("start", "short_s2")]  # independent runs still go side by side
+    for text, needle in (("[('a', 'baseline_model.py', ['--init_from={run:b}']), ('b', 'baseline_model.py', [])]",
+                          "names {run:b}, which is not a row before it"),
+                         ("[('a', 'baseline_model.py', [], [1]), ('b', 'baseline_model.py', ['--init_from={run:a}'])]",
+                          "both need the same seeds")):
+        spec.write_text(f"RUNS = {text}\nBUDGET = {{'max_iters': 1}}\nSEEDS = [3]\n")
+        capsys.readouterr()
+        assert compare.main([str(spec)]) == 1
+        assert needle in capsys.readouterr().err
