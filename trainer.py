@@ -361,12 +361,28 @@ class Trainer:
         """Bits per byte on the fixed val windows; what the model measured over all of them (ASCA: the
         sparsity, which varies with content) is kept in self.val_measured."""
         bpc, self.val_measured = evaluate.val_bpc(self.model, self.fwd, self.ds, self.cfg, self.rt.device, self.rt.ctx)
+        self.val_measured.update(self.recall_sample("val", self.val_measured))
         return bpc
+
+    def recall_sample(self, split, measured):
+        """A compiled evaluation measures no attention recall (it is computed outside the graph): the uncompiled
+        model then measures it on a fixed sample, the split's first batch of evenly spaced windows. {} where the
+        evaluation measured it, or the model has none (dense)."""
+        if self.fwd is self.model or "recall" in measured or not any(
+                hasattr(a, "selector") for a in self.model.attention_modules()):
+            return {}
+        cfg = self.cfg
+        starts = self.ds.val_windows(cfg["block_size"], cfg["batch_size"], split=split)
+        _, m = evaluate.tallied(self.model, lambda after: evaluate.eval_windows(
+            self.model, self.ds.splits[split], starts, cfg["block_size"], cfg["batch_size"], self.rt.device,
+            self.rt.ctx, after_forward=after))
+        return {k: v for k, v in m.items() if k.startswith("recall")}
 
     def test_bpc(self, into=None):
         """(bpc, bytes scored) on the test split; into: a dict that gets what the model measured over the
         whole split as test_KEY (ASCA: test_sparsity, per head, kept-block histograms; it varies with content)."""
         bpc, n, measured = evaluate.test_bpc(self.model, self.fwd, self.ds, self.cfg, self.rt.device, self.rt.ctx)
+        measured.update(self.recall_sample("test", measured))
         if into is not None:
             into.update({f"test_{k}": v for k, v in measured.items()})
         return bpc, n

@@ -3,6 +3,7 @@ new uniform draw each forward, 'pooled' the blocks whose mean key the tile's fir
 the blocks that query's dense attention puts the most mass on; all at the learned selector's budget, without a
 gate bias, causal in train and eval mode, on the reference and gather paths; cached decoding refuses them in one
 line. Attention recall (the dense mass a choice keeps) against a per-query loop; the mask swap at evaluation."""
+import contextlib
 import json
 import math
 
@@ -216,3 +217,29 @@ def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={dense}", "--init_from=resume",
                                              "--eval_only=True", "--eval_selector=local"]) == 1
     assert "dense attention keeps every block" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_measures_recall_on_a_fixed_uncompiled_sample(tmp_path, data_dir):
+    """Issue 32, item 3: a compiled evaluation computes no recall inside its graph, so the trainer measures it with
+    the uncompiled model on the split's first batch of evenly spaced windows: the metrics row and final.json hold
+    what the checkpoint's model measures on those windows, computed here again."""
+    import evaluate
+    import novel_model
+    from checkpoint import model_from_checkpoint
+    from helpers import train_in_process
+    from prepare_dataset import ByteDataset
+    out = tmp_path / "c"
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--compile=True",
+                                          "--max_iters=2", "--eval_interval=2", "--sparse_block_size=8",
+                                          "--target_sparsity=0.5", "--sparsity_warmup_iters=0"]) == 0
+    row = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
+    final = json.load(open(out / "final.json"))
+    model, _ = model_from_checkpoint(str(out / "ckpt.pt"))
+    ds = ByteDataset(data_dir)
+    for split, got in (("val", row), ("test", {k[5:]: v for k, v in final.items() if k.startswith("test_")})):
+        starts = ds.val_windows(64, 4, split=split)
+        _, want = evaluate.tallied(model, lambda after: evaluate.eval_windows(
+            model, ds.splits[split], starts, 64, 4, "cpu", contextlib.nullcontext(), after_forward=after))
+        for key in ("recall", "recall_local", "recall_oracle"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (split, key)
