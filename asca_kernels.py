@@ -74,44 +74,80 @@ def tile_groups(nb, groups=GATHER_GROUPS):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GATHER_GROUPS):
+GATHER_KERNELS = ("auto", "sdpa", "block")
+GATHER_KERNEL = "block"  # attend_gather's kernel when none is named (tests and the benchmark set it); 'block' until
+#                          the benchmark measures 'sdpa' alone (issue 34)
+NEG_BIAS = -1e4  # a padding slot's bias on the SDPA kernel: exp() gives 0, and no infinity meets a 0 in the backward
+
+
+def sdpa_block_attention(q, k, v, slot_bias, S, scale):
+    """_BlockAttention's function on PyTorch's fused flash kernel (issue 34): softmax(q k^T * scale + bias) v with
+    the tile's own block (slot 0, keys 0..S-1) causal, q (N, S, hs), k, v (N, L, hs), slot_bias (N, L // S) finite
+    (NEG_BIAS on padding). The flash kernel takes no mask gradient, so the bias rides in the dot product: each query
+    gets a last coordinate 1 and each key its slot's bias / scale, and q.k then carries the bias and its gradient.
+    Inputs are 4-D (N, 1, ., hs + 1): the CPU flash kernel is only taken for 4-D q, k, v (sdp_utils.h,
+    check_tensor_shapes); 3-D ones silently get the unfused math path."""
+    N, L, hs = k.shape
+    qa = torch.cat([q, q.new_ones(N, S, 1)], dim=-1)
+    kb = (slot_bias / scale).to(k.dtype).repeat_interleave(S, dim=-1)[..., None]  # (N, L, 1)
+    ka = torch.cat([k, kb], dim=-1)
+    va = F.pad(v, (0, 1))  # the flash kernel wants one head dim for q, k and v
+    allowed = torch.ones(S, L, dtype=torch.bool, device=q.device)
+    allowed[:, :S] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    y = F.scaled_dot_product_attention(qa[:, None], ka[:, None], va[:, None], attn_mask=allowed, scale=scale)
+    return y[:, 0, :, :hs]
+
+
+def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GATHER_GROUPS, kernel=None):
     """ASCA attention over the kept blocks only.
 
     q, k, v: (B, nh, T, hs), T = nb * S (padded to whole blocks). order: (B, nh, nb, nb) int64, per tile its
     own block first, then the sink, then past blocks by score (Selection.order). n_past: (nb,) or
     (B, nh, nb) past blocks each tile keeps. gate_bias: (B, nh, nb, nb), logsigmoid(score) on kept past
-    blocks. Returns (B, nh, T, hs).
+    blocks. kernel: 'sdpa' (the fused flash kernel, sdpa_block_attention), 'block' (_BlockAttention, written
+    out) or 'auto' (sdpa on a CPU, block elsewhere); with dropout, SDPA's math path. Returns (B, nh, T, hs).
     """
     B, H, T, hs = q.shape
     nb = T // S
     dt = q.dtype
+    kernel = kernel or GATHER_KERNEL
+    if kernel not in GATHER_KERNELS:
+        raise ValueError(f"gather kernel {kernel!r} must be one of {', '.join(GATHER_KERNELS)}")
+    if kernel == "auto":
+        kernel = "sdpa" if q.device.type == "cpu" else "block"
     n_past = n_past.expand(B, H, nb) if n_past.dim() == 1 else n_past  # (B, nh, nb)
-    qb, kb, vb = (t.view(B, H, nb, S, hs) for t in (q, k, v))
+    qb = q.reshape(B, H, nb, S, hs)
+    # each (sequence, head, block) one row of S * hs: a tile's blocks come with one index_select of whole rows (its
+    # backward adds rows back), not an element-wise gather with an index as large as the gathered keys
+    k_rows, v_rows = (t.reshape(B * H * nb, S * hs) for t in (k, v))
+    base = (torch.arange(B * H, device=q.device) * nb).view(B, H, 1, 1)
     outs = []
     for t0, t1 in tile_groups(nb, groups):
         n = t1 - t0
+        M = B * H * n
         K = int(n_past[..., t0:t1].max())  # the group's largest count of kept past blocks (a host sync)
         # slot 0: the tile's own block (order puts it first), slots 1..K: its kept past blocks, best first,
-        # padded to K with -inf; one gather brings their keys and values next to the tile's queries
+        # padded to K; their keys and values come next to the tile's queries
         idx = order[:, :, t0:t1, :K + 1]  # (B, nh, n, K + 1)
-        flat = idx.reshape(B, H, n * (K + 1), 1, 1).expand(B, H, n * (K + 1), S, hs)
-        keys = torch.gather(kb, 2, flat).view(B, H, n, (K + 1) * S, hs)
-        vals = torch.gather(vb, 2, flat).view(B, H, n, (K + 1) * S, hs)
+        rows = (idx + base).reshape(-1)
+        keys = k_rows.index_select(0, rows).view(M, (K + 1) * S, hs)
+        vals = v_rows.index_select(0, rows).view(M, (K + 1) * S, hs)
         valid = torch.arange(K + 1, device=q.device) <= n_past[..., t0:t1, None]  # (B, nh, n, K + 1)
         slot_bias = torch.gather(gate_bias[:, :, t0:t1], 3, idx).to(dt)  # 0 on the own block by construction
+        queries = qb[:, :, t0:t1].reshape(M, S, hs)
+        if dropout_p == 0 and kernel == "sdpa":
+            slot_bias = slot_bias.masked_fill(~valid, NEG_BIAS)
+            outs.append(sdpa_block_attention(queries, keys, vals, slot_bias.reshape(M, K + 1), S, hs ** -0.5))
+            continue
         slot_bias = slot_bias.masked_fill(~valid, float("-inf"))  # (B, nh, n, K + 1)
         own = torch.zeros(S, (K + 1) * S, dtype=dt, device=q.device)  # the own block (slot 0) causal
         own[:, :S].masked_fill_(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         if dropout_p > 0:  # SDPA's math path draws the dropout
-            mask = slot_bias.repeat_interleave(S, dim=-1)[:, :, :, None, :] + own  # (B, nh, n, S, (K + 1) * S)
-            outs.append(F.scaled_dot_product_attention(qb[:, :, t0:t1], keys, vals, attn_mask=mask,
-                                                       dropout_p=dropout_p))
+            mask = slot_bias.reshape(M, K + 1).repeat_interleave(S, dim=-1)[:, None, :] + own  # (M, S, (K + 1) * S)
+            outs.append(F.scaled_dot_product_attention(queries, keys, vals, attn_mask=mask, dropout_p=dropout_p))
             continue
-        M = B * H * n
-        y = _BlockAttention.apply(qb[:, :, t0:t1].reshape(M, S, hs), keys.reshape(M, (K + 1) * S, hs),
-                                  vals.reshape(M, (K + 1) * S, hs), slot_bias.reshape(M, K + 1), own, hs ** -0.5, S)
-        outs.append(y.view(B, H, n, S, hs))
-    return torch.cat(outs, dim=2).reshape(B, H, T, hs)
+        outs.append(_BlockAttention.apply(queries, keys, vals, slot_bias.reshape(M, K + 1), own, hs ** -0.5, S))
+    return torch.cat([o.view(B, H, -1, S, hs) for o in outs], dim=2).reshape(B, H, T, hs)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -1,7 +1,9 @@
 """
 CPU benchmark of ASCA's gather path (asca_kernels.attend_gather) against dense causal SDPA, in one run:
   attention: one layer's forward + backward, B=1, 4 heads, head dim 64 (ASCA: predictor, selection and the
-             gather kernel, the whole attend(); dense: F.scaled_dot_product_attention(is_causal=True));
+             gather kernel, the whole attend(), with each gather kernel: 'sdpa', the fused flash kernel, and
+             'block', the written-out one before issue 34; dense: F.scaled_dot_product_attention(is_causal=True));
+  forward:   the same, forward only (no grad), plus compiled FlexAttention's forward (inductor's CPU template);
   step:      a whole training step (forward, backward, AdamW) of the default CPU model (4 layers, n_embd 256,
              4 heads, rotary, QK-norm, relu2), B * T = 8192 bytes, dense GPT against ASCA on the gather path.
 Rows print as they are measured; the table (markdown) prints last and goes to --out if given.
@@ -25,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import gpt  # noqa: E402
 import asca  # noqa: E402
+import asca_kernels  # noqa: E402
 
 
 def median_ms(fn, iters):
@@ -37,26 +40,65 @@ def median_ms(fn, iters):
     return statistics.median(times)
 
 
+def reachable(T, S):
+    """The largest target sparsity ASCA's defaults reach at T, S (the own and forced blocks are always kept)."""
+    d = asca.ASCAConfig()
+    return asca.max_sparsity(T, S, d.keep_first_block, d.local_blocks)
+
+
 def block_for(T):
-    return 64 if T <= 4096 else 128  # S: the issue's grid (S=64 up to 4096, S=128 at 8192)
+    # S: the issue's grid (S=64 up to 4096, S=128 at 8192); the main job's T=256 and cpu_quality's T=512 use 32
+    return 32 if T <= 512 else 64 if T <= 4096 else 128
 
 
-def attention_rows(T, sparsities, iters):
+REFERENCE_MAX_T = 4096  # the reference path's (T x T) rows up to this T (at 8192 a layer holds GBs)
+KERNELS = ("sdpa", "block")  # issue 34's fused kernel and the written-out one before it
+default_kernel = asca_kernels.GATHER_KERNEL
+
+
+def asca_layer(T, S, H, hs, s, impl="gather"):
+    cfg = asca.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=s,
+                          sparsity_warmup_iters=0, attn_impl=impl, pos_encoding="learned")
+    return asca.AdaptiveSparseCausalSelfAttention(cfg)
+
+
+def attention_rows(T, sparsities, iters, forward_only=False):
+    """One layer's attend(), forward + backward (or forward only, no grad), against dense causal SDPA."""
     H, hs, S = 4, 64, block_for(T)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H, T, hs, generator=g).requires_grad_(True) for _ in range(3))
+    q, k, v = (torch.randn(1, H, T, hs, generator=g).requires_grad_(not forward_only) for _ in range(3))
     grad = torch.randn(1, H, T, hs, generator=g)
-    dense = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), iters)
-    yield ("attention", T, S, "dense", None, dense, 1.0)
+    kind = "forward" if forward_only else "attention"
+
+    def timed(fn):
+        if forward_only:
+            with torch.no_grad():
+                return median_ms(fn, iters)
+        return median_ms(lambda: fn().backward(grad), iters)
+
+    dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    yield (kind, T, S, "dense", None, dense, 1.0)
     for s in sparsities:
-        if s > asca.max_sparsity(T, S, True) + 1e-9:
+        if s > reachable(T, S) + 1e-9:
             continue
-        cfg = asca.ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=s,
-                                     sparsity_warmup_iters=0, attn_impl="gather", pos_encoding="learned")
-        a = asca.AdaptiveSparseCausalSelfAttention(cfg)
-        ms = median_ms(lambda: a.attend(q, k, v).backward(grad), iters)
-        measured = a.diagnostics()["sparsity"]
-        yield ("attention", T, S, "asca gather", measured, ms, ms / dense)
+        for kernel in KERNELS:
+            asca_kernels.GATHER_KERNEL = kernel
+            a = asca_layer(T, S, H, hs, s)
+            ms = timed(lambda: a.attend(q, k, v))
+            yield (kind, T, S, f"asca gather ({kernel})", a.diagnostics()["sparsity"], ms, ms / dense)
+        asca_kernels.GATHER_KERNEL = default_kernel
+        if T <= REFERENCE_MAX_T:  # the T x T definition: what attn_impl='auto' chooses against
+            a = asca_layer(T, S, H, hs, s, impl="reference")
+            ms = timed(lambda: a.attend(q, k, v))
+            yield (kind, T, S, "asca reference", a.diagnostics()["sparsity"], ms, ms / dense)
+        if forward_only:  # inductor's CPU flex template skips blocks in the forward (it has no CPU backward)
+            a = asca_layer(T, S, H, hs, s, impl="flex")
+            try:
+                ms = timed(lambda: a.attend(q, k, v))
+            except Exception as e:  # a torch without the CPU template: say so in the row, not a traceback
+                print(f"flex (compiled, CPU) forward failed at T={T}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            yield (kind, T, S, "asca flex (compiled)", a.diagnostics()["sparsity"], ms, ms / dense)
 
 
 def step_rows(T, sparsities, iters, tokens):
@@ -80,19 +122,28 @@ def step_rows(T, sparsities, iters, tokens):
     dense, _ = timed(gpt.make_model(**common))
     yield ("step", T, S, "dense", None, dense, 1.0)
     for s in sparsities:
-        if s > asca.max_sparsity(T, S, True) + 1e-9:
+        if s > reachable(T, S) + 1e-9:
             continue
-        torch.manual_seed(0)
-        ms, m = timed(asca.make_model(**common, sparse_block_size=S, target_sparsity=s,
-                                             sparsity_warmup_iters=0, attn_impl="gather"))
-        yield ("step", T, S, "asca gather", m.diagnostics()["sparsity"], ms, ms / dense)
+        for kernel in KERNELS:
+            asca_kernels.GATHER_KERNEL = kernel
+            torch.manual_seed(0)
+            ms, m = timed(asca.make_model(**common, sparse_block_size=S, target_sparsity=s,
+                                          sparsity_warmup_iters=0, attn_impl="gather"))
+            yield ("step", T, S, f"asca gather ({kernel})", m.diagnostics()["sparsity"], ms, ms / dense)
+        asca_kernels.GATHER_KERNEL = default_kernel
+        if T <= REFERENCE_MAX_T:
+            torch.manual_seed(0)
+            ms, m = timed(asca.make_model(**common, sparse_block_size=S, target_sparsity=s,
+                                          sparsity_warmup_iters=0, attn_impl="reference"))
+            yield ("step", T, S, "asca reference", m.diagnostics()["sparsity"], ms, ms / dense)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.875])
-    p.add_argument("--rows", nargs="+", default=["attention", "step"], choices=("attention", "step"))
+    p.add_argument("--rows", nargs="+", default=["attention", "forward", "step"],
+                   choices=("attention", "forward", "step"))
     p.add_argument("--tokens", type=int, default=8192, help="B * T of the whole-step rows")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -104,8 +155,8 @@ def main(argv=None):
     lines = ["| rows | T | S | path | measured sparsity | ms | x dense |", "|---|---|---|---|---|---|---|"]
     for T in a.seq:
         for kind in a.rows:
-            rows = (attention_rows(T, a.sparsity, a.iters) if kind == "attention"
-                    else step_rows(T, a.sparsity, a.iters, a.tokens))
+            rows = (step_rows(T, a.sparsity, a.iters, a.tokens) if kind == "step"
+                    else attention_rows(T, a.sparsity, a.iters, forward_only=kind == "forward"))
             for kind_, T_, S, path, sp, ms, rel in rows:
                 line = (f"| {kind_} | {T_} | {S} | {path} | {'-' if sp is None else f'{sp:.3f}'} | {ms:,.1f} | "
                         f"{rel:.2f} |")

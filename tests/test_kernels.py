@@ -37,9 +37,16 @@ def run(a, impl, q, k, v, w):
     return y.detach(), grads, a.last_selection
 
 
+@pytest.fixture(params=["sdpa", "block"])
+def gather_kernel(request, monkeypatch):
+    """Each gather kernel in turn (issue 34: the fused SDPA one, the default on a CPU, and the written-out one)."""
+    monkeypatch.setattr(asca_kernels, "GATHER_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", ["fixed", "fixed_no_sink", "adaptive", "adaptive_head", "odd_length", "rope_S16"])
-def test_gather_equals_reference_outputs_and_gradients(dtype, case):
+def test_gather_equals_reference_outputs_and_gradients(dtype, case, gather_kernel):
     opts = {"fixed": {}, "fixed_no_sink": dict(keep_first=False), "adaptive": dict(budget="adaptive"),
             "adaptive_head": dict(budget="adaptive", budget_scope="head"), "odd_length": dict(target=0.6),
             "rope_S16": dict(S=16, pos_encoding="rope", target=0.5)}[case]
@@ -62,7 +69,7 @@ def test_gather_equals_reference_outputs_and_gradients(dtype, case):
         assert got.abs().max() > 0 and (got - want).abs().max().item() < tol_g * max(1.0, want.abs().max().item())
 
 
-def test_a_skipped_block_is_never_read():
+def test_a_skipped_block_is_never_read(gather_kernel):
     """NaN in every key and value of the blocks a tile skips leaves the gather path's output unchanged; the same
     NaN in a kept block poisons it (so the check can fail), as it poisons the reference, which reads all."""
     a = module(T=64, S=8, target=0.75, pos_encoding="learned", dtype=torch.float64)
@@ -365,3 +372,34 @@ def test_flex_backward_problem_follows_inductor_default_tiles(monkeypatch):
     assert nm.flex_backward_problem(64, 64, torch.float32) is None  # fp32 tiles are 16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: 64-tiles at head dim 64
     assert nm.flex_backward_problem(64, 64, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sdpa_gather_kernel_runs_on_the_fused_flash_kernel(dtype):
+    """Issue 34: sdpa_kernel(FLASH_ATTENTION) makes a fall-back to the unfused math path an error, so this pins the
+    path; forward and backward (the gate bias's gradient included) equal the written-out kernel's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator().manual_seed(0)
+    N, S, K, hs = 6, 8, 3, 16
+    q, k, v = (torch.randn(N, n, hs, generator=g).to(dtype).requires_grad_(True) for n in (S, (K + 1) * S, (K + 1) * S))
+    bias = torch.nn.functional.logsigmoid(torch.randn(N, K + 1, generator=g)).to(dtype)
+    bias[:, 0] = 0
+    bias[0, -1] = asca_kernels.NEG_BIAS  # a padding slot
+    bias.requires_grad_(True)
+    w = torch.randn(N, S, hs, generator=g).to(dtype)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        y = asca_kernels.sdpa_block_attention(q, k, v, bias, S, hs ** -0.5)
+        (y * w).sum().backward()
+    got = [y.detach(), q.grad, k.grad, v.grad, bias.grad]
+    for t in (q, k, v, bias):
+        t.grad = None
+    own = torch.zeros(S, (K + 1) * S, dtype=dtype)
+    own[:, :S].masked_fill_(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    ref_bias = bias.detach().masked_fill(bias.detach() <= asca_kernels.NEG_BIAS, float("-inf")).requires_grad_(True)
+    y2 = asca_kernels._BlockAttention.apply(q, k, v, ref_bias, own, hs ** -0.5, S)
+    (y2 * w).sum().backward()
+    want = [y2.detach(), q.grad, k.grad, v.grad, ref_bias.grad]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, want):
+        assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
+    assert got[4][:, 1:3].abs().max() > 0 and got[4][0, -1] == 0  # the bias learns; padding gets no gradient
