@@ -299,9 +299,8 @@ def probe_table(groups):
     have = [(name, runs) for name, _, _, runs, _, _ in groups if any(k in r.final for r in runs for k in PROBES)]
     if not have:
         return []
-    buckets = next((b for _, runs in have for r in runs if (b := [(x["lo"], x["hi"]) for x in
-                                                                  r.final.get("copy_test", {}).get("buckets", [])])),
-                   [])
+    buckets = sorted({(x["lo"], x["hi"]) for _, runs in have for r in runs  # every run's (copy lengths may differ)
+                      for x in r.final.get("copy_test", {}).get("buckets", [])})
     head = ["run", "recall (own)", "recall (local rule)", "recall (oracle)"] + [f"copy {lo}-{hi}" for lo, hi in buckets]
     out = ["", "Attention recall (test pass) and the copy test (bpc on copied bytes / the same bytes unplanted, per "
                "distance in bytes):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -236,3 +236,27 @@ def test_compare_starts_a_run_from_an_earlier_rows_checkpoint_after_it(tmp_path,
         capsys.readouterr()
         assert compare.main([str(spec)]) == 1
         assert needle in capsys.readouterr().err
+
+
+def test_the_instruments_table_holds_recall_and_every_copy_bucket():
+    """compare.py's second table: the mean recall of each choice over seeds, and the copy test's copied / unplanted
+    bpc per distance bucket, over the union of the runs' buckets (runs with another copy length have others)."""
+    from types import SimpleNamespace as NS
+
+    def run(recall, buckets):
+        final = {"test_recall": recall, "test_recall_local": recall - 0.1, "test_recall_oracle": recall + 0.1,
+                 "copy_test": {"buckets": [{"lo": lo, "hi": hi, "bpc_copy": c, "bpc_plain": u}
+                                           for lo, hi, c, u in buckets]}}
+        return NS(final=final)
+
+    groups = [("dense", "", [], [NS(final={"test_bpc": 2.0})], [], 1),
+              ("a", "", [], [run(0.5, [(64, 127, 1.0, 2.0)]), run(0.7, [(64, 127, 2.0, 2.0)])], [], 2),
+              ("b", "", [], [run(0.4, [(256, 511, 0.5, 2.5)])], [], 1)]
+    lines = compare.probe_table(groups)
+    head = next(l for l in lines if l.startswith("| run |"))
+    assert head.endswith("| copy 64-127 | copy 256-511 |")
+    a = next(l for l in lines if l.startswith("| a |"))
+    assert "| 0.600 ± 0.141 | 0.500 ± 0.141 | 0.700 ± 0.141 | 1.50 / 2.00 | n/a |" in a
+    assert next(l for l in lines if l.startswith("| b |")).endswith("| n/a | 0.50 / 2.50 |")
+    assert not any(l.startswith("| dense |") for l in lines)  # no instruments, no row
+    assert compare.probe_table(groups[:1]) == []
