@@ -146,8 +146,12 @@ def main(argv=None):
                    choices=("attention", "forward", "step"))
     p.add_argument("--tokens", type=int, default=8192, help="B * T of the whole-step rows")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--reference_max_t", type=int, default=REFERENCE_MAX_T,
+                   help=f"reference rows up to this T (default {REFERENCE_MAX_T})")
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args(argv)
+    global REFERENCE_MAX_T
+    REFERENCE_MAX_T = a.reference_max_t
     head = (f"CPU gather benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, fp32, median of {a.iters} after 1 warm-up; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
