@@ -75,8 +75,8 @@ def tile_groups(nb, groups=GATHER_GROUPS):
 
 
 GATHER_KERNELS = ("auto", "sdpa", "block")
-GATHER_KERNEL = "block"  # attend_gather's kernel when none is named (tests and the benchmark set it); 'block' until
-#                          the benchmark measures 'sdpa' alone (issue 34)
+GATHER_KERNEL = "block"  # attend_gather's kernel when none is named (tests and the benchmark set it): 'block', faster
+#                          than 'sdpa' alone on the CPU (docs/results/gather_cpu.md, 2026-12-04)
 NEG_BIAS = -1e4  # a padding slot's bias on the SDPA kernel: exp() gives 0, and no infinity meets a 0 in the backward
 
 
