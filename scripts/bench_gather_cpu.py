@@ -150,8 +150,7 @@ def main(argv=None):
                    help=f"reference rows up to this T (default {REFERENCE_MAX_T})")
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args(argv)
-    global REFERENCE_MAX_T
-    REFERENCE_MAX_T = a.reference_max_t
+    globals()["REFERENCE_MAX_T"] = a.reference_max_t  # read by attention_rows and step_rows
     head = (f"CPU gather benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, fp32, median of {a.iters} after 1 warm-up; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
