@@ -72,8 +72,9 @@ def test_the_emulation_gives_cudas_dtypes(rms_fp32):
 
 # ----------------------------------------------------------------------------- item 1: kernels under CUDA's policy
 
+@pytest.mark.parametrize("kernel", ["block", "sdpa"])  # issue 34's fused kernel (off by default) too
 @pytest.mark.parametrize("qk_dtype", [torch.bfloat16, torch.float32])
-def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtype):
+def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtype, kernel):
     """Under CUDA's autocast the softmax inside the gather kernel is float32 and the incoming gradient bf16: its
     backward raised 'expected m1 and m2 to have the same dtype' (the first CUDA step of every ASCA run). q and k
     arrive in float32 where rms_norm is on CUDA's float32 list (torch 2.13), v in bf16. Outputs and every gradient
@@ -87,7 +88,7 @@ def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtyp
     sel = a.selector.plan(q.detach().float(), k.detach().float()).detach()
     bias = sel.gate_bias.clone().requires_grad_(True)  # a leaf: the gate bias's gradient (the predictor's) is checked
     with cuda_autocast_on_cpu():
-        y = attend_gather(q, k, v, sel.order, sel.n_past, bias, 16)
+        y = attend_gather(q, k, v, sel.order, sel.n_past, bias, 16, kernel=kernel)
     (y.float() * w).sum().backward()
     assert y.dtype == torch.bfloat16
     assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (qk_dtype, qk_dtype, torch.bfloat16)
