@@ -257,6 +257,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # docs/results/cpu_architecture.md), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
+        self.caches_raw_keys = not self.gate_rotated  # decoding: the cache keeps what the predictor reads
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the selector had its own module (2026-12-01) hold attn.predictor.* and
@@ -391,29 +392,35 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         L, S = q.shape[2], self.S
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
 
+    def block_means(self, lc, b):
+        """(B, nh, b, hs): the mean key (as the predictor reads it) of each of the first b blocks in the cache. A
+        block is complete once, so its mean is kept (lc.block_means) and each tile averages only the blocks that
+        completed since the last: re-averaging the whole cache at every tile read all of it."""
+        S = self.S
+        keys = lc.k if self.gate_rotated else lc.k_raw
+        B, H, _, hs = keys.shape
+        have = 0 if lc.block_means is None else lc.block_means.shape[2]
+        if have < b:
+            new = keys[:, :, have * S:b * S].reshape(B, H, b - have, S, hs).mean(dim=3)
+            lc.block_means = new if have == 0 else torch.cat([lc.block_means, new], dim=2)
+        return lc.block_means[:, :, :b] if b else keys.new_zeros(B, H, 0, hs)
+
     def choose_tile(self, lc, b, q_first):
-        """Tile b's TileState, chosen by the training forward's own selection from the tile's first query
-        q_first (B, nh, hs) and the b complete blocks before it (m: the largest count over heads; a head that
-        keeps fewer has -inf on the rest)."""
+        """Tile b's TileState, chosen as the training forward's selection would from the tile's first query
+        q_first (B, nh, hs) and the b complete blocks before it (selector.choose_row: that row only; m the largest
+        count over heads, a head that keeps fewer has -inf on the rest)."""
         S, sl = self.S, self.selector
         B, H, _, hs = lc.k.shape
-        keys = lc.k if self.gate_rotated else lc.k_raw
-        kb = keys[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3)  # (B, nh, b, hs): as the forward's
-        row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))  # (B, nh, 1, b)
-        scores = row.new_zeros(B, H, b + 1, b + 1)  # rows < b are never read for tile b: rank() ranks per row
-        scores[:, :, b, :b] = row[:, :, 0]
-        sel = sl.selection(scores, *sl.rank(scores), (b + 1) * S)
-        n = sel.n_past[..., b]  # (B, nh): each head its own count, padded to the largest
-        blocks = sel.order[:, :, b, 1:1 + int(n.max())]  # (B, nh, m): the order starts with the own block
+        kb = self.block_means(lc, b)  # (B, nh, b, hs): as the forward's
+        row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))[:, :, 0]  # (B, nh, b)
+        blocks, n, bias = sl.choose_row(row, b)  # (B, nh, m), (B, nh), (B, nh, m)
         m = blocks.shape[-1]
-        bias = sel.gate_bias[:, :, b].gather(-1, blocks)  # (B, nh, m)
-        unused = torch.arange(m, device=blocks.device) >= n[..., None]  # beyond a head's count
-        bias = bias.masked_fill(unused, float("-inf"))  # -inf: a padded block gets no probability
-        bi = torch.arange(B, device=blocks.device)[:, None, None]
-        hi = torch.arange(H, device=blocks.device)[None, :, None]
         k_buf, v_buf = lc.k.new_empty(B, H, m * S + S, hs), lc.v.new_empty(B, H, m * S + S, hs)
-        for buf, src in ((k_buf, lc.k), (v_buf, lc.v)):  # whole blocks: (B, nh, m, S, hs) by block index
-            buf[:, :, :m * S] = src[:, :, :b * S].reshape(B, H, b, S, hs)[bi, hi, blocks].reshape(B, H, m * S, hs)
+        if m:
+            bi = torch.arange(B, device=blocks.device)[:, None, None]
+            hi = torch.arange(H, device=blocks.device)[None, :, None]
+            for buf, src in ((k_buf, lc.k), (v_buf, lc.v)):  # whole blocks: (B, nh, m, S, hs) by block index
+                buf[:, :, :m * S] = src[:, :, :b * S].reshape(B, H, b, S, hs)[bi, hi, blocks].reshape(B, H, m * S, hs)
         have = lc.len - b * S  # the tile's bytes already cached (a prefill that ended inside it)
         k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
         mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)

@@ -370,6 +370,29 @@ class BlockSelector(nn.Module):
         zero = torch.zeros((), dtype=acc, device=scores.device)
         return torch.where(selected & past, F.logsigmoid(scores.to(acc)), zero)
 
+    def choose_row(self, row, b):
+        """Tile b's choice from its scores row (B, nh, b) over the b blocks before it, as rank() and gate_bias()
+        make it in a forward of b + 1 blocks, computed for that row only (decoding chooses one tile at a time; the
+        full (b+1, b+1) ranking cost more than the step's attention at 8k). Returns (blocks, n, bias): blocks
+        (B, nh, m) the kept past blocks in rank order (the forced ones first), n (B, nh) each head's count, m the
+        largest, and bias (B, nh, m) the gate bias of each, -inf beyond a head's count (a padded slot)."""
+        nb = b + 1
+        forced = self.forced(nb, row.device)[b, :b]  # (b,)
+        prio = row.detach().float().masked_fill(forced, torch.finfo(torch.float32).max)  # as order_by's row b
+        order = torch.argsort(prio, dim=-1, descending=True, stable=True)  # (B, nh, b)
+        acc = torch.promote_types(row.dtype, torch.float32)
+        if self.adaptive:  # as counts(): forced blocks plus candidates above the threshold
+            above = (row.detach().to(acc) > self.threshold.to(acc)[:, None]) & self.candidates(nb, row.device)[b, :b]
+            n = above.sum(-1) + forced.sum()
+        else:
+            n = self.n_keep[b].expand(row.shape[:2])
+        m = int(n.max()) if n.numel() else 0
+        blocks = order[..., :m]
+        bias = (F.logsigmoid(row.to(acc)).gather(-1, blocks) if self.rule == "learned"
+                else torch.zeros(blocks.shape, dtype=acc, device=row.device))
+        unused = torch.arange(m, device=row.device) >= n[..., None]
+        return blocks, n, bias.masked_fill(unused, float("-inf"))
+
     def selection(self, scores, order, n_past, seq_len):
         selected = self.block_selection(order, n_past)
         return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected), seq_len)

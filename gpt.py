@@ -136,12 +136,15 @@ class CausalSelfAttention(nn.Module):
 
     def qkv(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]
-        if self.qk_norm:  # no gain: the norm bounds the logits, the projections learn the scale
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        return q, k, v
+        hs = C // self.n_head
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)  # (B, T, 3, nh, hs): q, k, v side by side
+        if self.qk_norm:  # no gain: the norm bounds the logits, the projections learn the scale. One call for q and
+            # k together (the same rows, bit for bit): half the small ops of a decoding step
+            q, k = F.rms_norm(qkv[:, :, :2], (hs,)).unbind(2)
+            v = qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)
+        return [t.transpose(1, 2) for t in (q, k, v)]  # (B, nh, T, hs) each
 
     def position(self, q, k, offset=0):
         """q and k with rotary positions applied (unchanged with learned positions)."""
@@ -159,6 +162,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     # --- decoding with a KV cache (sample.py): the same function as forward, one new byte at a time
+    caches_raw_keys = False  # the cache keeps keys before rotation too (ASCA's predictor may read those)
+
     @torch.no_grad()
     def forward_cached(self, x, lc, pos0):
         """Output for x (B, t, C) at positions pos0.. given the earlier ones in lc (a LayerCache), which
@@ -166,7 +171,7 @@ class CausalSelfAttention(nn.Module):
         B, t, C = x.shape
         q, k, v = self.qkv(x)
         qr, kr = self.position(q, k, pos0)
-        lc.append(kr, v, k)
+        lc.append(kr, v, k if self.caches_raw_keys else None)
         y = self.attend(q, k, v) if pos0 == 0 else self.attend_step(q, qr, lc, pos0)
         if pos0 == 0:
             self.after_prefill(q, qr, lc)
@@ -229,8 +234,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class LayerCache:
-    """One layer's decoding state: keys as the attention uses them (rotated), values, keys before rotation
-    (what ASCA's predictor averages per block), and per-tile state an attention may keep (`tile`).
+    """One layer's decoding state: keys as the attention uses them (rotated), values, keys before rotation where
+    the attention asks for them (caches_raw_keys: ASCA's predictor with gate_input='unrotated' averages those per
+    block), and state an attention may keep (`tile`, `block_means`).
 
     The buffers are allocated once for `capacity` positions and written in place: growing them with
     torch.cat copied the whole cache every step, which cost more than the attention itself at 8k."""
@@ -238,23 +244,30 @@ class LayerCache:
     def __init__(self, capacity):
         self.capacity, self.len = capacity, 0
         self._k = self._v = self._k_raw = None  # (B, nh, capacity, hs)
-        self.tile = None
+        self.tile = None  # an attention's state for the tile in progress (ASCA: its kept blocks)
+        self.block_means = None  # an attention's per-block summaries of complete blocks (ASCA: mean keys)
 
-    def append(self, k, v, k_raw):
+    def append(self, k, v, k_raw=None):
+        """Write t new positions: k, v (B, nh, t, hs), and k_raw where the attention reads keys before rotation."""
         if self._k is None:
             B, H, _, hs = k.shape
-            self._k, self._v, self._k_raw = (k.new_empty(B, H, self.capacity, hs) for _ in range(3))
+            self._k, self._v = (k.new_empty(B, H, self.capacity, hs) for _ in range(2))
+            if k_raw is not None:
+                self._k_raw = k.new_empty(B, H, self.capacity, hs)
         t = k.shape[2]
         if self.len + t > self.capacity:
             raise ValueError(f"the cache holds {self.len} positions; {t} more exceed its capacity {self.capacity}")
+        if (k_raw is None) != (self._k_raw is None):
+            raise ValueError("LayerCache.append: pass k_raw at every call or at none")
         for buf, new in ((self._k, k), (self._v, v), (self._k_raw, k_raw)):
-            buf[:, :, self.len:self.len + t] = new
+            if buf is not None:
+                buf[:, :, self.len:self.len + t] = new
         self.len += t
 
     # views of the filled part, (B, nh, len, hs)
     k = property(lambda self: self._k[:, :, :self.len])
     v = property(lambda self: self._v[:, :, :self.len])
-    k_raw = property(lambda self: self._k_raw[:, :, :self.len])
+    k_raw = property(lambda self: None if self._k_raw is None else self._k_raw[:, :, :self.len])
 
 
 class KVCache:

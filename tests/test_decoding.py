@@ -23,6 +23,8 @@ VARIANTS = {
     "asca_layer_budgets": ("asca", dict(pos_encoding="rope", layer_sparsity="0.4,0.6", target_sparsity=0.5,
                                         gate_loss=0.1)),
     "asca_compressed": ("asca", dict(pos_encoding="rope", compressed_branch=True, target_sparsity=0.6)),
+    # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
+    "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
 }
 
 
@@ -35,6 +37,8 @@ def build(name, dtype=torch.float64, block_size=128, **over):
         with torch.no_grad():  # a trained-looking predictor: spread scores, so choices really differ by content
             for a in model.attention_modules():
                 a.selector.predictor.wk.mul_(4.0)
+                if a.selector.adaptive:  # thresholds inside the scores' spread: counts differ by head and tile
+                    a.selector.threshold.copy_(torch.linspace(1.0, 3.0, a.selector.threshold.numel()))
     else:
         model = baseline_model.make_model(**shape)
     return model.to(dtype).eval()
@@ -158,3 +162,44 @@ def test_the_cache_is_written_in_place():
             model.forward_cached(seq[:, :1], cache)
         with pytest.raises(ValueError, match="exceed its capacity 64"):
             lc.append(*(torch.zeros(1, 2, 1, 16),) * 3)
+
+
+@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+@pytest.mark.parametrize("keep_first,local", [(False, 1), (True, 0), (True, 2)])
+def test_choose_row_is_the_full_rankings_row(budget, keep_first, local):
+    """Decoding ranks one tile's row (selector.choose_row); the forward ranks every tile (rank, selection). For
+    every tile b of random scores (with ties), the row's kept blocks, counts and gate biases are the full ones'."""
+    torch.manual_seed(0)
+    model = novel_model.make_model(n_layer=1, n_head=3, n_embd=24, block_size=96, sparse_block_size=8,
+                                   sparsity_warmup_iters=0, target_sparsity=0.4, budget=budget,
+                                   keep_first_block=keep_first, local_blocks=local)
+    sl = model.transformer.h[0].attn.selector
+    if sl.adaptive:
+        sl.threshold.copy_(torch.tensor([-0.5, 0.0, 0.5]))
+    nb = 12
+    scores = torch.randn(2, 3, nb, nb, dtype=torch.float64).round(decimals=1)  # rounded: ties among blocks
+    full = sl.selection(scores, *sl.rank(scores), nb * 8)
+    counts = set()
+    for b in range(nb):
+        blocks, n, bias = sl.choose_row(scores[:, :, b, :b], b)
+        assert torch.equal(n, full.n_past[:, :, b])
+        m = int(n.max()) if b else 0
+        assert blocks.shape[-1] == m
+        want = full.order[:, :, b, 1:1 + m]  # the full order starts with the own block
+        used = torch.arange(m) < n[..., None]
+        assert torch.equal(blocks[used], want[used])
+        assert torch.equal(bias[used], full.gate_bias[:, :, b].gather(-1, want)[used])
+        assert bool((bias[~used] == float("-inf")).all())
+        counts |= set(n.flatten().tolist())
+    assert len(counts) > 2  # counts really vary over tiles (and heads, adaptive)
+
+
+@pytest.mark.parametrize("name,raw", [("dense_rope", False), ("asca_rope_rotated_gate", False), ("asca_rope", True)])
+def test_the_cache_keeps_keys_before_rotation_only_where_read(name, raw):
+    """Unrotated keys are cached only for a predictor that reads them (gate_input='unrotated'): a third buffer
+    of block_size positions per layer, written every step, that nothing else reads."""
+    model = build(name, torch.float32)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.forward_cached(torch.randint(0, 256, (1, 20)), cache)
+    assert all((lc.k_raw is not None) == raw for lc in cache.layers)
