@@ -51,10 +51,17 @@ from config_keys import key
 from gpt import GPT, CausalSelfAttention, GPTConfig
 
 ATTN_IMPLS = ("auto", "reference", "flex", "gather")
-# attn_impl='auto' on a CPU takes the gather path from this sequence length on: measured 0.17-0.43x the
-# reference's time at T=1024 and 4096, sparsity 0.25-0.75 (docs/results/gather_cpu.md). Shorter sequences (the main
-# job, the CPU tables at T <= 512) stay on the reference, so their measured results stay bit for bit what they were.
+# attn_impl='auto' on a CPU, by the gather benchmark's table (scripts/bench_gather_cpu.py, issue 34; the table this
+# rule was read from, docs/results/bench_gather_cpu_2026-12-04.md, is checked against it by tests/test_kernels.py):
+# - from T = GATHER_MIN_T the gather path at any sparsity: 0.4-0.5x the reference's step at T=1024-8192;
+# - from T = GATHER_SPARSE_MIN_T, once the scheduled sparsity reaches GATHER_MIN_SPARSITY (the least measured): at
+#   T=512 the gather step took 0.64x (0.5) and 0.57x (0.75) the reference's, its forward 0.73x and 0.51x;
+# - below, the reference. At T=256 (the main job) the table's step row had the gather path 12% faster, its forward
+#   33% slower, and three paired 40-iteration runs of the main job's own config measured the two paths level
+#   (+6%, +1%, -7% tokens/s, 2026-12-04): so the main job keeps the reference and its results stay bit for bit.
 GATHER_MIN_T = 1024
+GATHER_SPARSE_MIN_T = 512
+GATHER_MIN_SPARSITY = 0.5
 MAX_BLOCKS = 8192  # key blocks per sequence (block_size / sparse_block_size): each (nb, nb) mask is then <= 64 MB
 
 
@@ -169,7 +176,7 @@ class ASCAConfig(GPTConfig):
         estimate (gather_step_bytes) exceeds the free memory stops at start-up, naming a batch or T that fits."""
         if free_bytes is None or self.attn_impl not in ("gather", "auto") or device_type == "cuda":
             return
-        if self.attn_impl == "auto" and (self.block_size < GATHER_MIN_T or compile):
+        if self.attn_impl == "auto" and (self.block_size < GATHER_SPARSE_MIN_T or compile):
             return  # auto takes the reference path there
         # the largest step of the schedule: its first, dense while the sparsity warms up (issue 35)
         first = 0.0 if self.sparsity_warmup_iters > 0 else None
@@ -305,14 +312,16 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T) + branch
 
     def resolved_impl(self, device, T=0):
-        """The path for this forward. 'auto': flex on CUDA; on a CPU the gather path from T >= GATHER_MIN_T
-        (uncompiled), else the reference. All compute one function (tests/test_kernels.py)."""
+        """The path for this forward. 'auto': flex on CUDA; on a CPU (uncompiled) the gather path where the
+        benchmark measured it faster (GATHER_MIN_T, GATHER_SPARSE_MIN_T above), else the reference. All compute one
+        function (tests/test_kernels.py)."""
         if self.impl != "auto":
             return self.impl
         if device.type == "cuda":
             return "flex"
-        if T < GATHER_MIN_T or torch.compiler.is_compiling():  # compiled CPU runs keep the compiled reference
-            return "reference"
+        sparse_enough = T >= GATHER_SPARSE_MIN_T and self.selector.sparsity >= GATHER_MIN_SPARSITY - 1e-9
+        if not (T >= GATHER_MIN_T or sparse_enough) or torch.compiler.is_compiling():
+            return "reference"  # compiled CPU runs keep the compiled reference
         no_gather = self.selector.adaptive and self.training and self.dropout > 0  # the gather path refuses that
         return "reference" if no_gather else "gather"
 
