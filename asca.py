@@ -92,7 +92,8 @@ class ASCAConfig(GPTConfig):
     selector: str = key("learned", choices=SELECTORS)  # which past blocks a tile keeps: 'learned' (the predictor);
     #                   controls at the same budget: 'local' (the nearest, plus the sink if kept), 'random' (a new
     #                   draw each forward), 'pooled' (the first query against each block's mean key, no parameters)
-    #                   and 'oracle' (the first query's dense attention mass per block: the ceiling; saves nothing)
+    #                   and 'oracle' (the first query's dense attention mass per block: the ceiling; saves nothing);
+    #                   'local_gated': the local rule's blocks, with the learned gate bias on them
     attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS)  # 'auto' (flex on
     #                    CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
     flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS)  # flex path:
@@ -122,8 +123,11 @@ class ASCAConfig(GPTConfig):
         if self.gate_loss < 0:
             raise ValueError(f"gate_loss={self.gate_loss} must be >= 0 (0 = no distillation loss)")
         if self.gate_loss > 0 and self.selector != "learned":
-            raise ValueError(f"gate_loss trains the learned predictor; selector={self.selector!r} has none: "
-                             f"set gate_loss=0")
+            raise ValueError(f"gate_loss trains the learned predictor's choice; selector={self.selector!r} does not "
+                             f"choose by it: set gate_loss=0")
+        if self.selector == "local_gated" and self.budget != "fixed":
+            raise ValueError("selector='local_gated' keeps the local rule's blocks at the fixed budget's counts: set "
+                             "budget='fixed'")
         if self.sparsity_warmup_iters < 0 or self.gate_dim < 1:
             raise ValueError("sparsity_warmup_iters must be >= 0 and gate_dim >= 1")
         if self.attn_impl == "gather" and self.budget == "adaptive" and self.dropout > 0:

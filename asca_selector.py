@@ -7,7 +7,8 @@ the trainer only call it).
       .predictor                ContentBasedAdaptiveSparsity: scores (B, nh, nb, nb) from the tiles' first
                                 queries and the blocks' mean keys (docs/design.md, "causal by construction")
       scores(q, k)              the predictor's, or a control rule's ('local', 'random', 'pooled', 'oracle':
-                                selector key; 'oracle' is an analysis control that saves nothing)
+                                selector key; 'oracle' is an analysis control that saves nothing; 'local_gated'
+                                keeps the local rule's blocks with the predictor's gate bias)
       select(q, k)              scores, then rank(): per tile its own block, the sink, then past blocks by score
       counts(scores)            past blocks kept per tile, always (B, nh, nb): the fixed budget's scheduled
                                 counts, or the adaptive budget's blocks above the threshold
@@ -24,7 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SELECTORS = ("learned", "local", "random", "pooled", "oracle")
+SELECTORS = ("learned", "local", "random", "pooled", "oracle", "local_gated")
+# the selectors whose kept blocks carry the predictor's gate bias (logsigmoid of its score): the learned choice, and
+# 'local_gated' (the nearest blocks, scaled by the trained gate: separates the choice from the scaling)
+GATED = ("learned", "local_gated")
 # the selectors that read the attention's own q and k (as attended), not the predictor's inputs
 READS_ATTENDED = ("pooled", "oracle")
 # attention recall is measured for the run's own selection and for these two at the same counts (issue 32)
@@ -273,7 +277,7 @@ class BlockSelector(nn.Module):
         Both read only the first query of a tile and keys before it, as the predictor does: causal by construction."""
         if q.shape[2] > self.block_size:
             raise ValueError(f"sequence length {q.shape[2]} exceeds block_size {self.block_size}")
-        if self.rule == "learned":
+        if self.rule in GATED:
             return self.predictor(q.detach(), k.detach(), self.S)
         if self.rule == "pooled":
             return pooled_scores(q.detach(), k.detach(), self.S)
@@ -281,12 +285,12 @@ class BlockSelector(nn.Module):
             return first_query_block_mass(q.detach(), k.detach(), self.S)
         return self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
 
-    def rule_scores(self, B, H, nb, device):
+    def rule_scores(self, B, H, nb, device, rule=None):
         """The control rules' scores (B, nh, nb, nb), read by rank() as the predictor's are: 'local' ranks a
         tile's past blocks by nearness (score j - b); 'random' by a uniform draw from torch's generator (the
         trainer seeds it from the run's seed and checkpoints it), new each forward. Neither reads the
         content, so both are causal by construction."""
-        if self.rule == "local":
+        if (rule or self.rule) == "local":
             b = torch.arange(nb, device=device, dtype=torch.float32)
             return (b[None, :] - b[:, None]).expand(B, H, nb, nb)
         return torch.rand(B, H, nb, nb, device=device)
@@ -328,6 +332,9 @@ class BlockSelector(nn.Module):
         blocks (the sink, then the local ones, by index), then past blocks by descending score; and counts(scores)."""
         if self.replay is not None:
             return self.replay
+        if self.rule == "local_gated":  # the local rule's order; the scores only scale the kept blocks (gate_bias)
+            B, H, nb = scores.shape[:3]
+            return self.order_by(self.rule_scores(B, H, nb, scores.device, "local")), self.counts(scores)
         return self.order_by(scores), self.counts(scores)
 
     def order_by(self, scores):
@@ -364,7 +371,7 @@ class BlockSelector(nn.Module):
         """logsigmoid(score) on kept PAST blocks, 0 on the own block; (B, nh, nb, nb) float32. The control rules
         add nothing: their blocks enter the attention as the dense model's do."""
         acc = torch.promote_types(scores.dtype, torch.float32)
-        if self.rule != "learned":
+        if self.rule not in GATED:
             return torch.zeros(scores.shape, dtype=acc, device=scores.device)
         past = block_masks(scores.shape[-1], scores.device)[1]
         zero = torch.zeros((), dtype=acc, device=scores.device)

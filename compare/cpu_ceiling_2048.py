@@ -2,9 +2,10 @@
 # nearest one and up to 3 more), 400 iterations of 4096 bytes at EQUAL ITERATIONS on a 2-core CPU (the runs may
 # share it: OMP_NUM_THREADS=1, two at a time). Dense at T=2048, the learned choice, and every rule at the same
 # counts: the nearest blocks, the oracle (the ceiling: an analysis control that saves nothing), the pooled mean-key
-# gate and random blocks. Every run ends with the long-range copy test (32 test windows per distance bucket;
-# evaluate.copy_test), and each ASCA run logs the attention recall of its own choice and of the local rule's and
-# the oracle's at the same counts.
+# gate and random blocks; and 'local_gated' (the nearest blocks with the learned gate bias: is the learned run's
+# gain in its choice or in the gate's scaling of the blocks it keeps?). Every run ends with the long-range copy test
+# (32 test windows per distance bucket; evaluate.copy_test), and each ASCA run logs the attention recall of its own
+# choice and of the local rule's and the oracle's at the same counts.
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_ceiling_2048.py
 COMMON = ["--data_dir=data/excerpt", "--block_size=2048", "--batch_size=2", "--warmup_iters=30",
           "--eval_interval=100", "--eval_iters=16", "--eval_stride=1024", "--copy_test_windows=32"]
@@ -19,6 +20,7 @@ RUNS = [
     ("oracle", "novel_model.py", ASCA + ["--selector=oracle"], [1337, 1338]),
     ("pooled", "novel_model.py", ASCA + ["--selector=pooled"]),
     ("random", "novel_model.py", ASCA + ["--selector=random"]),
+    ("local_gated", "novel_model.py", ASCA + ["--selector=local_gated"], [1337, 1338]),
 ]
 BUDGET = {"max_iters": 400}
 SEEDS = [1337]

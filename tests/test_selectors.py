@@ -71,7 +71,7 @@ def test_random_draws_anew_each_forward_at_the_same_budget():
     assert row.min() > 0.05 and row.max() < 0.6 and abs(row.mean() - (int(a.selector.n_keep[15]) - 1) / 14) < 0.05
 
 
-@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle"])
+@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle", "local_gated"])
 @pytest.mark.parametrize("impl", ["reference", "gather"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_rules_are_causal(selector, impl, mode):
@@ -82,7 +82,7 @@ def test_rules_are_causal(selector, impl, mode):
     assert model.diagnostics()["sparsity"] > 0.6
 
 
-@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle"])
+@pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle", "local_gated"])
 def test_rules_on_the_gather_path_equal_the_reference(selector):
     a = module(selector)
     q, k, v = qkv(2)
@@ -94,7 +94,7 @@ def test_rules_on_the_gather_path_equal_the_reference(selector):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-9
 
 
-@pytest.mark.parametrize("selector", ["local", "oracle"])
+@pytest.mark.parametrize("selector", ["local", "oracle", "local_gated"])
 def test_cached_decoding_refuses_the_rules(selector):
     import sample
     model = make_model(**MODEL, selector=selector).eval()
@@ -104,8 +104,32 @@ def test_cached_decoding_refuses_the_rules(selector):
 
 
 def test_bad_selector_is_one_line():
-    with pytest.raises(ValueError, match="selector='nearest' must be one of learned, local, random, pooled, oracle"):
+    with pytest.raises(ValueError,
+                       match="selector='nearest' must be one of learned, local, random, pooled, oracle, local_gated"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, selector="nearest").validate()
+
+
+def test_local_gated_keeps_the_local_blocks_with_the_learned_gate_bias():
+    """'local_gated' separates the learned choice from the learned scaling: its kept blocks are the local rule's, its
+    gate bias on them is logsigmoid of the predictor's score (as the learned selector's on its own blocks), and the
+    predictor learns through it (the local rule's predictor gets no gradient)."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(4))
+    mods = {name: module(name) for name in ("local_gated", "local", "learned")}  # one seed: the same predictor
+    for a in mods.values():
+        a.attend(q, k, v).square().sum().backward()
+    gated, local, learned = (mods[n].last_selection for n in ("local_gated", "local", "learned"))
+    assert torch.equal(gated.selected, local.selected) and not torch.equal(gated.selected, learned.selected)
+    assert torch.allclose(gated.scores, learned.scores)  # the predictor's scores
+    past = torch.ones(16, 16, dtype=torch.bool).tril(-1)
+    kept = gated.selected & past
+    want = torch.where(kept, torch.nn.functional.logsigmoid(learned.scores), torch.zeros(()))
+    assert torch.allclose(gated.gate_bias, want) and (gated.gate_bias[kept] < 0).all()
+    grads = {n: [p.grad for p in m.selector.predictor.parameters()] for n, m in mods.items()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["local_gated"])
+    assert all(g is None or g.abs().sum() == 0 for g in grads["local"])
+    with pytest.raises(ValueError, match="selector='local_gated' keeps the local rule's blocks at the fixed budget"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, selector="local_gated",
+                   budget="adaptive").validate()
 
 
 def naive_first_query(q, k, S, b, kind):
