@@ -287,8 +287,9 @@ def test_training_the_predictor_on_the_gate_loss_lowers_it():
 
 
 def test_gate_loss_needs_the_learned_selector():
-    with pytest.raises(ValueError, match="gate_loss trains the learned predictor; selector='local'"):
-        ASCAConfig(**MODEL, gate_loss=0.1, selector="local").validate()
+    for selector in ("local", "local_gated"):  # local_gated has a predictor, but does not choose by it
+        with pytest.raises(ValueError, match=f"gate_loss trains the learned predictor's choice; selector='{selector}'"):
+            ASCAConfig(**MODEL, gate_loss=0.1, selector=selector).validate()
     with pytest.raises(ValueError, match="gate_loss=-1.0 must be >= 0"):
         ASCAConfig(**MODEL, gate_loss=-1.0).validate()
 
