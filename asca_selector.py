@@ -379,10 +379,11 @@ class BlockSelector(nn.Module):
 
     def choose_row(self, row, b):
         """Tile b's choice from its scores row (B, nh, b) over the b blocks before it, as rank() and gate_bias()
-        make it in a forward of b + 1 blocks, computed for that row only (decoding chooses one tile at a time; the
-        full (b+1, b+1) ranking cost more than the step's attention at 8k). Returns (blocks, n, bias): blocks
-        (B, nh, m) the kept past blocks in rank order (the forced ones first), n (B, nh) each head's count, m the
-        largest, and bias (B, nh, m) the gate bias of each, -inf beyond a head's count (a padded slot)."""
+        make it in a forward of b + 1 blocks, computed for that row only (decoding chooses one tile at a time;
+        ranking the full (b+1, b+1) grid was about a third of a tile's choice at 8k, docs/results/decoding_cpu.md).
+        Returns (blocks, n, bias): blocks (B, nh, m) the kept past blocks in rank order (the forced ones first),
+        n (B, nh) each head's count, m the largest, and bias (B, nh, m) the gate bias of each, -inf beyond a
+        head's count (a padded slot)."""
         nb = b + 1
         forced = self.forced(nb, row.device)[b, :b]  # (b,)
         prio = row.detach().float().masked_fill(forced, torch.finfo(torch.float32).max)  # as order_by's row b
@@ -395,7 +396,7 @@ class BlockSelector(nn.Module):
             n = self.n_keep[b].expand(row.shape[:2])
         m = int(n.max()) if n.numel() else 0
         blocks = order[..., :m]
-        bias = (F.logsigmoid(row.to(acc)).gather(-1, blocks) if self.rule == "learned"
+        bias = (F.logsigmoid(row.to(acc)).gather(-1, blocks) if self.rule in GATED
                 else torch.zeros(blocks.shape, dtype=acc, device=row.device))
         unused = torch.arange(m, device=row.device) >= n[..., None]
         return blocks, n, bias.masked_fill(unused, float("-inf"))
