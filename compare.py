@@ -256,7 +256,8 @@ def execute(spec, log=print, jobs=1):
         with open(os.path.join(d, RUN_RECORD), "w") as f:
             json.dump(want, f)
         log("compare: " + " ".join(cmd[1:]))
-        f = open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "w")
+        # append: a resumed run's log keeps the lines of the runs before it
+        f = open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "a")
         running.append((name, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env), f))
     wait_until_fewer_than(1)
     return failed
