@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import baseline_model
+import gpt
 import checkpoint
 from config_keys import legacy_values
 import novel_model
@@ -84,6 +85,63 @@ def test_rope_matches_a_complex_implementation_and_depends_only_on_offsets():
     for s in (1, 7, 20):
         assert torch.allclose(att[s:, s:], att[:-s, :-s], atol=1e-4)
     assert not torch.allclose(att[1:, :-1], att[:-1, :-1], atol=1e-3)  # but it does depend on m - n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_hand_written_backwards_equal_autograds_bit_for_bit(dtype):
+    """gpt.ReluSquared and Rotary's _Rotate write their gradients out (issue 34, item 5: fewer passes on a CPU).
+    Against autograd's own differentiation of the plain formulas: the same values and gradients, bit for bit,
+    zeros of the ReLU included; and gradcheck in float64 (an independent, numerical derivative)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 16, generator=g).to(dtype)
+    x[0, 0, :4] = 0.0  # relu's kink
+    up = torch.randn(x.shape, generator=g).to(dtype)
+    rot = Rotary(16, 64, 10000.0)
+    cos, sin = rot.cos[9:49].to(dtype), rot.sin[9:49].to(dtype)
+    pairs = [(gpt.ReluSquared.apply, lambda t: torch.nn.functional.relu(t).square()),
+             (lambda t: rot(t, 9), lambda t: gpt.rotate(t, cos, sin))]
+    for fast, plain in pairs:
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fa, pb = fast(a), plain(b)
+        fa.backward(up), pb.backward(up)
+        assert torch.equal(fa, pb) and torch.equal(a.grad, b.grad)
+        assert a.grad.abs().max() > 0  # the test can fail
+    if dtype == torch.float64:
+        xs = torch.randn(1, 2, 6, 16, dtype=torch.float64, generator=g).requires_grad_()
+        assert torch.autograd.gradcheck(gpt.ReluSquared.apply, (xs,))
+        assert torch.autograd.gradcheck(lambda t: rot(t, 3), (xs,))
+        # and the rotation's gradient against the complex-number RoPE (autograd through complex ops)
+        xr, xc = xs.detach().clone().requires_grad_(), xs.detach().clone().requires_grad_()
+        w = torch.randn(xs.shape, dtype=torch.float64, generator=g)
+        (rot(xr, 3) * w).sum().backward()
+        (complex_rope(xc, list(range(3, 9)), 10000.0) * w).sum().backward()
+        assert (xr.grad - xc.grad).abs().max().item() < 1e-6
+
+
+def test_compiled_dense_model_matches_eager_forward_and_backward():
+    """The dense model as a user runs it with --compile=True (the hand-written backwards traced by dynamo):
+    logits, loss and every gradient equal the eager model's, and causal on the compiled path."""
+    torch.manual_seed(0)
+    model = baseline_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64)
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
+    logits, loss = model(idx, tgt)
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)
+    c_logits, c_loss = compiled(idx, tgt)
+    c_loss.backward()
+    assert (c_logits - logits).abs().max().item() < 1e-4 and abs(c_loss.item() - loss.item()) < 1e-5
+    for n, p in model.named_parameters():
+        scale = eager[n].abs().max().item()
+        assert scale > 0 and (p.grad - eager[n]).abs().max().item() <= 1e-3 * scale, n
+    other = idx.clone()
+    other[:, 40:] = (other[:, 40:] + 1) % 256
+    with torch.no_grad():
+        moved = compiled(other)[0]
+    assert (moved[:, :40] - c_logits.detach()[:, :40]).abs().max().item() < 1e-5
+    assert (moved[:, 40:] - c_logits[:, 40:]).abs().max().item() > 1e-4
 
 
 def test_attention_layer_logits_depend_on_relative_offsets_only():
