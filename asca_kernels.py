@@ -75,9 +75,22 @@ def tile_groups(nb, groups=GATHER_GROUPS):
 
 
 GATHER_KERNELS = ("auto", "sdpa", "block")
-GATHER_KERNEL = "block"  # attend_gather's kernel when none is named (tests and the benchmark set it): 'block', faster
-#                          than 'sdpa' alone on the CPU (docs/results/gather_cpu.md, 2026-12-04)
+GATHER_KERNEL = "auto"  # attend_gather's kernel when none is named (tests and the benchmark set it)
+# 'auto' on a CPU: the written-out 'block' kernel, faster than 'sdpa' at every shape the benchmark measured
+# (docs/results/bench_gather_cpu_2026-12-04.md) but one: T=8192, S=128, sparsity 0.5, where sdpa's step took 0.64x
+# block's (forward 0.75x). There a tile group's score tile, S x (K + 1) * S fp32 values, reaches 1.4-2.1 MB; at every
+# shape block won it is at most 1 MB (T=8192, S=128, 0.75: 0.94 MB), this CPU's L2 per core. Block materialises
+# that tile (scores, then probabilities, forward and backward); the flash kernel streams it. So a group whose tile
+# exceeds GATHER_SDPA_MIN_SCORES values takes sdpa. Elsewhere (CUDA): block.
+GATHER_SDPA_MIN_SCORES = 1 << 18  # 1 MiB of fp32
 NEG_BIAS = -1e4  # a padding slot's bias on the SDPA kernel: exp() gives 0, and no infinity meets a 0 in the backward
+
+
+def choose_gather_kernel(kernel, device_type, S, K):
+    """The kernel for a tile group of K kept past blocks of S (the tile's own block besides): 'sdpa' or 'block'."""
+    if kernel != "auto":
+        return kernel
+    return "sdpa" if device_type == "cpu" and S * (K + 1) * S > GATHER_SDPA_MIN_SCORES else "block"
 
 
 def sdpa_block_attention(q, k, v, slot_bias, S, scale):
@@ -105,7 +118,7 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
     own block first, then the sink, then past blocks by score (Selection.order). n_past: (nb,) or
     (B, nh, nb) past blocks each tile keeps. gate_bias: (B, nh, nb, nb), logsigmoid(score) on kept past
     blocks. kernel: 'sdpa' (the fused flash kernel, sdpa_block_attention), 'block' (_BlockAttention, written
-    out) or 'auto' (sdpa on a CPU, block elsewhere); with dropout, SDPA's math path. Returns (B, nh, T, hs).
+    out) or 'auto' (per tile group, choose_gather_kernel); with dropout, SDPA's math path. Returns (B, nh, T, hs).
     """
     B, H, T, hs = q.shape
     nb = T // S
@@ -113,8 +126,6 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
     kernel = kernel or GATHER_KERNEL
     if kernel not in GATHER_KERNELS:
         raise ValueError(f"gather kernel {kernel!r} must be one of {', '.join(GATHER_KERNELS)}")
-    if kernel == "auto":
-        kernel = "sdpa" if q.device.type == "cpu" else "block"
     n_past = n_past.expand(B, H, nb) if n_past.dim() == 1 else n_past  # (B, nh, nb)
     qb = q.reshape(B, H, nb, S, hs)
     # each (sequence, head, block) one row of S * hs: a tile's blocks come with one index_select of whole rows (its
@@ -135,7 +146,7 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
         valid = torch.arange(K + 1, device=q.device) <= n_past[..., t0:t1, None]  # (B, nh, n, K + 1)
         slot_bias = torch.gather(gate_bias[:, :, t0:t1], 3, idx).to(dt)  # 0 on the own block by construction
         queries = qb[:, :, t0:t1].reshape(M, S, hs)
-        if dropout_p == 0 and kernel == "sdpa":
+        if dropout_p == 0 and choose_gather_kernel(kernel, q.device.type, S, K) == "sdpa":
             slot_bias = slot_bias.masked_fill(~valid, NEG_BIAS)
             outs.append(sdpa_block_attention(queries, keys, vals, slot_bias.reshape(M, K + 1), S, hs ** -0.5))
             continue

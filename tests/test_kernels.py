@@ -41,7 +41,8 @@ def run(a, impl, q, k, v, w):
 
 @pytest.fixture(params=["sdpa", "block"])
 def gather_kernel(request, monkeypatch):
-    """Each gather kernel in turn (issue 34: the fused SDPA one, the default on a CPU, and the written-out one)."""
+    """Each gather kernel in turn (issue 34: the fused SDPA one and the written-out one; 'auto' picks one per tile
+    group, test_auto_kernel_mixes_both_per_group_and_equals_reference)."""
     monkeypatch.setattr(asca_kernels, "GATHER_KERNEL", request.param)
     return request.param
 
@@ -217,6 +218,81 @@ def test_auto_never_takes_the_slower_path_where_the_table_measured():
     main = make_model(n_layer=1, n_head=2, n_embd=32, block_size=256, sparse_block_size=32, target_sparsity=0.5,
                       sparsity_warmup_iters=0).attention_modules()[0]
     assert main.resolved_impl(cpu, 256) == "reference"
+
+
+def kernel_pairs():
+    """{(rows, T, S, target): {path: ms}} for every row kind of the benchmark table where both gather kernels ran."""
+    rows = {}
+    for line in open(BENCH_TABLE):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or cells[0] not in ("step", "forward", "attention") or cells[4] == "-":
+            continue
+        target = min((0.5, 0.75, 0.875), key=lambda t: abs(t - float(cells[4])))
+        key = (cells[0], int(cells[1]), int(cells[2]), target)
+        rows.setdefault(key, {})[cells[3]] = float(cells[5].replace(",", ""))
+    return {k: v for k, v in rows.items() if {"asca gather (sdpa)", "asca gather (block)"} <= v.keys()}
+
+
+def test_auto_kernel_takes_the_faster_one_where_the_table_measured(monkeypatch):
+    """The gather path's kernel='auto' (the default) at every shape the committed table measured both kernels: the
+    real module's tile groups, as the benchmark runs them, take only 'block' where block was faster beyond the noise,
+    and take 'sdpa' where that was (T=8192, S=128, 0.5: the score tiles past 1 MB)."""
+    assert asca_kernels.GATHER_KERNEL == "auto"
+    chosen = []
+    real = asca_kernels.choose_gather_kernel
+
+    def spy(kernel, device_type, S, K):
+        chosen.append(real(kernel, device_type, S, K))
+        return chosen[-1]
+
+    monkeypatch.setattr(asca_kernels, "choose_gather_kernel", spy)
+    pairs = kernel_pairs()
+    assert len(pairs) >= 30 and {T for (_, T, _, _) in pairs} >= {256, 1024, 4096, 8192}
+    decided, for_sdpa = 0, 0
+    for (kind, T, S, target), ms in sorted(pairs.items()):
+        sdpa, block = ms["asca gather (sdpa)"], ms["asca gather (block)"]
+        if not (sdpa * NOISE < block or block * NOISE < sdpa):
+            continue
+        a = make_model(n_layer=1, n_head=2, n_embd=32, block_size=T, sparse_block_size=S, target_sparsity=target,
+                       sparsity_warmup_iters=0, attn_impl="gather").attention_modules()[0].eval()
+        q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+        chosen.clear()
+        with torch.no_grad():
+            a.attend(q, k, v)
+        assert len(chosen) == len(asca_kernels.tile_groups(T // S))
+        if sdpa * NOISE < block:
+            assert "sdpa" in chosen, (kind, T, S, target, ms, chosen)
+            for_sdpa += 1
+        else:
+            assert set(chosen) == {"block"}, (kind, T, S, target, ms, chosen)
+        decided += 1
+    assert decided >= 15 and for_sdpa >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_auto_kernel_mixes_both_per_group_and_equals_reference(dtype, monkeypatch):
+    """With the threshold lowered so that the later tile groups (more kept blocks) take sdpa and the first takes
+    block, one call runs both kernels and still equals the reference, outputs and every gradient."""
+    monkeypatch.setattr(asca_kernels, "GATHER_KERNEL", "auto")
+    calls = []  # (K, kernel) per tile group
+    real = asca_kernels.choose_gather_kernel
+    monkeypatch.setattr(asca_kernels, "choose_gather_kernel",
+                        lambda kernel, dev, S, K: calls.append((K, real(kernel, dev, S, K))) or calls[-1][1])
+    a = module(dtype=dtype, target=0.5, pos_encoding="learned")
+    g = torch.Generator().manual_seed(3)
+    q, k, v, w = (torch.randn(2, 2, 128, 8, dtype=dtype, generator=g) for _ in range(4))
+    y_ref, g_ref, _ = run(a, "reference", q, k, v, w)
+    run(a, "gather", q, k, v, w)
+    K0 = min(K for K, _ in calls)
+    assert max(K for K, _ in calls) > K0  # the groups differ
+    monkeypatch.setattr(asca_kernels, "GATHER_SDPA_MIN_SCORES", a.S * a.S * (K0 + 1))  # the first group: block
+    calls.clear()
+    y, grads, _ = run(a, "gather", q, k, v, w)
+    assert {kernel for _, kernel in calls} == {"sdpa", "block"}, calls
+    tol_y, tol_g = TOL[dtype]
+    assert (y - y_ref).abs().max().item() < tol_y
+    for got, want in zip(grads, g_ref):
+        assert got.abs().max() > 0 and (got - want).abs().max().item() < tol_g * max(1.0, want.abs().max().item())
 
 
 def test_auto_below_t_1024_waits_for_the_measured_sparsity():
