@@ -106,6 +106,8 @@ def test_hand_written_backwards_equal_autograds_bit_for_bit(dtype):
         fa.backward(up), pb.backward(up)
         assert torch.equal(fa, pb) and torch.equal(a.grad, b.grad)
         assert a.grad.abs().max() > 0  # the test can fail
+    with torch.no_grad():  # without a graph (evaluation, decoding) the same ops run without Function.apply
+        assert torch.equal(gpt.relu_squared(x), pairs[0][1](x)) and torch.equal(rot(x, 9), pairs[1][1](x))
     if dtype == torch.float64:
         xs = torch.randn(1, 2, 6, 16, dtype=torch.float64, generator=g).requires_grad_()
         assert torch.autograd.gradcheck(gpt.ReluSquared.apply, (xs,))
