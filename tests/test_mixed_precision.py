@@ -72,7 +72,7 @@ def test_the_emulation_gives_cudas_dtypes(rms_fp32):
 
 # ----------------------------------------------------------------------------- item 1: kernels under CUDA's policy
 
-@pytest.mark.parametrize("kernel", ["block", "sdpa"])  # issue 34's fused kernel (off by default) too
+@pytest.mark.parametrize("kernel", ["block", "sdpa"])  # both kernels auto chooses between per tile group
 @pytest.mark.parametrize("qk_dtype", [torch.bfloat16, torch.float32])
 def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtype, kernel):
     """Under CUDA's autocast the softmax inside the gather kernel is float32 and the incoming gradient bf16: its
