@@ -127,9 +127,9 @@ def rotate(x, cos, sin):  # (..., T, hs) by angles with cos, sin (T, hs/2): pair
 
 class _Rotate(torch.autograd.Function):
     """rotate() with its gradient written as the inverse rotation (angle -a). Autograd's own backward of the
-    halves and the cat zero-fills and copies q- and k-sized tensors 8 times per layer; this one runs rotate()
-    once (issue 34, item 5: rotary cost 6% of the CPU step). The same values and gradient bit for bit (tested):
-    each gradient half is the same two products summed."""
+    halves and the cat makes four zero-filled q/k-sized tensors and four half-size copies per layer; this one
+    runs rotate() once (issue 34, item 5: rotary cost 4-9% of the CPU step, this backward 3-4%). The same values
+    and gradient bit for bit (tested): each gradient half is the same two products summed."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
