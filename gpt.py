@@ -118,6 +118,9 @@ class Rotary(nn.Module):
             return _Rotate.apply(x, cos, sin)
         return rotate(x, cos, sin)  # no graph to build: skip Function.apply's ~11 us a call (decoding calls it often)
 
+    def at(self, x, pos):  # (B, nh, t, hs) at positions pos (t,), a long tensor: decoding's rotation, no graph
+        return rotate(x, self.cos.index_select(0, pos).to(x.dtype), self.sin.index_select(0, pos).to(x.dtype))
+
 
 def rotate(x, cos, sin):  # (..., T, hs) by angles with cos, sin (T, hs/2): pairs (x_i, x_{i+hs/2})
     half = x.shape[-1] // 2
@@ -185,21 +188,29 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    # --- decoding with a KV cache (sample.py): the same function as forward, one new byte at a time
+    # --- decoding with a KV cache (sample.py): the same function as forward, one new byte at a time. A step is
+    # split where the cache is touched: project() is pure tensor code (decode_in; torch.compile may fuse it),
+    # attend_cached() writes the cache and attends (eager: its shapes grow and ASCA keeps per-tile state).
     caches_raw_keys = False  # the cache keeps keys before rotation too (ASCA's predictor may read those)
 
-    @torch.no_grad()
-    def forward_cached(self, x, lc, pos0):
-        """Output for x (B, t, C) at positions pos0.. given the earlier ones in lc (a LayerCache), which
-        this call extends. pos0 == 0 (prefill) runs attend() itself: the training function."""
-        B, t, C = x.shape
+    def project(self, x, pos):
+        """x (B, t, C) at positions pos (t,) -> q, k, v and the rotated qr, kr (B, nh, t, hs): qkv() and
+        position() for given positions (a tensor, so that a compiled step does not specialise on them)."""
         q, k, v = self.qkv(x)
-        qr, kr = self.position(q, k, pos0)
+        if self.rotary is None:
+            return q, k, v, q, k
+        return q, k, v, self.rotary.at(q, pos), self.rotary.at(k, pos)
+
+    @torch.no_grad()
+    def attend_cached(self, q, k, v, qr, kr, lc, pos0):
+        """(B, nh, t, hs): the attention output for queries at positions pos0.. given the earlier ones in lc (a
+        LayerCache), which this call extends. pos0 == 0 (prefill) runs attend() itself: the training function."""
         lc.append(kr, v, k if self.caches_raw_keys else None)
-        y = self.attend(q, k, v) if pos0 == 0 else self.attend_step(q, qr, lc, pos0)
         if pos0 == 0:
+            y = self.attend(q, k, v)
             self.after_prefill(q, qr, lc)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, t, C))
+            return y
+        return self.attend_step(q, qr, lc, pos0)
 
     def attend_step(self, q, qr, lc, pos0):
         """New queries qr (B, nh, t, hs) at pos0.. over every cached key up to themselves."""
@@ -354,6 +365,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def decode_in(block, x, pos):
+    """A decoding step's part of `block` before the cache: residual x (B, t, C) at positions pos (t,) -> its
+    attention's q, k, v, qr, kr (B, nh, t, hs). Pure tensor code, so torch.compile can fuse it."""
+    return block.attn.project(block.ln_1(x), pos)
+
+
+def decode_out(block, x, y):
+    """The part after the attention: x (B, t, C) plus the projected attention output y (B, nh, t, hs), then
+    the MLP (eval mode: no dropout). Block.forward's function."""
+    B, t, C = x.shape
+    x = x + block.attn.c_proj(y.transpose(1, 2).contiguous().view(B, t, C))
+    return x + block.mlp(block.ln_2(x))
+
+
 class GPT(nn.Module):
     """Pre-norm GPT. forward(idx, targets=None) -> (logits (B, T, 256), mean loss in nats or None)."""
 
@@ -423,14 +448,26 @@ class GPT(nn.Module):
         pos0 = cache.pos
         if pos0 + t > self.config.block_size:
             raise ValueError(f"the cache holds {pos0} bytes; {t} more exceed block_size {self.config.block_size}")
+        pos = torch.arange(pos0, pos0 + t, device=idx.device)
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + t, device=idx.device))
+            x = x + self.transformer.wpe(pos)
+        step_in, step_out = self.compiled_step if (self.compiled_step and t == 1 and pos0) else (decode_in, decode_out)
         for block, lc in zip(self.transformer.h, cache.layers):
-            x = x + block.attn.forward_cached(block.ln_1(x), lc, pos0)
-            x = x + block.mlp(block.ln_2(x))
+            y = block.attn.attend_cached(*step_in(block, x, pos), lc, pos0)  # (B, nh, t, hs)
+            x = step_out(block, x, y)
         cache.pos += t
         return self.lm_head(self.transformer.ln_f(x))
+
+    compiled_step = None  # (decode_in, decode_out) compiled by compile_decoding(); None: eager
+
+    def compile_decoding(self):
+        """Compile the pure parts of a one-byte decoding step (decode_in, decode_out: norms, projections, rotary,
+        the MLP) with torch.compile; the cache writes and the attention stay eager. Issue 34, item 4: at batch 1 a
+        step is ~150 small ops whose dispatch costs more than the cached attention ASCA skips. The prefill and
+        multi-byte calls stay eager. Fixed shapes: one graph serves every layer and step (tested: equal to eager)."""
+        self.compiled_step = tuple(torch.compile(f, dynamic=False) for f in (decode_in, decode_out))
+        return self
 
     def new_cache(self):
         return KVCache(self.config.n_layer, self.config.block_size)

@@ -82,12 +82,17 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kv_cache", default="true", choices=("true", "false"),
                    help="decode from a KV cache (default), or re-run the whole window for every byte")
+    p.add_argument("--compile", default="false", choices=("true", "false"),
+                   help="compile the cached step's pure parts (GPT.compile_decoding): seconds of compile before "
+                        "the first byte, then a faster step (long generations)")
     a = p.parse_args(argv)
     try:
         check_args(a)
         prompt = read_prompt(a.start)
         model, _ = model_from_checkpoint(f"{a.out_dir}/{'best' if a.best else 'ckpt'}.pt", a.device)
         model.for_sampling()  # ASCA: the gather path, nothing to compile before the first byte
+        if a.compile == "true":
+            model.compile_decoding()
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         for i in range(a.num_samples):
             out = generate(model, prompt, a.num_bytes, a.temperature, a.top_k, g, a.device, a.kv_cache == "true")
@@ -136,6 +141,8 @@ def check_args(a):
     for name in ("num_bytes", "num_samples"):
         if getattr(a, name) < (0 if name == "num_bytes" else 1):
             raise SampleError(f"--{name} must be >= {0 if name == 'num_bytes' else 1}, got {getattr(a, name)}")
+    if a.compile == "true" and a.kv_cache != "true":
+        raise SampleError("--compile=true compiles the cached decoding step; use it with --kv_cache=true")
     if not a.start:
         raise SampleError("--start is empty: give at least one byte of prompt (the default is a newline)")
     if not 0 <= a.seed <= MAX_SEED:

@@ -135,10 +135,12 @@ def test_bad_arguments(kwargs, needle):
         sample.generate(model, args.pop("prompt"), args.pop("num_bytes"), **args)
 
 
-def test_decode_benchmark_runs_and_prints_its_table():
+@pytest.mark.parametrize("compiled", [[], pytest.param(["--compile"], marks=pytest.mark.slow)])
+def test_decode_benchmark_runs_and_prints_its_table(compiled):
     r = run_script("scripts/bench_decode.py", "--ctx", "128", "--quick", "--sparse_block_size", "16",
-                   "--layers", "1", "--n_embd", "32", "--heads", "2", "--sparsity", "0.5", "0.6", "0.9")
+                   "--layers", "1", "--n_embd", "32", "--heads", "2", "--sparsity", "0.5", "0.6", "0.9", *compiled)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert ("cached steps compiled" in r.stdout) == bool(compiled)
     row = [l for l in r.stdout.splitlines() if l.startswith("| 128 |")]
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert len(row) == 1 and all(float(c) > 0 for c in cells[1:5]) and cells[5] == "n/a"  # 0.9: out of reach
@@ -203,3 +205,34 @@ def test_the_cache_keeps_keys_before_rotation_only_where_read(name, raw):
         cache = model.new_cache()
         model.forward_cached(torch.randint(0, 256, (1, 20)), cache)
     assert all((lc.k_raw is not None) == raw for lc in cache.layers)
+
+
+@pytest.mark.slow  # torch.compile: seconds per graph
+@pytest.mark.parametrize("name", ["dense_learned", "asca_rope"])
+def test_compiled_decoding_steps_equal_the_full_forward_and_the_eager_steps(name):
+    """GPT.compile_decoding() (issue 34, item 4; sample.py --compile): the step's pure parts through
+    torch.compile (inductor's CPU code here), the cache and attention eager. Its logits are the full forward's
+    and the eager steps', and the compiled graphs really ran: two (decode_in, decode_out) for every layer and
+    step, no recompiles per step or layer."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = build(name, torch.float32), build(name, torch.float32).compile_decoding()
+    seq = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = eager(seq)[0]
+        caches = eager.new_cache(), compiled.new_cache()
+        eager.forward_cached(seq[:, :13], caches[0])
+        compiled.forward_cached(seq[:, :13], caches[1])
+        for p in range(13, 60):  # crosses 6 tile boundaries of S=8: the ASCA tile choice between compiled parts
+            a = eager.forward_cached(seq[:, p:p + 1], caches[0])[:, 0]
+            b = compiled.forward_cached(seq[:, p:p + 1], caches[1])[:, 0]
+            assert (b - full[:, p]).abs().max().item() < 1e-5, (name, p)
+            assert (b - a).abs().max().item() < 1e-5, (name, p)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_sample_compile_needs_the_cache():
+    r = run_script("sample.py", "--out_dir=nowhere", "--compile=true", "--kv_cache=false")
+    assert r.returncode == 1 and "--compile=true compiles the cached decoding step" in r.stderr
+    assert "Traceback" not in r.stderr
