@@ -523,8 +523,7 @@ def test_the_sdpa_gather_kernel_runs_on_the_fused_flash_kernel(dtype):
     got = [y.detach(), q.grad, k.grad, v.grad, bias.grad]
     for t in (q, k, v, bias):
         t.grad = None
-    own = torch.zeros(S, (K + 1) * S, dtype=dtype)
-    own[:, :S].masked_fill_(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    own = torch.zeros(S, S, dtype=dtype).masked_fill_(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
     ref_bias = bias.detach().masked_fill(bias.detach() <= asca_kernels.NEG_BIAS, float("-inf")).requires_grad_(True)
     y2 = asca_kernels._BlockAttention.apply(q, k, v, ref_bias, own, hs ** -0.5, S)
     (y2 * w).sum().backward()
@@ -533,3 +532,34 @@ def test_the_sdpa_gather_kernel_runs_on_the_fused_flash_kernel(dtype):
     for a, b in zip(got, want):
         assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
     assert got[4][:, 1:3].abs().max() > 0 and got[4][0, -1] == 0  # the bias learns; padding gets no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_block_kernel_equals_the_written_out_mask_formula(dtype):
+    """_BlockAttention adds the gate bias as baddbmm's broadcast input and the causal part to the own block's
+    columns only (issue 34: one (N, S, L) tensor fewer). Its forward is the full-mask formula's bit for bit (an
+    allowed logit is bias + scale * qk either way), its gradients that formula's autograd gradients."""
+    g = torch.Generator().manual_seed(1)
+    N, S, K, hs = 5, 8, 3, 16
+    L = (K + 1) * S
+    q, k, v = (torch.randn(N, n, hs, generator=g).to(dtype).requires_grad_(True) for n in (S, L, L))
+    bias = torch.nn.functional.logsigmoid(torch.randn(N, K + 1, generator=g)).to(dtype)
+    bias[:, 0] = 0
+    bias[1, -1] = float("-inf")  # a padding slot
+    bias.requires_grad_(True)
+    own = torch.zeros(S, S, dtype=dtype).masked_fill_(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    w = torch.randn(N, S, hs, generator=g).to(dtype)
+    y = asca_kernels._BlockAttention.apply(q, k, v, bias, own, hs ** -0.5, S)
+    got = [y.detach(), *torch.autograd.grad((y * w).sum(), (q, k, v, bias))]
+    full = torch.zeros(S, L, dtype=dtype)
+    full[:, :S] = own
+    mask = bias.repeat_interleave(S, dim=-1)[:, None, :] + full  # (N, S, L): the formula before issue 34's change
+    logits = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=hs ** -0.5)
+    p = torch.softmax(logits, dim=-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+    y2 = torch.bmm(p, v)
+    want = [y2.detach(), *torch.autograd.grad((y2 * w).sum(), (q, k, v, bias))]
+    assert torch.equal(got[0], want[0])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for a, b in zip(got[1:], want[1:]):
+        assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
+    assert got[4][:, 1:].abs().max() > 0 and got[4][1, -1] == 0  # the bias learns; padding gets no gradient
