@@ -236,3 +236,21 @@ def test_sample_compile_needs_the_cache():
     r = run_script("sample.py", "--out_dir=nowhere", "--compile=true", "--kv_cache=false")
     assert r.returncode == 1 and "--compile=true compiles the cached decoding step" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["dense_rope", "asca_rope"])
+def test_cuda_compiled_decoding_equals_the_full_forward(name):
+    """compile_decoding() on CUDA (inductor's Triton code): fp32 logits of every decoded byte against the full
+    forward on the same device, across tile boundaries."""
+    torch._dynamo.reset()
+    model = build(name, torch.float32).cuda().compile_decoding()
+    seq = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        full = model(seq)[0]
+        cache = model.new_cache()
+        model.forward_cached(seq[:, :13], cache)
+        for p in range(13, 60):
+            step = model.forward_cached(seq[:, p:p + 1], cache)[:, 0]
+            assert (step - full[:, p]).abs().max().item() < 1e-4, (name, p)
