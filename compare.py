@@ -404,14 +404,22 @@ def plot(groups, out):
     plt = extraction.plt_module()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    later = []  # every val bpc after a run's first evaluation: the y range (the untrained ~8 bpc would flatten the rest)
     for i, (name, _, _, runs, _, _) in enumerate(groups):
         color = colors[i % len(colors)]
         for j, r in enumerate(runs):
             for ax, x in zip(axes[:2], ("tokens", "elapsed_s")):
-                ax.plot(*r.series("val_bpc", x), "-", color=color, alpha=0.7, lw=1, label=name if j == 0 else None)
+                xs, ys = r.series("val_bpc", x)
+                ax.plot(xs, ys, "-", color=color, alpha=0.7, lw=1, label=name if j == 0 else None)
+                later += list(ys[1:])
         m, sd = mean_sd([r.final.get("test_bpc") for r in runs])
         if m is not None:
             axes[2].errorbar([i], [m], yerr=[sd or 0], fmt="o", color=color, capsize=4)
+    if later:
+        lo, hi = min(later), max(later)
+        pad = 0.05 * (hi - lo) or 0.05
+        for ax in axes[:2]:
+            ax.set_ylim(lo - pad, hi + pad)
     axes[0].set_xlabel("tokens (bytes) trained")
     axes[1].set_xlabel("training wall-clock (s, excl. eval and compile)")
     for ax in axes[:2]:
@@ -419,7 +427,7 @@ def plot(groups, out):
         ax.legend(fontsize=7)
     axes[2].set_xticks(range(len(groups)), [g[0] for g in groups], rotation=20, fontsize=7)
     axes[2].set_ylabel("test bits per byte (mean ± sd over seeds)")
-    fig.suptitle("validation curves per seed, and test bpc", fontsize=9)
+    fig.suptitle("validation curves per seed (y from each run's second evaluation), and test bpc", fontsize=9)
     return extraction.save(fig, os.path.join(out, "compare_runs.png"))
 
 
