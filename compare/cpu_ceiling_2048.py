@@ -21,6 +21,10 @@ RUNS = [
     ("pooled", "novel_model.py", ASCA + ["--selector=pooled"]),
     ("random", "novel_model.py", ASCA + ["--selector=random"]),
     ("local_gated", "novel_model.py", ASCA + ["--selector=local_gated"], [1337, 1338]),
+    # issue 32 item 6, added 2026-12-04: a smaller S (32: 64 blocks, a late tile keeps about 8), the learned choice
+    # and the nearest blocks with the learned gate. (Two forced nearest blocks at S=64 cannot reach 0.875.)
+    ("learned_s32", "novel_model.py", ASCA + ["--selector=learned", "--sparse_block_size=32"], [1337, 1338]),
+    ("local_gated_s32", "novel_model.py", ASCA + ["--selector=local_gated", "--sparse_block_size=32"], [1337, 1338]),
 ]
 BUDGET = {"max_iters": 400}
 SEEDS = [1337]
