@@ -404,7 +404,7 @@ def plot(groups, out):
     plt = extraction.plt_module()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    later = []  # every val bpc after a run's first evaluation: the y range (the untrained ~8 bpc would flatten the rest)
+    later = []  # every val bpc after a run's first evaluation: the y range (the untrained ~8 bpc flattens the rest)
     for i, (name, _, _, runs, _, _) in enumerate(groups):
         color = colors[i % len(colors)]
         for j, r in enumerate(runs):
