@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import asca_kernels
 from asca_kernels import attend_gather, build_block_mask, flex_backward_problem, flex_kernel_options  # noqa: F401
-from asca_selector import (READS_ATTENDED, SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity,  # noqa: F401
+from asca_selector import (GATED, READS_ATTENDED, SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity,  # noqa: F401
                            Selection, keep_counts, max_sparsity, padded_length)
 from config_keys import key
 from gpt import GPT, CausalSelfAttention, GPTConfig
@@ -84,6 +84,9 @@ class ASCAConfig(GPTConfig):
     gate_input: str = key("rotated", legacy="unrotated", choices=("unrotated", "rotated"))  # the predictor reads q, k
     #                     'rotated' (as attended) or 'unrotated' (position-free; rope only)
     gate_dist_bias: bool = key(True, legacy=True)  # a learned per-head bias by block distance in the predictor's scores
+    gate_pooled: bool = key(False, legacy=False)  # the predictor's scores add the pooled affinity (the tile's first
+    #                                               query against each block's mean key, as it reads them), with a
+    #                                               learned weight per head (issue 32, item 6)
     budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"))  # 'fixed': every tile keeps the
     #                 scheduled count; 'adaptive': blocks scoring above a per-layer threshold, the threshold steered
     #                 between steps to the scheduled sparsity
@@ -125,6 +128,9 @@ class ASCAConfig(GPTConfig):
         if self.gate_loss > 0 and self.selector != "learned":
             raise ValueError(f"gate_loss trains the learned predictor's choice; selector={self.selector!r} does not "
                              f"choose by it: set gate_loss=0")
+        if self.gate_pooled and self.selector not in GATED:
+            raise ValueError(f"gate_pooled adds to the learned predictor's scores; selector={self.selector!r} does not "
+                             f"use them: set gate_pooled=False, or selector='learned' or 'local_gated'")
         if self.selector == "local_gated" and self.budget != "fixed":
             raise ValueError("selector='local_gated' keeps the local rule's blocks at the fixed budget's counts: set "
                              "budget='fixed'")

@@ -147,18 +147,22 @@ class ContentBasedAdaptiveSparsity(nn.Module):
     """Scores (B, nh, nb, nb): for query tile b and key block j < b, how much tile b wants block j.
 
     score[b, j] = <MLP_h(q at b*S), W_h mean(k of block j)> / sqrt(gate_dim) + dist_h[b - j - 1] + c_h
+                  [+ a_h <q at b*S, mean(k of block j)> / sqrt(hs)   with pooled=True: MoBA's affinity, learned weight]
     Entries with j >= b are meaningless and masked by the caller.
     """
 
-    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True):
+    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True, pooled=False):
         super().__init__()
         self.gate_dim = gate_dim
+        self.head_size = head_size
         self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
         self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
         self.wk = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
         # index: b - j - 1; without it the scores see no distance (a content-only gate)
         self.dist_bias = nn.Parameter(torch.zeros(n_head, max(1, n_blocks))) if dist_bias else None
         self.offset = nn.Parameter(torch.empty(n_head))
+        # the raw pooled affinity (selector='pooled''s score) as one more input, its weight per head learned
+        self.pooled_weight = nn.Parameter(torch.empty(n_head)) if pooled else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -169,6 +173,8 @@ class ContentBasedAdaptiveSparsity(nn.Module):
             nn.init.zeros_(self.dist_bias)
         # start near-neutral: logsigmoid(2) = -0.13 on every past block
         nn.init.constant_(self.offset, 2.0)
+        if self.pooled_weight is not None:  # starts as pooled's ranking plus the MLP's; training may turn it down
+            nn.init.ones_(self.pooled_weight)
 
     def forward(self, q, k, S):
         B, H, T, hs = q.shape
@@ -187,6 +193,9 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         gk = torch.einsum("bhnd,hdg->bhng", kb, self.wk)
         scores = gq @ gk.transpose(-1, -2) / math.sqrt(self.gate_dim)  # (B, nh, r, n)
         scores = scores + self.offset[None, :, None, None]
+        if self.pooled_weight is not None:
+            pooled = qt @ kb.transpose(-1, -2) / math.sqrt(self.head_size)  # (B, nh, r, n), as pooled_scores
+            scores = scores + self.pooled_weight[None, :, None, None] * pooled
         if self.dist_bias is None:
             return scores
         j = torch.arange(kb.shape[2], device=kb.device)
@@ -214,7 +223,8 @@ class BlockSelector(nn.Module):
         self.n_head = config.n_head
         self.head_size = config.n_embd // config.n_head
         self.predictor = ContentBasedAdaptiveSparsity(config.n_head, self.head_size, config.gate_dim,
-                                                      config.block_size // S, dist_bias=config.gate_dist_bias)
+                                                      config.block_size // S, dist_bias=config.gate_dist_bias,
+                                                      pooled=config.gate_pooled)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
@@ -605,8 +615,9 @@ class BlockSelector(nn.Module):
 
     def flops_per_token(self, T):
         """The predictor's (small) matmuls per head and sequence: q MLP (hs*g + g*g) and key projection (hs*g)
-        on nb rows each, and the nb x nb score matrix (g*nb per row); x2 for multiply-add, x3 for forward +
-        backward = 6, spread over the T tokens of the sequence."""
+        on nb rows each, and the nb x nb score matrix (g*nb per row; hs*nb more with gate_pooled); x2 for
+        multiply-add, x3 for forward + backward = 6, spread over the T tokens of the sequence."""
         nb = T // self.S
         g, hs = self.predictor.gate_dim, self.head_size
-        return 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb) / T)
+        pooled = hs * nb if self.predictor.pooled_weight is not None else 0  # gate_pooled: the nb x nb affinities
+        return 6 * self.n_head * (nb * (hs * g * 2 + g * g + g * nb + pooled) / T)

@@ -365,7 +365,8 @@ def model_from_checkpoint(path, device="cpu"):
 # those that give an ASCA predictor's: a new run starting from a checkpoint must match them
 WARM_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_encoding", "rope_base", "qk_norm", "mlp_act",
              "tie_embeddings")
-PREDICTOR_KEYS = ("sparse_block_size", "gate_dim", "gate_dist_bias", "gate_input", "compressed_branch")
+PREDICTOR_KEYS = ("sparse_block_size", "gate_dim", "gate_dist_bias", "gate_pooled", "gate_input",
+                  "compressed_branch")
 
 
 def warm_start(model, cfg, kind, path):

@@ -267,3 +267,46 @@ def test_a_compiled_run_measures_recall_on_a_fixed_uncompiled_sample(tmp_path, d
             model, ds.splits[split], starts, 64, 4, "cpu", contextlib.nullcontext(), after_forward=after))
         for key in ("recall", "recall_local", "recall_oracle"):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (split, key)
+
+
+def test_gate_pooled_adds_the_pooled_affinity_with_a_learned_weight():
+    """Issue 32 item 6: gate_pooled=True adds a_h * (the tile's first query . each block's mean key) / sqrt(hs) to the
+    predictor's scores, a_h learned per head (1 at the start). Against the per-block loop, with the weight at 1 and at
+    another value; the weight gets a gradient through the gate bias; the gather path computes the same function."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(7))
+    plain, pooled = module("learned"), module("learned", gate_pooled=True)  # one seed: the same MLP weights
+    assert plain.selector.predictor.pooled_weight is None
+    with torch.no_grad():
+        pooled.selector.predictor.pooled_weight.copy_(torch.tensor([1.0, -0.5], dtype=torch.float64))
+    plain.attend(q, k, v)
+    pooled.attend(q, k, v).square().sum().backward()
+    got = pooled.last_selection.scores - plain.last_selection.scores  # (B, nh, nb, nb)
+    for bb, h, w in ((0, 0, 1.0), (1, 1, -0.5)):
+        for b in range(1, 16):
+            want = torch.tensor(naive_first_query(q[bb, h].detach(), k[bb, h].detach(), 8, b, "pooled"))
+            assert torch.allclose(got[bb, h, b, :b], w * want.double(), atol=1e-9), (bb, h, b)
+    assert not torch.equal(pooled.last_selection.selected, plain.last_selection.selected)  # it changes the choice
+    assert pooled.selector.predictor.pooled_weight.grad.abs().min() > 0
+    outs = []
+    for impl in ("reference", "gather"):
+        pooled.impl = impl
+        outs.append(pooled.attend(q, k, v))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("selector", ["learned", "local_gated"])
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gate_pooled_is_causal(selector, impl, mode):
+    torch.manual_seed(0)
+    model = make_model(**MODEL, selector=selector, gate_pooled=True, attn_impl=impl,
+                       dropout=0.1 if mode == "train" else 0.0)
+    before, after = causality_violation(model, mode)
+    assert before < 1e-5 and after > 1e-3
+
+
+def test_gate_pooled_needs_a_gated_selector():
+    with pytest.raises(ValueError, match="gate_pooled adds to the learned predictor's scores; selector='local' does "
+                                         "not use them"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, selector="local",
+                   gate_pooled=True).validate()
