@@ -25,6 +25,11 @@ RUNS = [
     # and the nearest blocks with the learned gate. (Two forced nearest blocks at S=64 cannot reach 0.875.)
     ("learned_s32", "novel_model.py", ASCA + ["--selector=learned", "--sparse_block_size=32"], [1337, 1338]),
     ("local_gated_s32", "novel_model.py", ASCA + ["--selector=local_gated", "--sparse_block_size=32"], [1337, 1338]),
+    # issue 32 item 6, added later the same day: the pooled affinity as one more input to the predictor's scores
+    # (gate_pooled, its weight learned per head), and distillation toward the oracle's target (gate_loss=1.0: the KL to
+    # the first query's dense block mass, after the 100-iteration ramp from dense)
+    ("learned_pooled", "novel_model.py", ASCA + ["--selector=learned", "--gate_pooled=True"], [1337, 1338]),
+    ("learned_distill", "novel_model.py", ASCA + ["--selector=learned", "--gate_loss=1.0"], [1337, 1338]),
 ]
 BUDGET = {"max_iters": 400}
 SEEDS = [1337]
