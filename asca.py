@@ -84,6 +84,9 @@ class ASCAConfig(GPTConfig):
     gate_input: str = key("rotated", legacy="unrotated", choices=("unrotated", "rotated"))  # the predictor reads q, k
     #                     'rotated' (as attended) or 'unrotated' (position-free; rope only)
     gate_dist_bias: bool = key(True, legacy=True)  # a learned per-head bias by block distance in the predictor's scores
+    rank_distance_cost: float = key(0.0, legacy=0.0)  # the learned choice ranks a tile's candidate blocks by score -
+    #                          cost x (blocks between block and tile); the gate bias stays logsigmoid(score). 0 = by
+    #                          score alone; large = the nearest blocks (local_gated's). Fixed budget (issue 32, item 6)
     gate_pooled: bool = key(False, legacy=False)  # the predictor's scores add the pooled affinity (the tile's first
     #                                               query against each block's mean key, as it reads them), with a
     #                                               learned weight per head (issue 32, item 6)
@@ -128,6 +131,11 @@ class ASCAConfig(GPTConfig):
         if self.gate_loss > 0 and self.selector != "learned":
             raise ValueError(f"gate_loss trains the learned predictor's choice; selector={self.selector!r} does not "
                              f"choose by it: set gate_loss=0")
+        if self.rank_distance_cost < 0 or (self.rank_distance_cost and (self.selector != "learned"
+                                                                        or self.budget != "fixed")):
+            raise ValueError(f"rank_distance_cost={self.rank_distance_cost} biases the learned choice at the fixed "
+                             f"budget toward near blocks: it must be >= 0, with selector='learned' and budget='fixed' "
+                             f"(this run: selector={self.selector!r}, budget={self.budget!r})")
         if self.gate_pooled and self.selector not in GATED:
             raise ValueError(f"gate_pooled adds to the learned predictor's scores; selector={self.selector!r} does not "
                              f"use them: set gate_pooled=False, or selector='learned' or 'local_gated'")

@@ -226,6 +226,7 @@ class BlockSelector(nn.Module):
                                                       config.block_size // S, dist_bias=config.gate_dist_bias,
                                                       pooled=config.gate_pooled)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
+        self.distance_cost = config.rank_distance_cost  # learned choice: ranks by score - cost x blocks between
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
         # of the warm-up are rows of a table on the same device, made once: set_step copies a row device to device,
@@ -345,7 +346,16 @@ class BlockSelector(nn.Module):
         if self.rule == "local_gated":  # the local rule's order; the scores only scale the kept blocks (gate_bias)
             B, H, nb = scores.shape[:3]
             return self.order_by(self.rule_scores(B, H, nb, scores.device, "local")), self.counts(scores)
+        if self.distance_cost:  # the learned choice, nearness-biased: ranked by score - cost x (blocks between)
+            return self.order_by(scores.detach().float() - self.distance_penalty(scores.shape[-1], scores.device)), \
+                self.counts(scores)
         return self.order_by(scores), self.counts(scores)
+
+    def distance_penalty(self, nb, device):
+        """(nb, nb) float32: rank_distance_cost x (b - j - 1) for tile b and block j < b, 0 elsewhere: what ranking
+        costs a block for each block between it and its tile."""
+        b = torch.arange(nb, device=device, dtype=torch.float32)
+        return self.distance_cost * (b[:, None] - b[None, :] - 1).clamp(min=0)
 
     def order_by(self, scores):
         """rank()'s order for these scores (B, nh, nb, nb), whatever the budget."""
@@ -396,7 +406,10 @@ class BlockSelector(nn.Module):
         head's count (a padded slot)."""
         nb = b + 1
         forced = self.forced(nb, row.device)[b, :b]  # (b,)
-        prio = row.detach().float().masked_fill(forced, torch.finfo(torch.float32).max)  # as order_by's row b
+        prio = row.detach().float()
+        if self.distance_cost:  # as rank()'s
+            prio = prio - self.distance_penalty(nb, row.device)[b, :b]
+        prio = prio.masked_fill(forced, torch.finfo(torch.float32).max)  # as order_by's row b
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)  # (B, nh, b)
         acc = torch.promote_types(row.dtype, torch.float32)
         if self.adaptive:  # as counts(): forced blocks plus candidates above the threshold

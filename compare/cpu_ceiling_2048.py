@@ -30,6 +30,9 @@ RUNS = [
     # the first query's dense block mass, after the 100-iteration ramp from dense)
     ("learned_pooled", "novel_model.py", ASCA + ["--selector=learned", "--gate_pooled=True"], [1337, 1338]),
     ("learned_distill", "novel_model.py", ASCA + ["--selector=learned", "--gate_loss=1.0"], [1337, 1338]),
+    # and the learned choice biased toward near blocks (rank_distance_cost=0.1 per block between: the trained
+    # learned_s1337's candidate scores spread by 0.1-0.5 within a tile, so a block 5 blocks farther needs 1-2 spreads)
+    ("learned_near", "novel_model.py", ASCA + ["--selector=learned", "--rank_distance_cost=0.1"], [1337, 1338]),
 ]
 BUDGET = {"max_iters": 400}
 SEEDS = [1337]

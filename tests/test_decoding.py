@@ -25,6 +25,7 @@ VARIANTS = {
     "asca_compressed": ("asca", dict(pos_encoding="rope", compressed_branch=True, target_sparsity=0.6)),
     # issue 32 item 6: the pooled affinity in the predictor's scores (a decoded tile's choice adds it too)
     "asca_gate_pooled": ("asca", dict(pos_encoding="rope", gate_pooled=True, target_sparsity=0.6)),
+    "asca_distance_cost": ("asca", dict(pos_encoding="rope", rank_distance_cost=0.5, target_sparsity=0.6)),
     # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
     "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
 }

@@ -310,3 +310,51 @@ def test_gate_pooled_needs_a_gated_selector():
                                          "not use them"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, selector="local",
                    gate_pooled=True).validate()
+
+
+def naive_distance_ranked(scores, forced, n, b, cost):
+    """Tile b's kept past blocks by a loop: the forced ones, then the n - len(forced) others with the highest
+    score - cost * (b - j - 1)."""
+    rest = sorted((j for j in range(b) if j not in forced), key=lambda j: -(float(scores[j]) - cost * (b - j - 1)))
+    return set(forced) | set(rest[:n - len(forced)])
+
+
+@pytest.mark.parametrize("cost", [0.0, 0.7, 1e4])
+def test_rank_distance_cost_ranks_by_score_minus_cost_per_block_between(cost):
+    """Issue 32 item 6: rank_distance_cost biases the learned choice toward near blocks, against a per-tile loop; the
+    gate bias stays logsigmoid(score) on whatever is kept; a large cost keeps local_gated's blocks exactly."""
+    a = module("learned", keep_first_block=False, local_blocks=1, rank_distance_cost=cost)
+    with torch.no_grad():
+        a.selector.predictor.wk.mul_(4.0)  # spread scores: the cost must really trade against them
+    q, k, v = qkv(8)
+    a.attend(q, k, v)
+    sel = a.last_selection
+    for bb, h in ((0, 0), (1, 1)):
+        for b in range(2, 16):
+            n = int(sel.n_past[bb, h, b])
+            want = naive_distance_ranked(sel.scores[bb, h, b], {b - 1}, n, b, cost) | {b}
+            assert {j for j in range(16) if sel.selected[bb, h, b, j]} == want, (cost, b)
+    kept = sel.selected & torch.ones(16, 16, dtype=torch.bool).tril(-1)
+    assert torch.allclose(sel.gate_bias, torch.where(kept, torch.nn.functional.logsigmoid(sel.scores), 0.0))
+    gated = module("local_gated", keep_first_block=False, local_blocks=1)
+    with torch.no_grad():
+        gated.selector.predictor.wk.mul_(4.0)
+    gated.attend(q, k, v)
+    same = torch.equal(sel.selected, gated.last_selection.selected)
+    assert same == (cost == 1e4), cost  # cost 0 and 0.7 choose other blocks than the nearest here
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_rank_distance_cost_is_causal(impl, mode):
+    torch.manual_seed(0)
+    model = make_model(**MODEL, rank_distance_cost=0.5, attn_impl=impl, dropout=0.1 if mode == "train" else 0.0)
+    before, after = causality_violation(model, mode)
+    assert before < 1e-5 and after > 1e-3
+
+
+@pytest.mark.parametrize("over", [dict(rank_distance_cost=-1.0), dict(rank_distance_cost=0.5, selector="local"),
+                                  dict(rank_distance_cost=0.5, budget="adaptive")])
+def test_bad_rank_distance_cost_is_one_line(over):
+    with pytest.raises(ValueError, match="rank_distance_cost=.* biases the learned choice at the fixed budget"):
+        ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, **over).validate()
