@@ -145,38 +145,6 @@ class _Rotate(torch.autograd.Function):
         return rotate(g, cos, -sin), None, None
 
 
-class _RMSNorm(torch.autograd.Function):
-    """RMS norm over the last dim (no weight), x * rsqrt(mean(x^2) + eps), statistics in >= float32, with its
-    derivative written out: r * (g - y * mean(g * y)). On a CPU, F.rms_norm runs as five ops forward (pow, mean,
-    add, rsqrt, mul) and autograd's chain of them backward; this takes one reduction pass (vector_norm) forward and
-    0.60x its time forward + backward on the CPU config's qkv (scripts/bench_rms_norm_cpu.py, issue 34 item 5). The
-    same function to float32 rounding (not bit for bit: another order of summation), tested against F.rms_norm
-    and gradcheck. CPU training only (qk_rms_norm): CUDA keeps F.rms_norm's fused kernel and autocast's float32
-    policy."""
-
-    @staticmethod
-    def forward(ctx, x, eps):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
-        r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
-        y = xf * r
-        ctx.save_for_backward(y, r)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, r = ctx.saved_tensors
-        gf = g.to(y.dtype)
-        return (gf - y * (gf * y).mean(-1, keepdim=True)).mul_(r).to(g.dtype), None
-
-
-def qk_rms_norm(x):
-    """F.rms_norm(x, (hs,)) with eps=None (the dtype's machine epsilon), by _RMSNorm where a CPU builds a graph."""
-    if (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad
-            and not torch.compiler.is_compiling()):  # compiled: inductor fuses F.rms_norm itself
-        return _RMSNorm.apply(x, torch.finfo(x.dtype).eps)
-    return F.rms_norm(x, (x.shape[-1],))
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through SDPA (flash attention on CUDA).
 
@@ -199,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)  # (B, T, 3, nh, hs): q, k, v side by side
         if self.qk_norm:  # no gain: the norm bounds the logits, the projections learn the scale. One call for q and
             # k together (the same rows, bit for bit): half the small ops of a decoding step
-            q, k = qk_rms_norm(qkv[:, :, :2]).unbind(2)
+            q, k = F.rms_norm(qkv[:, :, :2], (hs,)).unbind(2)
             v = qkv[:, :, 2]
         else:
             q, k, v = qkv.unbind(2)

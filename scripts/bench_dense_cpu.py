@@ -33,7 +33,6 @@ VARIANTS = [  # (row, changes to the default model and optimizer)
     ("nanoGPT 2019 architecture, AdamW", NANOGPT),
     ("default (rotary, QK-norm, relu2, untied, Muon)", {}),
     ("default as before issue 34 item 5 (autograd relu2 and rotary)", dict(relu2="autograd", rotary="autograd")),
-    ("default, QK-norm by F.rms_norm (before the hand-written norm)", dict(qk="torch")),
     ("default, AdamW instead of Muon", dict(optimizer="adamw")),
     ("default, GELU instead of relu2", dict(mlp_act="gelu")),
     ("default, relu2 as autograd's relu().square()", dict(relu2="autograd")),
@@ -53,19 +52,11 @@ def autograd_rotary(rot, x, offset=0):  # Rotary.forward before gpt._Rotate: aut
     return gpt.rotate(x, rot.cos[offset:offset + T].to(x.dtype), rot.sin[offset:offset + T].to(x.dtype))
 
 
-def torch_qkv(attn, x):  # CausalSelfAttention.qkv before gpt._RMSNorm: QK-norm by F.rms_norm
-    B, T, C = x.shape
-    qkv = attn.c_attn(x).view(B, T, 3, attn.n_head, C // attn.n_head)
-    q, k = F.rms_norm(qkv[:, :, :2], (C // attn.n_head,)).unbind(2)
-    return [t.transpose(1, 2) for t in (q, k, qkv[:, :, 2])]
-
-
 def build(changes, args):
     changes = dict(changes)
     optimizer = changes.pop("optimizer", "muon")
     relu2 = changes.pop("relu2", None)
     rotary = changes.pop("rotary", None)
-    qk = changes.pop("qk", None)
     torch.manual_seed(0)
     model = gpt.make_model(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                            block_size=args.block_size, **changes)
@@ -75,9 +66,6 @@ def build(changes, args):
     if rotary == "autograd":
         for block in model.transformer.h:
             block.attn.rotary.forward = functools.partial(autograd_rotary, block.attn.rotary)
-    if qk == "torch":
-        for block in model.transformer.h:
-            block.attn.qkv = functools.partial(torch_qkv, block.attn)
     d = train_config.TRAIN_DEFAULTS  # the trainer's optimizer settings (their values do not change the time)
     opt = model.configure_optimizer(d["weight_decay"], d["learning_rate"], (d["beta1"], d["beta2"]), "cpu",
                                     optimizer, d["muon_lr"], d["muon_momentum"])

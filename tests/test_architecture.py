@@ -120,45 +120,6 @@ def test_hand_written_backwards_equal_autograds_bit_for_bit(dtype):
         assert (xr.grad - xc.grad).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 0.04)])
-def test_hand_written_qk_norm_equals_f_rms_norm(dtype, tol):
-    """gpt._RMSNorm (QK-norm in CPU training, issue 34 item 5) against F.rms_norm on the strided q, k slice of qkv, in
-    three dtypes, values and gradients (not bit for bit: another order of summation); against float64 in bf16 (it
-    must be at least as close as F.rms_norm); gradcheck; and the model: one training step's loss and gradients with
-    it equal those with F.rms_norm, while evaluation (no graph) runs F.rms_norm itself."""
-    g = torch.Generator().manual_seed(3)
-    base = (torch.randn(4, 24, 3, 2, 16, generator=g) * 3).to(dtype)
-    up = torch.randn(4, 24, 2, 2, 16, generator=g).to(dtype)
-    a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
-    fa = gpt.qk_rms_norm(a[:, :, :2])
-    fb = torch.nn.functional.rms_norm(b[:, :, :2], (16,))
-    assert fa.grad_fn is not None and "RMSNorm" in type(fa.grad_fn).__name__  # the hand-written path ran
-    fa.backward(up), fb.backward(up)
-    assert fa.dtype == fb.dtype == dtype and (fa - fb).abs().max().item() <= tol
-    assert (a.grad - b.grad).abs().max().item() <= tol and a.grad.abs().max() > 0.1
-    assert a.grad[:, :, 2].abs().max() == 0  # v's rows get nothing
-    if dtype == torch.bfloat16:
-        ref = torch.nn.functional.rms_norm(base[:, :, :2].double(), (16,), eps=torch.finfo(dtype).eps)
-        assert (fa.double() - ref).abs().max() <= (fb.double() - ref).abs().max() + 1e-12
-    if dtype == torch.float64:
-        xs = torch.randn(2, 5, 2, 2, 8, dtype=torch.float64, generator=g).requires_grad_()
-        assert torch.autograd.gradcheck(gpt.qk_rms_norm, (xs,))
-        torch.manual_seed(0)
-        model = baseline_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64).double()
-        idx = torch.randint(0, 256, (2, 64), generator=g)
-        runs = []
-        for hand in (True, False):
-            model.zero_grad(set_to_none=True)
-            with pytest.MonkeyPatch.context() as mp:
-                if not hand:
-                    mp.setattr(gpt, "qk_rms_norm", lambda t: torch.nn.functional.rms_norm(t, (t.shape[-1],)))
-                loss = model(idx, idx)[1]
-            loss.backward()
-            runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        assert abs(runs[0][0] - runs[1][0]) < 1e-12
-        assert max((x - y).abs().max().item() for x, y in zip(runs[0][1], runs[1][1])) < 1e-12
-
-
 def test_compiled_dense_model_matches_eager_forward_and_backward():
     """The dense model as a user runs it with --compile=True (the hand-written backwards traced by dynamo):
     logits, loss and every gradient equal the eager model's, and causal on the compiled path."""
