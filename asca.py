@@ -413,8 +413,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def after_prefill(self, q, qr, lc):
         """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
         from its first query, which only the prefill saw."""
-        if self.selector.rule != "learned":
-            raise ValueError(f"cached decoding supports selector='learned' only (this model: "
+        if self.selector.rule not in GATED:
+            raise ValueError(f"cached decoding supports selector='learned' and 'local_gated' only (this model: "
                              f"{self.selector.rule!r}); sample with --kv_cache=false")
         L, S = q.shape[2], self.S
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None

@@ -25,6 +25,7 @@ VARIANTS = {
     "asca_compressed": ("asca", dict(pos_encoding="rope", compressed_branch=True, target_sparsity=0.6)),
     # issue 32 item 6: the pooled affinity in the predictor's scores (a decoded tile's choice adds it too)
     "asca_gate_pooled": ("asca", dict(pos_encoding="rope", gate_pooled=True, target_sparsity=0.6)),
+    "asca_local_gated": ("asca", dict(pos_encoding="rope", selector="local_gated", target_sparsity=0.6)),
     "asca_distance_cost": ("asca", dict(pos_encoding="rope", rank_distance_cost=0.5, target_sparsity=0.6)),
     # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
     "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
@@ -169,15 +170,17 @@ def test_the_cache_is_written_in_place():
             lc.append(*(torch.zeros(1, 2, 1, 16),) * 3)
 
 
-@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+@pytest.mark.parametrize("budget,choice", [("fixed", {}), ("adaptive", {}), ("fixed", dict(selector="local_gated")),
+                                           ("fixed", dict(rank_distance_cost=0.3))])
 @pytest.mark.parametrize("keep_first,local", [(False, 1), (True, 0), (True, 2)])
-def test_choose_row_is_the_full_rankings_row(budget, keep_first, local):
+def test_choose_row_is_the_full_rankings_row(budget, choice, keep_first, local):
     """Decoding ranks one tile's row (selector.choose_row); the forward ranks every tile (rank, selection). For
-    every tile b of random scores (with ties), the row's kept blocks, counts and gate biases are the full ones'."""
+    every tile b of random scores (with ties), the row's kept blocks, counts and gate biases are the full ones'
+    (the learned choice, the nearest blocks with the gate, and the learned choice with a distance cost)."""
     torch.manual_seed(0)
     model = novel_model.make_model(n_layer=1, n_head=3, n_embd=24, block_size=96, sparse_block_size=8,
                                    sparsity_warmup_iters=0, target_sparsity=0.4, budget=budget,
-                                   keep_first_block=keep_first, local_blocks=local)
+                                   keep_first_block=keep_first, local_blocks=local, **choice)
     sl = model.transformer.h[0].attn.selector
     if sl.adaptive:
         sl.threshold.copy_(torch.tensor([-0.5, 0.0, 0.5]))

@@ -94,11 +94,11 @@ def test_rules_on_the_gather_path_equal_the_reference(selector):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-9
 
 
-@pytest.mark.parametrize("selector", ["local", "oracle", "local_gated"])
+@pytest.mark.parametrize("selector", ["local", "oracle", "pooled", "random"])
 def test_cached_decoding_refuses_the_rules(selector):
     import sample
     model = make_model(**MODEL, selector=selector).eval()
-    with pytest.raises(ValueError, match="cached decoding supports selector='learned' only"):
+    with pytest.raises(ValueError, match="cached decoding supports selector='learned' and 'local_gated' only"):
         sample.generate(model, b"hello", 4)
     assert len(sample.generate(model, b"hello", 4, kv_cache=False)) == 4
 
