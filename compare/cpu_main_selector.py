@@ -3,7 +3,7 @@
 # (selector=local_gated), which beat the learned choice at T=2048 and 0.875 (docs/results/cpu_ceiling_2048.md);
 # EQUAL ITERATIONS on a 2-core CPU (two at a time, OMP_NUM_THREADS=1: the bpc does not depend on it).
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_main_selector.py --jobs=2
-MAIN = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_interval=150"]
+MAIN = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_interval=150", "--gate_input=rotated"]
 RUNS = [
     ("learned", "novel_model.py", MAIN),
     ("local_gated", "novel_model.py", MAIN + ["--selector=local_gated"]),
