@@ -109,7 +109,9 @@ def _grads(m):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("impl,extra", [("gather", {}), ("reference", {}),
                                         ("gather", dict(compressed_branch=True, gate_loss=1.0)),
-                                        ("gather", dict(budget="adaptive"))])
+                                        ("gather", dict(budget="adaptive")),
+                                        ("gather", dict(gate_pooled=True, rank_distance_cost=0.1)),
+                                        ("gather", dict(selector="local_gated"))])
 def test_the_whole_model_trains_under_cudas_policy(policy, impl, extra):
     """The model as the trainer runs it (loss and auxiliary loss under autocast, backward outside) under each torch
     version's CUDA policy: the predictor, the compressed branch and the gate loss included. Logits and every
