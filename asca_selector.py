@@ -406,11 +406,12 @@ class BlockSelector(nn.Module):
         head's count (a padded slot)."""
         nb = b + 1
         forced = self.forced(nb, row.device)[b, :b]  # (b,)
-        prio = row.detach().float()
         if self.rule == "local_gated":  # as rank()'s: the local rule's order (nearest first); the scores only gate
             prio = self.rule_scores(1, 1, nb, row.device, "local")[0, 0, b, :b].expand(row.shape)
-        elif self.distance_cost:  # as rank()'s
-            prio = prio - self.distance_penalty(nb, row.device)[b, :b]
+        else:  # the scores (less the distance cost, if any), as rank()'s
+            prio = row.detach().float()
+            if self.distance_cost:
+                prio = prio - self.distance_penalty(nb, row.device)[b, :b]
         prio = prio.masked_fill(forced, torch.finfo(torch.float32).max)  # as order_by's row b
         order = torch.argsort(prio, dim=-1, descending=True, stable=True)  # (B, nh, b)
         acc = torch.promote_types(row.dtype, torch.float32)
