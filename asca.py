@@ -224,15 +224,15 @@ def gather_attention_bytes(cfg, batch_size, elem=4, sparsity=None):
     alone: per tile group, the gathered keys and values (B, nh, n, (K+1)*S, hs) each, the probabilities
     (B, nh, n, S, (K+1)*S) and the output; transient: the mask and, in backward, the logits' gradient, of the
     probabilities' size (asca_kernels._BlockAttention)."""
-    from asca_kernels import tile_groups
+    from asca_kernels import count_groups
     S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
     hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
     low = min(cfg.layer_targets()) if sparsity is None else sparsity  # the layer keeping most
     counts = keep_counts(nb, S, T, low, cfg.keep_first_block,
                          cfg.local_blocks)  # the layer keeping most
     saved, transient = 0, 0
-    for t0, t1 in tile_groups(nb):
-        n, L = t1 - t0, (int(counts[t0:t1].max()) + 1) * S
+    for t0, t1, K in count_groups(counts.tolist(), S, hs, batch_size * H):  # attend_gather's groups
+        n, L = t1 - t0, (K + 1) * S
         probs = batch_size * H * n * S * L
         saved += 2 * batch_size * H * n * L * hs + probs + batch_size * H * n * S * hs
         transient = max(transient, 2 * probs)

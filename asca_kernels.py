@@ -19,8 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-GATHER_GROUPS = 4  # tile groups, each padded to its own largest count: with a fixed budget tile b keeps about
-#                    (1 - sparsity) * b blocks, so one group would pad the early tiles to the last one's count
+# Tiles go to the kernel in groups of contiguous tiles, each padded to its largest count of kept blocks: with a
+# fixed budget tile b keeps about (1 - sparsity) * b, so one group would pad the early tiles to the last one's count,
+# and one group per tile would pay a call's fixed cost (about 30 ops forward and backward) nb times. count_groups
+# joins the next tile to the current group while the padding that adds costs less than a call: GATHER_CALL_FLOPS,
+# about 0.5 ms of fp32 matmul on the 2-core CPU the gather path was tuned on (docs/results/gather_cpu.md; 20e6 and
+# 80e6 measured level, 0 and 320e6 slower).
+GATHER_CALL_FLOPS = 64e6
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -70,8 +75,28 @@ class _BlockAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dslot.to(ctx.bias_dtype), None, None, None
 
 
-def tile_groups(nb, groups=GATHER_GROUPS):
-    """Contiguous tile ranges [(start, end)], about equal in causal work (tile b has b past blocks)."""
+def count_groups(counts, S, hs, heads, call_flops=None):
+    """Contiguous tile groups [(start, end, K)] for counts[b], the most past blocks tile b keeps in any sequence and
+    head, K each group's largest. One pass: tile b joins the current group if the padding it adds (its own, or the
+    group's tiles padded up to its count) costs at most call_flops, at 6 matmuls of S x S x hs per tile and slot
+    in each of `heads` (batch x heads) slices, forward and backward. call_flops: GATHER_CALL_FLOPS unless given."""
+    call_flops = GATHER_CALL_FLOPS if call_flops is None else call_flops
+    slot = 12 * hs * S * S * heads
+    groups = []
+    for b, c in enumerate(counts):
+        if groups:
+            t0, _, K = groups[-1]
+            added = (b - t0) * (c - K) if c > K else K - c
+            if added * slot <= call_flops:
+                groups[-1] = (t0, b + 1, max(K, c))
+                continue
+        groups.append((b, b + 1, c))
+    return groups
+
+
+def tile_groups(nb, groups):
+    """`groups` contiguous tile ranges [(start, end)], about equal in causal work (tile b has b past blocks): a
+    fixed grouping (attend_gather's groups=N; tests check that the grouping does not change the result)."""
     groups = max(1, min(groups, nb))
     bounds = [0]
     for g in range(1, groups):  # equal area under b: the g-th boundary at nb * sqrt(g / groups)
@@ -117,14 +142,37 @@ def sdpa_block_attention(q, k, v, slot_bias, S, scale):
     return y[:, 0, :, :hs]
 
 
-def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GATHER_GROUPS, kernel=None):
+class _GatherRows(torch.autograd.Function):
+    """src.index_select(0, i) for each index i in one call, and one gradient buffer for all of them: each group's
+    own index_select would add its rows back into a fresh zero-filled copy of src, summed across groups (a fill,
+    a scatter and an add of the whole K or V per group), and one index_select of all groups' rows at once would
+    allocate, and its backward concatenate, one tensor as large as every group's together (tens of MB at T=4096,
+    freshly faulted in each step on this CPU)."""
+
+    @staticmethod
+    def forward(ctx, src, *idxs):
+        ctx.save_for_backward(*idxs)
+        ctx.shape = src.shape
+        return tuple(src.index_select(0, i) for i in idxs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = grads[0].new_zeros(ctx.shape)
+        for i, gr in zip(ctx.saved_tensors, grads):
+            if gr is not None:
+                g.index_add_(0, i, gr)
+        return (g,) + (None,) * len(grads)
+
+
+def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=None, kernel=None):
     """ASCA attention over the kept blocks only.
 
     q, k, v: (B, nh, T, hs), T = nb * S (padded to whole blocks). order: (B, nh, nb, nb) int64, per tile its
     own block first, then the sink, then past blocks by score (Selection.order). n_past: (nb,) or
     (B, nh, nb) past blocks each tile keeps. gate_bias: (B, nh, nb, nb), logsigmoid(score) on kept past
     blocks. kernel: 'sdpa' (the fused flash kernel, sdpa_block_attention), 'block' (_BlockAttention, written
-    out) or 'auto' (per tile group, choose_gather_kernel); with dropout, SDPA's math path. Returns (B, nh, T, hs).
+    out) or 'auto' (per tile group, choose_gather_kernel); with dropout, SDPA's math path. groups: None (by
+    count_groups) or a number of fixed tile ranges (tile_groups). Returns (B, nh, T, hs).
     """
     B, H, T, hs = q.shape
     nb = T // S
@@ -133,38 +181,41 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=GA
     if kernel not in GATHER_KERNELS:
         raise ValueError(f"gather kernel {kernel!r} must be one of {', '.join(GATHER_KERNELS)}")
     n_past = n_past.expand(B, H, nb) if n_past.dim() == 1 else n_past  # (B, nh, nb)
+    counts = n_past.amax(dim=(0, 1)).tolist()  # the most past blocks each tile keeps (the one host sync)
+    if groups is None:
+        plan = count_groups(counts, S, hs, B * H)
+    else:
+        plan = [(t0, t1, max(counts[t0:t1])) for t0, t1 in tile_groups(nb, groups)]
     qb = q.reshape(B, H, nb, S, hs)
-    # each (sequence, head, block) one row of S * hs: a tile's blocks come with one index_select of whole rows (its
-    # backward adds rows back), not an element-wise gather with an index as large as the gathered keys
-    k_rows, v_rows = (t.reshape(B * H * nb, S * hs) for t in (k, v))
+    # slot 0: the tile's own block (order puts it first), slots 1..K: its kept past blocks, best first, padded to
+    # the group's K. Each (sequence, head, block) is one row of S * hs: a tile's blocks come with one index_select
+    # of whole rows (its backward adds rows back), not an element-wise gather with an index as large as the keys
+    idxs = [order[:, :, t0:t1, :K + 1] for t0, t1, K in plan]  # (B, nh, n, K + 1) each
     base = (torch.arange(B * H, device=q.device) * nb).view(B, H, 1, 1)
+    rows = [(idx + base).reshape(-1) for idx in idxs]
+    k_groups = _GatherRows.apply(k.reshape(B * H * nb, S * hs), *rows)
+    v_groups = _GatherRows.apply(v.reshape(B * H * nb, S * hs), *rows)
+    own = torch.zeros(S, S, dtype=dt, device=q.device)  # the own block (slot 0) causal
+    own.masked_fill_(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    slots = torch.arange(max(K for _, _, K in plan) + 1, device=q.device)
     outs = []
-    for t0, t1 in tile_groups(nb, groups):
-        n = t1 - t0
-        M = B * H * n
-        K = int(n_past[..., t0:t1].max())  # the group's largest count of kept past blocks (a host sync)
-        # slot 0: the tile's own block (order puts it first), slots 1..K: its kept past blocks, best first,
-        # padded to K; their keys and values come next to the tile's queries
-        idx = order[:, :, t0:t1, :K + 1]  # (B, nh, n, K + 1)
-        rows = (idx + base).reshape(-1)
-        keys = k_rows.index_select(0, rows).view(M, (K + 1) * S, hs)
-        vals = v_rows.index_select(0, rows).view(M, (K + 1) * S, hs)
-        valid = torch.arange(K + 1, device=q.device) <= n_past[..., t0:t1, None]  # (B, nh, n, K + 1)
+    for (t0, t1, K), idx, keys, vals in zip(plan, idxs, k_groups, v_groups):
+        M = B * H * (t1 - t0)
+        keys, vals = keys.view(M, (K + 1) * S, hs), vals.view(M, (K + 1) * S, hs)
+        valid = slots[:K + 1] <= n_past[..., t0:t1, None]  # (B, nh, n, K + 1)
         slot_bias = torch.gather(gate_bias[:, :, t0:t1], 3, idx).to(dt)  # 0 on the own block by construction
         queries = qb[:, :, t0:t1].reshape(M, S, hs)
         if dropout_p == 0 and choose_gather_kernel(kernel, q.device.type, S, K) == "sdpa":
             slot_bias = slot_bias.masked_fill(~valid, NEG_BIAS)
             outs.append(sdpa_block_attention(queries, keys, vals, slot_bias.reshape(M, K + 1), S, hs ** -0.5))
             continue
-        slot_bias = slot_bias.masked_fill(~valid, float("-inf"))  # (B, nh, n, K + 1)
-        own = torch.zeros(S, S, dtype=dt, device=q.device)  # the own block (slot 0) causal
-        own.masked_fill_(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        slot_bias = slot_bias.masked_fill(~valid, float("-inf")).reshape(M, K + 1)
         if dropout_p > 0:  # SDPA's math path draws the dropout
-            mask = slot_bias.reshape(M, K + 1).repeat_interleave(S, dim=-1)[:, None, :].repeat(1, S, 1)
+            mask = slot_bias.repeat_interleave(S, dim=-1)[:, None, :].repeat(1, S, 1)
             mask[:, :, :S] += own  # (M, S, (K + 1) * S)
             outs.append(F.scaled_dot_product_attention(queries, keys, vals, attn_mask=mask, dropout_p=dropout_p))
             continue
-        outs.append(_BlockAttention.apply(queries, keys, vals, slot_bias.reshape(M, K + 1), own, hs ** -0.5, S))
+        outs.append(_BlockAttention.apply(queries, keys, vals, slot_bias, own, hs ** -0.5, S))
     return torch.cat([o.view(B, H, -1, S, hs) for o in outs], dim=2).reshape(B, H, T, hs)
 
 

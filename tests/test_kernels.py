@@ -49,7 +49,10 @@ def gather_kernel(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", ["fixed", "fixed_no_sink", "adaptive", "adaptive_head", "odd_length", "rope_S16"])
-def test_gather_equals_reference_outputs_and_gradients(dtype, case, gather_kernel):
+@pytest.mark.parametrize("grouping", ["one_per_count", "default"])
+def test_gather_equals_reference_outputs_and_gradients(dtype, case, grouping, gather_kernel, monkeypatch):
+    if grouping == "one_per_count":  # these small shapes make one group by default: test many as well
+        monkeypatch.setattr(asca_kernels, "GATHER_CALL_FLOPS", 0)
     opts = {"fixed": {}, "fixed_no_sink": dict(keep_first=False), "adaptive": dict(budget="adaptive"),
             "adaptive_head": dict(budget="adaptive", budget_scope="head"), "odd_length": dict(target=0.6),
             "rope_S16": dict(S=16, pos_encoding="rope", target=0.5)}[case]
@@ -165,8 +168,33 @@ def test_gather_groups_give_the_same_result():
     q, k, v = (torch.randn(1, 2, 128, 8, dtype=torch.float64, generator=g) for _ in range(3))
     with torch.no_grad():
         sel = a.selector.plan(q, k)
-        outs = [attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, 8, groups=n) for n in (1, 3, 16)]
+        outs = [attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, 8, groups=n) for n in (1, 3, 16, None)]
     assert all((o - outs[0]).abs().max().item() < 1e-12 for o in outs)
+
+
+def test_count_groups_cover_every_tile_once_padded_to_their_largest_count():
+    """count_groups (attend_gather's default grouping): contiguous, every tile once, K its group's largest count;
+    equal counts always share a group, a call's worth of padding never splits one, and more than that does."""
+    g = torch.Generator().manual_seed(0)
+    for nb in (1, 2, 7, 64, 129):
+        for trial in range(4):
+            counts = (torch.arange(nb) * 0.3).long() + torch.randint(0, 2 * trial + 1, (nb,), generator=g)
+            counts = counts.clamp(max=torch.arange(nb)).tolist()  # tile b has b blocks before it
+            for call in (0.0, 1e6, 64e6, 1e12):
+                plan = asca_kernels.count_groups(counts, 16, 8, 4, call_flops=call)
+                assert plan[0][0] == 0 and plan[-1][1] == nb
+                assert all(plan[i][1] == plan[i + 1][0] and plan[i][0] < plan[i][1] for i in range(len(plan) - 1))
+                assert all(K == max(counts[t0:t1]) for t0, t1, K in plan)
+                if call == 0.0:  # no padding allowed: one group per run of equal counts
+                    runs = 1 + sum(a != b for a, b in zip(counts, counts[1:]))
+                    assert len(plan) == runs
+                if call == 1e12:
+                    assert len(plan) == 1
+    # one call's worth: 12 * hs * S^2 * heads flops per padded slot = 12 * 8 * 256 * 4 = 98,304
+    slot = 12 * 8 * 16 * 16 * 4
+    assert asca_kernels.count_groups([0, 0, 1], 16, 8, 4, call_flops=2 * slot) == [(0, 3, 1)]
+    assert asca_kernels.count_groups([0, 0, 1], 16, 8, 4, call_flops=2 * slot - 1) == [(0, 2, 0), (2, 3, 1)]
+    assert asca_kernels.count_groups([3, 0], 16, 8, 4, call_flops=3 * slot - 1) == [(0, 1, 3), (1, 2, 0)]
 
 
 def test_gather_refuses_dropout_with_the_adaptive_budget():
@@ -259,7 +287,8 @@ def test_auto_kernel_takes_the_faster_one_where_the_table_measured(monkeypatch):
         chosen.clear()
         with torch.no_grad():
             a.attend(q, k, v)
-        assert len(chosen) == len(asca_kernels.tile_groups(T // S))
+        counts = a.selector.plan(q, k).n_past.amax(dim=(0, 1)).tolist()
+        assert len(chosen) == len(asca_kernels.count_groups(counts, S, 16, 2))
         if sdpa * NOISE < block:
             assert "sdpa" in chosen, (kind, T, S, target, ms, chosen)
             for_sdpa += 1
@@ -274,6 +303,7 @@ def test_auto_kernel_mixes_both_per_group_and_equals_reference(dtype, monkeypatc
     """With the threshold lowered so that the later tile groups (more kept blocks) take sdpa and the first takes
     block, one call runs both kernels and still equals the reference, outputs and every gradient."""
     monkeypatch.setattr(asca_kernels, "GATHER_KERNEL", "auto")
+    monkeypatch.setattr(asca_kernels, "GATHER_CALL_FLOPS", 0)  # a group per count: these tiny shapes would be one
     calls = []  # (K, kernel) per tile group
     real = asca_kernels.choose_gather_kernel
     monkeypatch.setattr(asca_kernels, "choose_gather_kernel",
