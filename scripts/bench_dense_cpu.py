@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpt  # noqa: E402
+import runtime  # noqa: E402
 import train_config  # noqa: E402
 from prepare_dataset import ByteDataset, DataError  # noqa: E402
 
@@ -97,6 +98,7 @@ def main():
         sys.exit("bench_dense_cpu: --rounds and --steps must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(runtime.keep_freed_memory() or "malloc: left as it is", flush=True)  # as a CPU training run sets it
     try:
         ds = ByteDataset(args.data_dir)
         ds.check_block_size(args.block_size)

@@ -11,8 +11,9 @@ Rows print as they are measured; the table (markdown) prints last and goes to --
     OMP_NUM_THREADS=2 python3 scripts/bench_gather_cpu.py              # the grid of docs/results/gather_cpu.md
     python3 scripts/bench_gather_cpu.py --seq 1024 --sparsity 0.5 --iters 2   # a quick look
 
-Timings: median of --iters runs after one warm-up run, fp32, torch.get_num_threads() threads; run it alone
-(a second job on a 2-core machine slows it 5-10x).
+Timings: median of --iters runs after one warm-up run, fp32, torch.get_num_threads() threads, glibc's malloc
+told to keep freed memory as a CPU training run does (runtime.keep_freed_memory; left alone if MALLOC_MMAP_THRESHOLD_
+is set); run it alone (a second job on a 2-core machine slows it 5-10x).
 """
 import argparse
 import os
@@ -27,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import gpt  # noqa: E402
 import asca  # noqa: E402
+import runtime  # noqa: E402
 import asca_kernels  # noqa: E402
 
 
@@ -151,8 +153,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args(argv)
     globals()["REFERENCE_MAX_T"] = a.reference_max_t  # read by attention_rows and step_rows
+    malloc = runtime.keep_freed_memory()  # as a CPU training run sets it (runtime.Runtime)
     head = (f"CPU gather benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, fp32, median of {a.iters} after 1 warm-up; "
+            f"{'malloc keeps freed memory' if malloc else 'malloc left as it is'}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(head, flush=True)
     lines = ["| rows | T | S | path | measured sparsity | ms | x dense |", "|---|---|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ import torch
 import baseline_model
 import checkpoint
 import evaluate
+import runtime
 from baseline_model import GPTConfig, make_model
 from helpers import ROOT, TINY, NaNAfter, run_script, train_in_process
 
@@ -253,3 +254,42 @@ def test_ddp_two_ranks_on_cpu(tmp_path, data_dir):
     assert ck["iter_num"] == 6 and len(ck["data_generator"]) == len(ck["rng"]) == 2
     assert not torch.equal(ck["data_generator"][0], ck["data_generator"][1])  # ranks draw different windows
     assert math.isfinite(final["test_bpc"])
+
+
+
+def test_a_cpu_run_keeps_freed_memory_for_reuse(monkeypatch):
+    """runtime.keep_freed_memory, which a CPU Runtime calls: glibc's mallopt with the trim threshold (-1) at 1 GiB and
+    the mmap threshold (-3) at 32 MiB, a note in the run's log; a user's MALLOC_ variable stands; no glibc, no
+    call. (What it buys is a benchmark's claim: docs/results/gather_cpu.md.)"""
+    calls = []
+
+    class LibC:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: LibC())
+    for k in runtime.MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    rt = runtime.Runtime(dict(device="cpu", dtype="float32", compile=False, backend="auto"))
+    assert sorted(calls) == [(-3, 1 << 25), (-1, 1 << 30)]
+    assert any(n.startswith("malloc: freed memory kept") for n in rt.notes)
+    calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    rt = runtime.Runtime(dict(device="cpu", dtype="float32", compile=False, backend="auto"))
+    assert calls == [] and not any(n.startswith("malloc") for n in rt.notes)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr("ctypes.CDLL", no_glibc)
+    assert runtime.keep_freed_memory() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+def test_keep_freed_memory_is_accepted_by_this_glibc():
+    """The real call in a fresh process: glibc accepts both settings (mallopt returns 1 for each)."""
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import runtime; print(runtime.keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if k not in runtime.MALLOC_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("malloc: freed memory kept for reuse"), out
