@@ -7,6 +7,7 @@ read, and its memory estimate. attend_flex (CPU: compiled forward only): equal t
 lists exactly the selected blocks and the compiled kernel visits only those; flex_backward_problem follows
 inductor's tiles. The CUDA tests of the flex path (gradients, the compiled whole model) are in test_asca.py."""
 import os
+import subprocess
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import novel_model as nm
 import asca_kernels
 from asca_kernels import attend_gather, tile_groups
-from helpers import attn_module, causality_violation
+from helpers import ROOT, attn_module, causality_violation, run_script
 from novel_model import ASCAConfig, AdaptiveSparseCausalSelfAttention, make_model
 
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5)}  # (outputs, gradients)
@@ -593,3 +594,25 @@ def test_block_kernel_equals_the_written_out_mask_formula(dtype):
     for a, b in zip(got[1:], want[1:]):
         assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
     assert got[4][:, 1:].abs().max() > 0 and got[4][1, -1] == 0  # the bias learns; padding gets no gradient
+
+
+def in_git_checkout():
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not in_git_checkout(), reason="reads asca_kernels.py at a git revision")
+def test_the_paired_revision_benchmark_runs_and_prints_its_table():
+    """scripts/bench_gather_vs_rev.py (how a kernel change is timed: old and new taking turns): its rows are medians
+    whose ratios to dense are what the table says; a bad shape or revision is a one-line error."""
+    r = run_script("scripts/bench_gather_vs_rev.py", "--rev", "HEAD", "--shapes", "256/32/0.5", "--rounds", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| attention | 256 |")]
+    cells = [c.strip() for c in rows[-1].strip("|").split("|")]
+    old, new, dense = (float(c.replace(",", "")) for c in cells[4:7])
+    assert old > 0 and new > 0 and dense > 0 and float(cells[9]) > 0
+    assert float(cells[7]) == pytest.approx(old / dense, rel=0.02) and float(cells[8]) == pytest.approx(new / dense,
+                                                                                                         rel=0.02)
+    for args, needle in [(["--rev", "HEAD", "--shapes", "256x32"], "must be T/S/sparsity"),
+                         (["--rev", "no-such-rev"], "cannot read asca_kernels.py at 'no-such-rev'")]:
+        r = run_script("scripts/bench_gather_vs_rev.py", *args)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
