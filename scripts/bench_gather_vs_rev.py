@@ -136,7 +136,7 @@ def main(argv=None):
     for kind in a.rows:
         for T, S, s in shapes:
             ms, md, ratio = (attention if kind == "attention" else step)(fns, T, S, s, a.rounds)
-            lines.append(f"| {kind} | {T} | {S} | {s} | {ms['old']:,.1f} | {ms['new']:,.1f} | {md:,.1f} | "
+            lines.append(f"| {kind} | {T} | {S} | {s} | {ms['old']:,.2f} | {ms['new']:,.2f} | {md:,.2f} | "
                          f"{ms['old'] / md:.3f} | {ms['new'] / md:.3f} | {ratio:.3f} |")
             print(lines[-1], flush=True)
     print("\n" + "\n".join(lines))
