@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import asca_kernels
 import novel_model as nm
 from asca_kernels import attend_gather, attend_reference
 from helpers import ROOT, attn_module
@@ -72,14 +73,17 @@ def test_the_emulation_gives_cudas_dtypes(rms_fp32):
 
 # ----------------------------------------------------------------------------- item 1: kernels under CUDA's policy
 
+@pytest.mark.parametrize("groups", ["default", "one_per_count"])  # one group at this size, or one per kept count
 @pytest.mark.parametrize("kernel", ["block", "sdpa"])  # both kernels auto chooses between per tile group
 @pytest.mark.parametrize("qk_dtype", [torch.bfloat16, torch.float32])
-def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtype, kernel):
+def test_the_gather_kernel_trains_under_cudas_policy_and_matches_float64(qk_dtype, kernel, groups, monkeypatch):
     """Under CUDA's autocast the softmax inside the gather kernel is float32 and the incoming gradient bf16: its
     backward raised 'expected m1 and m2 to have the same dtype' (the first CUDA step of every ASCA run). q and k
     arrive in float32 where rms_norm is on CUDA's float32 list (torch 2.13), v in bf16. Outputs and every gradient
     (q, k, v, the predictor's) against the float64 reference on the same selection, within bf16 rounding; each
     gradient in its input's dtype."""
+    if groups == "one_per_count":
+        monkeypatch.setattr(asca_kernels, "GATHER_CALL_FLOPS", 0)
     a = attn_module(T=128, S=16, H=2, hs=16, target=0.6, keep_first=False, local_blocks=1, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(2, 2, 128, 16, generator=g) for _ in range(3)]
