@@ -186,7 +186,9 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=No
         plan = count_groups(counts, S, hs, B * H)
     else:
         plan = [(t0, t1, max(counts[t0:t1])) for t0, t1 in tile_groups(nb, groups)]
-    qb = q.reshape(B, H, nb, S, hs)
+    # each group's queries, (B, nh, n, S, hs): one split, whose backward writes q's gradient once (a slice per group
+    # would zero-fill a q-sized gradient per group and add them up)
+    q_groups = q.reshape(B, H, nb, S, hs).split([t1 - t0 for t0, t1, _ in plan], dim=2)
     # slot 0: the tile's own block (order puts it first), slots 1..K: its kept past blocks, best first, padded to
     # the group's K. Each (sequence, head, block) is one row of S * hs: a tile's blocks come with one index_select
     # of whole rows (its backward adds rows back), not an element-wise gather with an index as large as the keys
@@ -199,12 +201,12 @@ def attend_gather(q, k, v, order, n_past, gate_bias, S, dropout_p=0.0, groups=No
     own.masked_fill_(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     slots = torch.arange(max(K for _, _, K in plan) + 1, device=q.device)
     outs = []
-    for (t0, t1, K), idx, keys, vals in zip(plan, idxs, k_groups, v_groups):
+    for (t0, t1, K), idx, qg, keys, vals in zip(plan, idxs, q_groups, k_groups, v_groups):
         M = B * H * (t1 - t0)
         keys, vals = keys.view(M, (K + 1) * S, hs), vals.view(M, (K + 1) * S, hs)
         valid = slots[:K + 1] <= n_past[..., t0:t1, None]  # (B, nh, n, K + 1)
         slot_bias = torch.gather(gate_bias[:, :, t0:t1], 3, idx).to(dt)  # 0 on the own block by construction
-        queries = qb[:, :, t0:t1].reshape(M, S, hs)
+        queries = qg.reshape(M, S, hs)
         if dropout_p == 0 and choose_gather_kernel(kernel, q.device.type, S, K) == "sdpa":
             slot_bias = slot_bias.masked_fill(~valid, NEG_BIAS)
             outs.append(sdpa_block_attention(queries, keys, vals, slot_bias.reshape(M, K + 1), S, hs ** -0.5))
