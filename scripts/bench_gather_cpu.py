@@ -103,6 +103,19 @@ def attention_rows(T, sparsities, iters, forward_only=False):
             yield (kind, T, S, "asca flex (compiled)", a.diagnostics()["sparsity"], ms, ms / dense)
 
 
+def training_step(model, x, y):
+    """The step rows' training step for `model` on the batch x, y (forward, backward, AdamW), as a closure
+    (bench_gather_vs_rev.py times the same step)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def step_rows(T, sparsities, iters, tokens):
     B, S = max(1, tokens // T), block_for(T)
     common = dict(n_layer=4, n_head=4, n_embd=256, block_size=T)
@@ -111,14 +124,7 @@ def step_rows(T, sparsities, iters, tokens):
     y = torch.randint(0, 256, (B, T), generator=g)
 
     def timed(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return median_ms(step, iters), model
+        return median_ms(training_step(model, x, y), iters), model
 
     torch.manual_seed(0)
     dense, _ = timed(gpt.make_model(**common))

@@ -23,12 +23,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import asca  # noqa: E402
 import asca_kernels  # noqa: E402
 import gpt  # noqa: E402
+from bench_gather_cpu import training_step  # noqa: E402
 import runtime  # noqa: E402
 
 
@@ -91,27 +93,17 @@ def step(fns, T, S, s, rounds):
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 256, (B, T), generator=g) for _ in range(2))
 
-    def stepper(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def st():
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return st
-
     def run(f):
         torch.manual_seed(0)
-        st = stepper(asca.make_model(**common, sparse_block_size=S, target_sparsity=s, sparsity_warmup_iters=0,
-                                     attn_impl="gather"))
+        st = training_step(asca.make_model(**common, sparse_block_size=S, target_sparsity=s, sparsity_warmup_iters=0,
+                                           attn_impl="gather"), x, y)
 
         def r():
             asca.attend_gather = f
             st()
         return r
     torch.manual_seed(0)
-    return paired({n: run(f) for n, f in fns.items()}, stepper(gpt.make_model(**common)), rounds)
+    return paired({n: run(f) for n, f in fns.items()}, training_step(gpt.make_model(**common), x, y), rounds)
 
 
 def main(argv=None):
