@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config_keys import declarations, key
+from muon import Muon
 
 
 # The largest shapes a config may ask for: far beyond what one GPU trains, small enough that a damaged or mistyped
@@ -539,9 +540,10 @@ class GPT(nn.Module):
         return [m.weight for m in self.transformer.h.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                            muon_lr=0.02, muon_momentum=0.95):
+                            muon_lr=0.02, muon_momentum=0.95, muon_ns_dtype="bfloat16"):
         """AdamW (decay only on matrices, >= 2-D, not on biases, norms or gains); with optimizer='muon',
-        torch.optim.Muon on muon_params() and AdamW on everything else. Every parameter is in exactly one
+        Muon (torch's, its Newton-Schulz iteration in muon_ns_dtype: muon.py) on muon_params() and AdamW on
+        everything else. Every parameter is in exactly one
         group; groups carry lr_scale so one schedule drives both (lr of a group = schedule lr * lr_scale)."""
         muon = {id(p) for p in self.muon_params()} if optimizer == "muon" else set()
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
@@ -551,8 +553,8 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
         if optimizer == "adamw":
             return adamw
-        mu = torch.optim.Muon([{"params": self.muon_params(), "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                              weight_decay=weight_decay, momentum=muon_momentum)
+        mu = Muon([{"params": self.muon_params(), "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                  weight_decay=weight_decay, momentum=muon_momentum, ns_dtype=getattr(torch, muon_ns_dtype))
         return Optimizers(mu, adamw)
 
 

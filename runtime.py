@@ -4,6 +4,7 @@ compile, DDP rank and the collectives the loop needs (stop flags on a CPU group,
 environment a run records, and a meter of how much of the machine other processes used while it trained.
 """
 import contextlib
+import functools
 import os
 import platform
 import signal
@@ -37,7 +38,59 @@ def resolve_auto(cfg):
         dtype = "float32" if not cuda else ("bfloat16" if bf16 else "float16")
     compile_ = cuda if cfg["compile"] == "auto" else cfg["compile"]
     backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if cuda else "gloo")
-    return {"device": device, "dtype": dtype, "compile": compile_, "backend": backend}
+    ns_dtype = resolve_muon_ns_dtype(cfg.get("muon_ns_dtype", "auto"), cuda)[0]
+    return {"device": device, "dtype": dtype, "compile": compile_, "backend": backend, "muon_ns_dtype": ns_dtype}
+
+
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else platform's best guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_native_bf16():
+    """(native, why): whether this CPU multiplies bfloat16 matrices at float32's rate or faster. On x86 by the
+    flags torch's CPU kernels dispatch on (AVX512-BF16 or AMX); elsewhere (Arm) by a one-off probe of a few ms,
+    a 128^3 matmul in each dtype. Without native support a bf16 matmul is emulated, about 100x slower (AMD EPYC
+    without AVX512-BF16: 0.8 against 80 GFLOP/s, docs/results/dense_cpu.md)."""
+    cpu = torch.cpu
+    if platform.machine().lower() in ("x86_64", "amd64", "i686") and hasattr(cpu, "_is_avx512_bf16_supported"):
+        flags = [name for name, has in (("AVX512-BF16", cpu._is_avx512_bf16_supported()),
+                                        ("AMX", getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+                 if has]
+        return bool(flags), (", ".join(flags) if flags else "no AVX512-BF16 or AMX")
+    rates = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(128, 128).to(dt)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        rates[dt] = best
+    ratio = rates[torch.bfloat16] / rates[torch.float32]
+    return ratio <= 2.0, f"a bf16 matmul probed at {ratio:.1f}x float32's time"
+
+
+MUON_NS_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def resolve_muon_ns_dtype(setting, cuda):
+    """(dtype name, why) of Muon's Newton-Schulz iteration: 'auto' is bfloat16 on CUDA and on a CPU with native
+    bf16 matmuls (torch.optim.Muon's own choice), float32 on any other CPU."""
+    if setting != "auto":
+        return setting, "set"
+    if cuda:
+        return "bfloat16", "CUDA"
+    native, why = cpu_native_bf16()
+    return ("bfloat16" if native else "float32"), f"{cpu_model()}: {why}"
 
 
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -97,6 +150,13 @@ class Runtime:
             notes.append(f"compile=auto -> {comp} ({'CUDA' if comp else 'CPU: compile time would dominate'})")
         self.compile = comp
         self.backend = backend
+        if self.device_type == "cpu" and dt == "bfloat16" and not cpu_native_bf16()[0]:
+            notes.append(f"warning: dtype=bfloat16 on a CPU without native bf16 matmuls ({cpu_model()}: "
+                         f"{cpu_native_bf16()[1]}): they are emulated, about 100x slower than float32; "
+                         f"use --dtype=float32")
+        if cfg.get("optimizer") == "muon" and cfg.get("muon_ns_dtype") == "auto":
+            ns, why = resolve_muon_ns_dtype("auto", self.device_type == "cuda")
+            notes.append(f"muon_ns_dtype=auto -> {ns} ({why})")
         if self.device_type == "cpu":
             kept = keep_freed_memory()
             if kept:
@@ -162,7 +222,8 @@ class Runtime:
     def device_name(self):
         if self.device_type == "cuda":
             return torch.cuda.get_device_name(self.device)
-        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        bf16 = "native bf16" if cpu_native_bf16()[0] else "no native bf16"
+        return f"CPU ({cpu_model()}, {platform.machine()}, {bf16}, {torch.get_num_threads()} threads)"
 
     def peak_flops(self):
         if self.device_type != "cuda" or self.dtype == "float32":

@@ -14,7 +14,7 @@ import trackers
 from asca_selector import SELECTORS
 from config_keys import Key
 from models import MODELS
-from runtime import TrainError, free_memory_bytes
+from runtime import MUON_NS_DTYPES, TrainError, free_memory_bytes
 
 # The training loop's keys, each declared once with its rules (config_keys.Key: resume='this_run' = always this
 # command's on resume; compared=False = compare.py does not compare it; legacy = what runs from before it ran with).
@@ -51,6 +51,9 @@ TRAIN_KEYS = dict(
     # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
     optimizer=Key("muon", legacy="adamw", choices=("adamw", "muon")),
     muon_lr=Key(0.02), muon_momentum=Key(0.95),  # Muon's peak lr (same warm-up and decay shape) and momentum
+    # the dtype of Muon's Newton-Schulz iteration: 'auto' = bfloat16 on CUDA and on a CPU with native bf16
+    # matmuls (torch's Muon), float32 on other CPUs, where bf16 matmuls are emulated ~100x slower (muon.py)
+    muon_ns_dtype=Key("auto", legacy="bfloat16", resume="this_run", choices=MUON_NS_DTYPES),
     # system: where and how this process runs
     device=Key("auto", type=str, resume="this_run"), dtype=Key("auto", type=str, resume="this_run"),
     compile=Key("auto", type=bool, resume="this_run"), backend=Key("auto", type=str, resume="this_run"),

@@ -117,7 +117,8 @@ class Trainer:
         self.model = (build_model or MODELS[self.kind].build)(cfg).to(rt.device)
         self.optimizer = self.model.configure_optimizer(cfg["weight_decay"], cfg["learning_rate"],
                                                         (cfg["beta1"], cfg["beta2"]), rt.device_type,
-                                                        cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"])
+                                                        cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
+                                                        rt.resolved["muon_ns_dtype"])
         self.fwd, self.ddp, self.train_fwd = wrap_for_training(
             self.model, rt.compile, rt.ddp, [rt.local_rank] if rt.device_type == "cuda" else None)
         self.tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]

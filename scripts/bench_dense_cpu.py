@@ -33,6 +33,8 @@ NANOGPT = dict(pos_encoding="learned", qk_norm=False, mlp_act="gelu", tie_embedd
 VARIANTS = [  # (row, changes to the default model and optimizer)
     ("nanoGPT 2019 architecture, AdamW", NANOGPT),
     ("default (rotary, QK-norm, relu2, untied, Muon)", {}),
+    ("default, Muon's Newton-Schulz in float32", dict(muon_ns_dtype="float32")),
+    ("default, Muon's Newton-Schulz in bfloat16 (torch's Muon)", dict(muon_ns_dtype="bfloat16")),
     ("default as before issue 34 item 5 (autograd relu2 and rotary)", dict(relu2="autograd", rotary="autograd")),
     ("default, AdamW instead of Muon", dict(optimizer="adamw")),
     ("default, GELU instead of relu2", dict(mlp_act="gelu")),
@@ -56,6 +58,7 @@ def autograd_rotary(rot, x, offset=0):  # Rotary.forward before gpt._Rotate: aut
 def build(changes, args):
     changes = dict(changes)
     optimizer = changes.pop("optimizer", "muon")
+    ns_dtype = runtime.resolve_muon_ns_dtype(changes.pop("muon_ns_dtype", "auto"), cuda=False)[0]
     relu2 = changes.pop("relu2", None)
     rotary = changes.pop("rotary", None)
     torch.manual_seed(0)
@@ -69,8 +72,38 @@ def build(changes, args):
             block.attn.rotary.forward = functools.partial(autograd_rotary, block.attn.rotary)
     d = train_config.TRAIN_DEFAULTS  # the trainer's optimizer settings (their values do not change the time)
     opt = model.configure_optimizer(d["weight_decay"], d["learning_rate"], (d["beta1"], d["beta2"]), "cpu",
-                                    optimizer, d["muon_lr"], d["muon_momentum"])
+                                    optimizer, d["muon_lr"], d["muon_momentum"], ns_dtype)
     return model, opt
+
+
+def matmul_gflops(dtype, m=256, k=1024, n=1024, reps=3):
+    """This machine's matmul rate in dtype: best of reps of (m x k) @ (k x n), as Muon's Newton-Schulz multiplies."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def optimizer_step_ms(args, reps=3):
+    """{row: ms} of the optimizer step alone on the default model's gradients: Muon's iteration in each dtype,
+    and AdamW for all."""
+    out = {}
+    for name, changes in (("Muon, Newton-Schulz in float32", dict(muon_ns_dtype="float32")),
+                          ("Muon, Newton-Schulz in bfloat16 (torch's)", dict(muon_ns_dtype="bfloat16")),
+                          ("AdamW", dict(optimizer="adamw"))):
+        model, opt = build(changes, args)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        ts = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            opt.step()
+            ts.append(time.perf_counter() - t0)
+        out[name] = 1e3 * min(ts[1:])
+    return out
 
 
 def step(model, opt, ds, gen, args):
@@ -104,6 +137,8 @@ def main():
         ds.check_block_size(args.block_size)
     except DataError as e:
         sys.exit(f"bench_dense_cpu: {e}")
+    rates = {dt: matmul_gflops(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    opt_ms = optimizer_step_ms(args)
     built = [(name, *build(changes, args)) for name, changes in VARIANTS]
     gen = torch.Generator().manual_seed(0)
     times = {name: [] for name, *_ in built}
@@ -125,9 +160,15 @@ def main():
     tokens = args.batch_size * args.block_size
     ref = times[VARIANTS[0][0]]
     default = times[VARIANTS[1][0]]
-    print(f"# dense CPU step, {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {platform.machine()}, "
-          f"{torch.get_num_threads()} threads; {args.n_layer} layers, n_embd {args.n_embd}, B={args.batch_size}, "
-          f"T={args.block_size}; median of {args.rounds} rounds x {args.steps} steps")
+    native, why = runtime.cpu_native_bf16()
+    print(f"# dense CPU step, {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {runtime.cpu_model()}, "
+          f"{platform.machine()}, {torch.get_num_threads()} threads; {args.n_layer} layers, n_embd {args.n_embd}, "
+          f"B={args.batch_size}, T={args.block_size}; median of {args.rounds} rounds x {args.steps} steps")
+    print(f"bf16: {'native' if native else 'not native'} ({why}); matmul (256 x 1024) @ (1024 x 1024): float32 "
+          f"{rates['float32']:.1f} GFLOP/s, bfloat16 {rates['bfloat16']:.1f} GFLOP/s; muon_ns_dtype=auto -> "
+          f"{runtime.resolve_muon_ns_dtype('auto', cuda=False)[0]}")
+    print("optimizer step alone (default model, best of 3): "
+          + ", ".join(f"{name} {ms:.0f} ms" for name, ms in opt_ms.items()))
     print(f"data loader: {1e3 * statistics.median(t_load):.2f} ms per batch (inside every step below)\n")
     print("| variant | ms/step | tokens/s | vs nanoGPT 2019 | vs default |")
     print("|---|---:|---:|---:|---:|")

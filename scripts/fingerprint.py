@@ -5,6 +5,7 @@ run it before and after the change and compare the two files (they must be ident
     python3 scripts/fingerprint.py --out /tmp/before.json     # on the old commit
     python3 scripts/fingerprint.py --out /tmp/after.json      # on the new one
     cmp /tmp/before.json /tmp/after.json
+    python3 scripts/fingerprint.py --extra=--muon_ns_dtype=bfloat16 --out /tmp/x.json   # a key added to every case
 
 Each case trains the tiny model (config/train_tiny.py) for 20 iterations on the first 400 KB of the bundled
 excerpt (split into a temporary directory), evaluating every 5, then resumes it for 10 more. The fingerprint is
@@ -67,10 +68,10 @@ def tree_digest(obj, h=None):
     return h.hexdigest() if top else None
 
 
-def run_case(name, script, args, tmp):
+def run_case(name, script, args, tmp, extra_args=()):
     import torch
     out = os.path.join(tmp, name)
-    base = [sys.executable, os.path.join(ROOT, script), *args, f"--data_dir={os.path.join(tmp, 'data')}",
+    base = [sys.executable, os.path.join(ROOT, script), *args, *extra_args, f"--data_dir={os.path.join(tmp, 'data')}",
             f"--out_dir={out}", "--seed=1337"]
     for extra in (["--max_iters=20"], ["--max_iters=30", "--init_from=resume"]):
         r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True,
@@ -95,6 +96,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the fingerprint here (default: stdout)")
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--extra", action="append", default=[], metavar="--KEY=VALUE",
+                   help="a training argument added to every case (repeatable)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         import lzma
@@ -103,7 +106,7 @@ def main():
             g.write(f.read(400_000))
         subprocess.run([sys.executable, os.path.join(ROOT, "prepare_dataset.py"), "--input", src, "--out_dir",
                         os.path.join(tmp, "data")], check=True, capture_output=True)
-        fp = {name: run_case(name, *CASES[name], tmp) for name in a.cases}
+        fp = {name: run_case(name, *CASES[name], tmp, a.extra) for name in a.cases}
     text = json.dumps(fp, indent=1, sort_keys=True) + "\n"
     if a.out:
         with open(a.out, "w") as f:
