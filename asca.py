@@ -76,7 +76,14 @@ class ASCAConfig(GPTConfig):
     local_blocks: int = key(1, legacy=0)  # the w nearest past blocks always kept, counted in the budget (every byte
     #                                       sees >= w*S back)
     layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
-    #                           "" = target_sparsity in every layer
+    #                           "" = target_sparsity in every layer; a 0 keeps that layer dense (with the gate)
+    # an absolute budget instead of target_sparsity's ratio: each query tile keeps at most this many keys (its own
+    # block, the forced and the chosen blocks: keep_tokens // S blocks), so T <= keep_tokens is dense and the sparsity
+    # follows from T; 0 = off
+    keep_tokens: int = key(0, legacy=0, excludes=("target_sparsity", "layer_sparsity"))
+    dense_from: float = key(1.0, legacy=1.0)  # from this fraction of the run (iterations or max_time_s) on, every block
+    #                 is kept (with the gate): sparse training, then dense (MoBA's recipe); 1 = never. The trained
+    #                 model is dense: a training-cost saving only
     gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
     compressed_branch: bool = False  # every query also attends to one mean key/value per complete past block, mixed
     #                                  in by a learned per-head gate on the query (NSA's gated sum)
@@ -116,6 +123,12 @@ class ASCAConfig(GPTConfig):
                              f"{MAX_BLOCKS:,}: use sparse_block_size={self.block_size // MAX_BLOCKS} or more")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity={self.target_sparsity} must be in [0, 1)")
+        if not 0.0 <= self.dense_from <= 1.0:
+            raise ValueError(f"dense_from={self.dense_from} must be in [0, 1]: the fraction of the run after which "
+                             f"attention is dense (1 = never)")
+        if self.dense_from < 1.0 and self.budget != "fixed":
+            raise ValueError("dense_from keeps every block through the fixed budget's counts: set budget='fixed'")
+        self.check_keep_tokens()
         if self.local_blocks < 0:
             raise ValueError(f"local_blocks={self.local_blocks} must be >= 0")
         top = max_sparsity(self.block_size, S, self.keep_first_block, self.local_blocks)
@@ -152,9 +165,29 @@ class ASCAConfig(GPTConfig):
         if not 0.0 < self.budget_ema <= 1.0:
             raise ValueError(f"budget_ema={self.budget_ema} must be in (0, 1]")
 
+    def keep_cap(self):
+        """keep_tokens as the past blocks a tile keeps at most (its own block aside), or None (a ratio budget)."""
+        return self.keep_tokens // self.sparse_block_size - 1 if self.keep_tokens else None
+
+    def check_keep_tokens(self):
+        if not self.keep_tokens:
+            return
+        S, forced = self.sparse_block_size, 1 + self.local_blocks + int(self.keep_first_block)
+        if self.keep_tokens < forced * S:
+            raise ValueError(f"keep_tokens={self.keep_tokens} is below the blocks every tile keeps ({forced} x "
+                             f"sparse_block_size={S}: its own block, {self.local_blocks} local"
+                             f"{', the sink' if self.keep_first_block else ''}): use keep_tokens={forced * S} or more")
+        if self.layer_sparsity or self.budget != "fixed":
+            raise ValueError("keep_tokens is a fixed absolute budget for every layer: it cannot be combined with "
+                             "layer_sparsity or budget='adaptive'; drop one of them")
+
     def layer_targets(self):
-        """Each layer's target sparsity: layer_sparsity's list, or target_sparsity everywhere. The list must have
-        one value per layer, each in [0, 1), with mean target_sparsity (so a run's label states its compute)."""
+        """Each layer's target sparsity: layer_sparsity's list, or target_sparsity everywhere; with keep_tokens, the
+        sparsity its cap gives at block_size, in every layer. The list must have one value per layer, each in
+        [0, 1), with mean target_sparsity (so a run's label states its compute)."""
+        if self.keep_tokens:
+            return [max_sparsity(self.block_size, self.sparse_block_size, self.keep_first_block, self.local_blocks,
+                                 self.keep_cap())] * self.n_layer
         if not self.layer_sparsity:
             return [self.target_sparsity] * self.n_layer
         try:
@@ -185,6 +218,7 @@ class ASCAConfig(GPTConfig):
             if self.dropout > 0:
                 raise ValueError("the flex path has no attention dropout: set dropout=0, or attn_impl='reference'")
             why = flex_backward_problem(self.sparse_block_size, self.n_embd // self.n_head, dtype) if training else None
+            why = why or asca_kernels.flex_short_problem(self.sparse_block_size, self.block_size)
             if why:
                 raise ValueError(why)
 
@@ -228,8 +262,7 @@ def gather_attention_bytes(cfg, batch_size, elem=4, sparsity=None):
     S, T, H = cfg.sparse_block_size, cfg.block_size, cfg.n_head
     hs, nb = cfg.n_embd // H, cfg.block_size // cfg.sparse_block_size
     low = min(cfg.layer_targets()) if sparsity is None else sparsity  # the layer keeping most
-    counts = keep_counts(nb, S, T, low, cfg.keep_first_block,
-                         cfg.local_blocks)  # the layer keeping most
+    counts = keep_counts(nb, S, T, low, cfg.keep_first_block, cfg.local_blocks, cfg.keep_cap())
     saved, transient = 0, 0
     for t0, t1, K in count_groups(counts.tolist(), S, hs, batch_size * H):  # attend_gather's groups
         n, L = t1 - t0, (K + 1) * S
@@ -292,8 +325,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- the hooks the trainer calls (CausalSelfAttention declares them): the selector owns the behaviour
-    def set_step(self, iter_num):
-        self.selector.set_step(iter_num)
+    def set_step(self, iter_num, progress=None):
+        self.selector.set_step(iter_num, progress)
 
     def update_budget(self, reduce=None):
         self.selector.update_budget(reduce)
@@ -318,6 +351,18 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         # each bucketed prefill length). The gather path computes the same function uncompiled (issue 23, item 7).
         if self.impl in ("auto", "flex"):
             self.impl = "gather"
+
+    @contextlib.contextmanager
+    def eager_path(self):
+        # the gather path computes the flex path's function uncompiled: an eager measurement on CUDA (recall on a
+        # sample) then costs no FlexAttention compile of its own
+        impl = self.impl
+        if impl in ("auto", "flex"):
+            self.impl = "gather"
+        try:
+            yield
+        finally:
+            self.impl = impl
 
     @property
     def last_selection(self):
@@ -519,7 +564,7 @@ def startup_check(model, fwd, x, y, ctx, low_precision):
     ref = copy.deepcopy(model)
     for a in ref.attention_modules():
         a.impl = ref_impl
-    was_training, steps = model.training, [a.selector.step_pos for a in attns]
+    was_training, steps = model.training, [(a.selector.step_pos, a.selector.progress) for a in attns]
     thresholds = [a.selector.threshold.clone() if a.selector.adaptive else None for a in attns]
     for m in (model, ref):
         m.set_step(math.inf)  # the end of the sparsity warm-up
@@ -551,7 +596,7 @@ def startup_check(model, fwd, x, y, ctx, low_precision):
     finally:
         model.train(was_training)
         for a, step, t in zip(attns, steps, thresholds):
-            a.set_step(step)
+            a.set_step(*step)
             if t is not None:
                 a.selector.threshold.copy_(t)
     (lf, gf), (lr, gr) = outs

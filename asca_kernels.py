@@ -371,6 +371,28 @@ def flex_backward_problem(S, head_dim, dtype):
             f"use sparse_block_size={need} (or a multiple), or attn_impl='reference'")
 
 
+def flex_short_problem(S, block_size):
+    """None if every sequence shorter than 128 that this model can run compiles with FlexAttention on CUDA, else why.
+
+    Inductor runs a query shorter than 128 through its flex-decoding kernel, whose query tile is the next power of two
+    of the (padded) length, at least 16, and must divide the mask's block size S; otherwise it skips every config and
+    compilation ends in NoValidChoicesError (torch 2.11 and 2.13 _inductor/kernel/flex/flex_decoding.py,
+    `SPARSE_Q_BLOCK_SIZE % kernel_options["BLOCK_M"]`). The flex path pads a sequence to S * 2^k (padded_length's
+    buckets), so the lengths to check are S, 2S, ... below 128 and up to block_size."""
+    Tp, bad = S, []
+    while Tp < 128 and Tp <= block_size:
+        tile = max(16, 1 << (Tp - 1).bit_length())
+        if S % tile:
+            bad.append((Tp, tile))
+        Tp *= 2
+    if not bad:
+        return None
+    (Tp, tile), = bad[:1]
+    return (f"sparse_block_size={S} cannot compile FlexAttention on CUDA for a sequence padded to {Tp} (under 128 "
+            f"bytes inductor's decoding kernel takes a query tile of {tile}, which must divide S): use a power-of-two "
+            f"sparse_block_size of 64 or more, or attn_impl='gather'")
+
+
 _FLEX_COMPILED = None
 
 

@@ -12,7 +12,8 @@ the trainer only call it).
       select(q, k)              scores, then rank(): per tile its own block, the sink, then past blocks by score
       counts(scores)            past blocks kept per tile, always (B, nh, nb): the fixed budget's scheduled
                                 counts, or the adaptive budget's blocks above the threshold
-      set_step / update_budget  the sparsity schedule, and the adaptive threshold's controller
+      set_step / update_budget  the sparsity schedule (its warm-up, and dense from dense_from on), and the
+                                adaptive threshold's controller
       last, diagnostics, tallies, flops_per_token
 
 S = sparse_block_size, nb = T / S; tile b = queries b*S .. b*S+S-1, block j = keys likewise.
@@ -49,13 +50,18 @@ def forced_past(nb, keep_first, local=0, device=None):
     return forced
 
 
-def _skippable(nb, keep_first, local=0):
-    return torch.arange(nb) - forced_past(nb, keep_first, local).sum(-1)  # past blocks of tile b that may be skipped
+def _skippable(nb, keep_first, local=0, cap=None):
+    """(nb,) past blocks of tile b that may be skipped: all but the forced ones; with an absolute budget (cap: the
+    past blocks a tile keeps at most, keep_tokens) only those beyond the cap, so a tile with cap or fewer past
+    blocks stays dense."""
+    b = torch.arange(nb)
+    free = b - forced_past(nb, keep_first, local).sum(-1)
+    return free if cap is None else torch.minimum(free, (b - cap).clamp(min=0))
 
 
-def max_sparsity(T, S, keep_first, local=0):
+def max_sparsity(T, S, keep_first, local=0, cap=None):
     nb = -(-T // S)
-    return _skippable(nb, keep_first, local).sum().item() * S * S / (T * (T + 1) / 2)
+    return _skippable(nb, keep_first, local, cap).sum().item() * S * S / (T * (T + 1) / 2)
 
 
 def padded_length(T, S, bucket_max=None):
@@ -72,22 +78,22 @@ def blocks_to_skip(sparsity, T, S, skippable):
     return min(skippable, round(sparsity * T * (T + 1) / 2 / (S * S)))
 
 
-def count_rows(nb, keep_first, local, ns):
+def count_rows(nb, keep_first, local, ns, cap=None):
     """(len(ns), nb) int64: row i is the keep counts of tiles 0..nb-1 when ns[i] blocks are skipped in all, spread
     over tiles in proportion to how many each may skip (cumulative rounding), so every tile keeps about the same
-    fraction."""
-    skippable = _skippable(nb, keep_first, local)
+    fraction (with a cap: all skipped, each tile keeps min(b, cap))."""
+    skippable = _skippable(nb, keep_first, local, cap)
     total = int(skippable.sum())
     n = torch.tensor(list(ns), dtype=torch.float64)[:, None]
     cum = torch.round(n * torch.cumsum(skippable, 0).double() / max(total, 1)).long()  # (len(ns), nb)
     return torch.arange(nb) - torch.diff(cum, dim=1, prepend=torch.zeros(len(ns), 1, dtype=torch.long))
 
 
-def keep_counts(nb, S, T, sparsity, keep_first, local=0):
+def keep_counts(nb, S, T, sparsity, keep_first, local=0, cap=None):
     """Past blocks kept per query tile (own block not counted), LongTensor (nb,): count_rows' row for
     blocks_to_skip at this sparsity. Never drops one of forced_past's blocks."""
-    n = blocks_to_skip(sparsity, T, S, int(_skippable(nb, keep_first, local).sum()))
-    return count_rows(nb, keep_first, local, [n])[0]
+    n = blocks_to_skip(sparsity, T, S, int(_skippable(nb, keep_first, local, cap).sum()))
+    return count_rows(nb, keep_first, local, [n], cap)[0]
 
 
 COUNT_TABLE_MAX = 1 << 22  # entries of a layer's count table (16 MB in int32); a larger one keeps dense and target
@@ -215,7 +221,9 @@ class BlockSelector(nn.Module):
         self.keep_first = config.keep_first_block
         self.local = config.local_blocks  # the nearest past blocks always kept (forced_past)
         self.layer = layer
-        self.target = config.layer_targets()[layer]  # this layer's share of the budget (layer_sparsity)
+        self.target = config.layer_targets()[layer]  # this layer's share of the budget (layer_sparsity, keep_tokens)
+        self.cap = config.keep_cap()  # keep_tokens: past blocks a tile keeps at most (None: a ratio budget)
+        self.dense_from = config.dense_from  # from this fraction of the run on, every block is kept
         self.gate_loss = config.gate_loss  # weight of the distillation loss (aux_loss); 0 = none
         self.aux_inputs, self.last_kl = None, None  # for aux_loss: the last training forward's inputs; its KL
         self.warmup = config.sparsity_warmup_iters
@@ -233,12 +241,13 @@ class BlockSelector(nn.Module):
         # never from host memory, which on a GPU would wait for it at each step (issue 30, item 4). A position
         # between steps (a time budget's schedule) copies its counts from the host.
         nb = config.block_size // S
-        self.skippable = int(_skippable(nb, self.keep_first, self.local).sum())
+        self.skippable = int(_skippable(nb, self.keep_first, self.local, self.cap).sum())
         ns = sorted({self.skips_at(i) for i in range(min(self.warmup, 100_000) + 1)} | {0, self.skips_at(math.inf)})
         if len(ns) * nb > COUNT_TABLE_MAX:
             ns = [0, self.skips_at(math.inf)]
         self._rows = {n: i for i, n in enumerate(ns)}
-        self.register_buffer("count_table", count_rows(nb, self.keep_first, self.local, ns).int(), persistent=False)
+        self.register_buffer("count_table", count_rows(nb, self.keep_first, self.local, ns, self.cap).int(),
+                             persistent=False)
         self.register_buffer("n_keep", self.count_table[0].long(), persistent=False)
         self.sparsity, self._skips, self._cand_index = 0.0, 0, {}
         self.set_step(0)
@@ -267,14 +276,17 @@ class BlockSelector(nn.Module):
         """Past blocks the fixed budget skips over all tiles at this schedule position."""
         return blocks_to_skip(self.sparsity_at(iter_num), self.block_size, self.S, self.skippable)
 
-    def set_step(self, iter_num):
-        self.step_pos = iter_num
-        self.sparsity = self.sparsity_at(iter_num)
+    def set_step(self, iter_num, progress=None):
+        """The schedule position (iterations) and the run's progress in [0, 1] (None: not known, e.g. the start-up
+        check's end of the warm-up): from progress dense_from on, the sparse-then-dense recipe keeps every block."""
+        self.step_pos, self.progress = iter_num, progress
+        dense = progress is not None and self.dense_from < 1.0 and progress >= self.dense_from  # 1 = never
+        self.sparsity = 0.0 if dense else self.sparsity_at(iter_num)
         n = blocks_to_skip(self.sparsity, self.block_size, self.S, self.skippable)
         if n != self._skips:  # each step of the warm-up, then never
             row = self._rows.get(n)
             self.n_keep.copy_(self.count_table[row] if row is not None else
-                              count_rows(self.block_size // self.S, self.keep_first, self.local, [n])[0])
+                              count_rows(self.block_size // self.S, self.keep_first, self.local, [n], self.cap)[0])
             self._skips = n
 
     # --- selection
@@ -479,7 +491,8 @@ class BlockSelector(nn.Module):
         S, T = self.S, sel.seq_len
         nb = T // S  # complete tiles (training windows are whole blocks)
         B, H = sel.scores.shape[:2]
-        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first, self.local)).sum())
+        per_seq = int((torch.arange(nb) - keep_counts(nb, S, T, self.sparsity, self.keep_first, self.local,
+                                                      self.cap)).sum())
         acc = torch.promote_types(sel.scores.dtype, torch.float32)
         cand = self.candidate_index(nb, sel.scores.device)
         vals = sel.scores[..., :nb, :nb].to(acc).flatten(-2).index_select(-1, cand)
@@ -626,7 +639,8 @@ class BlockSelector(nn.Module):
     def kept_fraction(self, T):
         """Kept share of the causal pairs at length T under the schedule now (fixed budget's counts)."""
         nb = T // self.S
-        return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first, self.local).sum().item() * self.S ** 2
+        return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first, self.local, self.cap).sum().item()
+                * self.S ** 2
                 + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
 
     def flops_per_token(self, T):

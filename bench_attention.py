@@ -14,7 +14,8 @@ bias read per block (flex_gate_bias='block', S*S logits per atomic address) inst
 default, S per address; asca_kernels.gate_score_mod).
 --profile T prints the top CUDA kernels of one ASCA forward+backward at that T (where the time goes).
 
-Timings: median of --iters runs after --warmup runs (compile and autotuning excluded), CUDA events.
+Timings: median after --warmup runs (compile and autotuning excluded); on CUDA triton.testing.do_bench (the L2
+cache flushed before each run, about 100 ms of repetitions), on a CPU --iters runs.
 B * T = --tokens (65,536 by default), 8 heads, head dim 64, bf16 autocast on CUDA (the modules stay fp32, as
 in training). Compiled rows: torch.compile(dynamic=False) with a fresh compile cache per sequence length, and
 hitting torch's recompile limit is an error, so a row never falls back to eager and is timed as compiled.
@@ -36,21 +37,23 @@ from runtime import cuda_autocast_on_cpu
 
 
 def timeit(fn, warmup, iters, cuda):
+    """Median ms of fn after `warmup` calls (compile and autotuning). CUDA: triton.testing.do_bench, which
+    flushes the L2 cache before each run and repeats it for about 100 ms (torch.utils.benchmark's Timer where
+    Triton is missing). CPU: perf_counter over `iters` runs."""
     for _ in range(warmup):
         fn()
+    if cuda:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            from torch.utils.benchmark import Timer
+            return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+        return do_bench(fn, warmup=1, rep=100, return_mode="median")
     times = []
     for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -77,9 +80,11 @@ def asca_impl(device, args):
     return "flex" if device == "cuda" else args.cpu_impl
 
 
-def bench_attention(T, sparsities, args, device, dtype):
+def bench_attention(T, sparsities, args, device, dtype, emit=print):
     """One module per T, compiled once: the target lives in a buffer, so changing it does not recompile.
-    The gate-detached and block-indexed variants are more modules (same weights), each compiled on its own."""
+    The gate-detached and block-indexed variants are more modules (same weights), each compiled on its own.
+    emit(row) is called as soon as a row's main timing exists and again after each variant, so a run cut short
+    keeps every timing it finished; a variant that fails is noted in the row and the rest go on."""
     torch._dynamo.reset()  # each length starts from an empty compile cache: no length inherits another's variants
     B, H, hs = max(1, args.tokens // T), args.heads, args.head_dim
     cuda = device == "cuda"
@@ -103,16 +108,15 @@ def bench_attention(T, sparsities, args, device, dtype):
             y = fn(q, k, v)
         y.backward(grad)
 
-    detached = block = None
+    variants = {}
     if args.gate_grad:  # the cost of the gate bias's gradient: the same module with the bias detached
         import copy
         twin = copy.deepcopy(attn)
         bias = twin.selector.gate_bias
         twin.selector.gate_bias = lambda scores, sel: bias(scores, sel).detach()
-        detached = (twin, compiled(twin.attend, args, sparse=True))
-        by_block = copy.deepcopy(attn)  # and with the bias indexed by block, as before issue 23's item 5
+        by_block = copy.deepcopy(attn)  # and with the bias indexed by block instead of per key position
         by_block.flex_layout = "block"
-        block = (by_block, compiled(by_block.attend, args, sparse=True))
+        variants = {"detached_gate_ms": twin, "block_bias_ms": by_block}  # compiled when first timed
 
     t_dense = timeit(dense, args.warmup, args.iters, cuda)
     rows = []
@@ -122,7 +126,7 @@ def bench_attention(T, sparsities, args, device, dtype):
             print(f"T={T} target {sparsity}: out of reach with S={args.sparse_block_size} (max {top:.3f}), skipped",
                   flush=True)
             continue
-        for a in (attn, *(v[0] for v in (detached, block) if v)):
+        for a in (attn, *variants.values()):
             a.selector.target = sparsity
             a.set_step(0)
         reset_peak(cuda)
@@ -131,11 +135,17 @@ def bench_attention(T, sparsities, args, device, dtype):
         row = {"T": T, "B": B, "S": args.sparse_block_size, "target": sparsity, "pair_sparsity": d["sparsity"],
                "skipped_blocks": d["block_sparsity"], "dense_ms": t_dense, "asca_ms": t_sparse,
                "ratio": t_sparse / t_dense, "peak_mib": peak_mib(cuda), "detached_gate_ms": None, "block_bias_ms": None}
-        if detached:
-            row["detached_gate_ms"] = timeit(lambda: sparse(detached[1]), args.warmup, args.iters, cuda)
-            row["block_bias_ms"] = timeit(lambda: sparse(block[1]), args.warmup, args.iters, cuda)
-        print("row", row, flush=True)
         rows.append(row)
+        emit(row)  # the main timing first: a cut in a variant's compile keeps it
+        for key, module in variants.items():
+            try:
+                if not hasattr(module, "_bench_attend"):
+                    module._bench_attend = compiled(module.attend, args, sparse=True)
+                row[key] = timeit(lambda: sparse(module._bench_attend), args.warmup, args.iters, cuda)
+            except Exception as e:  # one variant's failure must not cost the row
+                row[key] = None
+                row.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {first_line(e)}")
+            emit(row)
     return rows
 
 
@@ -217,8 +227,9 @@ def write_tables(rows, steps, errors, args, name, final=True):
     """The tables so far: printed at the end, and (with --out) written after every row, so a run cut short by its
     time limit keeps what it measured."""
     mem = lambda m: f"{m:,.0f}" if m is not None else "-"
+    timer = "triton.testing.do_bench, L2 flushed" if torch.cuda.is_available() else f"{args.iters} runs"
     lines = [f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; B*T={args.tokens}, "
-             f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median of {args.iters}",
+             f"{args.heads} heads x {args.head_dim}, S={args.sparse_block_size}, median ({timer})",
              "attention forward+backward (ASCA = predictor + selection + BlockMask + kernel)",
              "| T | B | target | pair sparsity | skipped blocks | SDPA ms | ASCA ms | ASCA/SDPA | gate detached ms | "
              "bias per block ms | peak MiB |",
@@ -235,9 +246,10 @@ def write_tables(rows, steps, errors, args, name, final=True):
               "ASCA peak MiB |",
               "|---|---|---|---|---|---|---|---|"]
     for r in steps:
-        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {r['asca_ms']:.2f} | "
-                     f"{r['ratio']:.2f}x | "
-                     f"{mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        lines.append(f"| {r['T']} | {r['target']:.2f} | {r['budget']} | {r['baseline_ms']:.2f} | {ms(r['asca_ms'])} | "
+                     f"{ratio} | {mem(r['baseline_peak_mib'])} | {mem(r['asca_peak_mib'])} |")
+    lines += [f"failed: T={r['T']} {e}" for r in rows for e in r.get("errors", [])]
     lines += [f"failed: {e}" for e in errors]
     if final:
         print("\n" + "\n".join(lines), flush=True)
@@ -305,9 +317,15 @@ def main():
         args.seq = []
     if args.only == "attention":
         args.step_seq = []
+    def emit(row):  # a row as soon as it has a timing, again with each variant: the tables on disk follow it
+        if not any(r is row for r in rows):
+            rows.append(row)
+        print("row", row, flush=True)
+        write_tables(rows, steps, errors, args, name, final=False)
+
     for T in args.seq:
         try:
-            rows += bench_attention(T, args.sparsity, args, device, dtype)
+            bench_attention(T, args.sparsity, args, device, dtype, emit)
         except Exception as e:  # one failed size must not cost the whole table
             errors.append(f"attention T={T}: {type(e).__name__}: {first_line(e)}")
             print(errors[-1], flush=True)
@@ -323,11 +341,15 @@ def main():
             print(errors[-1], flush=True)
             continue
         for budget in args.budgets:
+            # the dense step is on disk before ASCA's compiles: a cut keeps it
+            row = {"T": T, "target": sp, "budget": budget, "baseline_ms": tb, "asca_ms": None, "ratio": None,
+                   "baseline_peak_mib": mb, "asca_peak_mib": None}
+            steps.append(row)
+            write_tables(rows, steps, errors, args, name, final=False)
             try:
                 ta, ma = bench_step(T, args, device, dtype, "asca", sp, budget)
-                steps.append({"T": T, "target": sp, "budget": budget, "baseline_ms": tb, "asca_ms": ta,
-                              "ratio": ta / tb, "baseline_peak_mib": mb, "asca_peak_mib": ma})
-                print("step", steps[-1], flush=True)
+                row.update(asca_ms=ta, ratio=ta / tb, asca_peak_mib=ma)
+                print("step", row, flush=True)
             except Exception as e:
                 errors.append(f"step T={T} {budget}: {type(e).__name__}: {first_line(e)}")
                 print(errors[-1], flush=True)

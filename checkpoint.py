@@ -238,6 +238,15 @@ def schedule_position(ckpt):
     return ckpt.get("iter_num", 0) if pos is None else pos
 
 
+def schedule_progress(ckpt, max_iters=None):
+    """The checkpointed run's progress in [0, 1]: its schedule position over its max_iters (a time budget's
+    position is progress * max_iters, so this holds for both); None where the checkpoint does not say."""
+    max_iters = max_iters or (ckpt.get("config") or {}).get("max_iters")
+    if not max_iters:
+        return None
+    return min(1.0, schedule_position(ckpt) / max_iters)
+
+
 def atomic_write(path, write):
     """Write `path` atomically: write(tmp) fills a temp file beside it (NAME.tmp.PID), which is fsynced and
     renamed over `path`. A crash, a kill or a full disk leaves the old file whole."""
@@ -356,7 +365,7 @@ def model_from_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({first_line(e)})") from None
-    model.set_step(schedule_position(ckpt))
+    model.set_step(schedule_position(ckpt), schedule_progress(ckpt))
     return model.to(device).eval(), ckpt
 
 

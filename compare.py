@@ -291,6 +291,8 @@ def contended(run):
 
 
 PROBES = ("test_recall", "test_recall_local", "test_recall_oracle", "copy_test")  # issue 32's instruments
+# what a run cost, per seed in comparison.json (extraction.py --frontier): analytic FLOPs, tokens, measured tokens/s
+COMPUTE = ("train_flops", "tokens", "tokens_per_s", "block_size", "test_sparsity")
 
 
 def probe_table(groups):
@@ -393,6 +395,8 @@ def report(spec):
                f"{spec.get('path', 'SPEC')}", "budget": spec["budget"], "date": time.strftime("%Y-%m-%d"),
                "rows": [{"name": name, "seeds": [r.config.get("seed") for r in runs],
                          "test_bpc": [r.final.get("test_bpc") for r in runs],
+                         **{k: [r.final.get(k) for r in runs] for k in COMPUTE},
+                         "contended": [contended(r) for r in runs],
                          **{k: [r.final.get(k) for r in runs] for k in PROBES if any(k in r.final for r in runs)}}
                         for name, _, _, runs, _, _ in groups]}
     checkpoint.write_json(summary, os.path.join(spec["out"], "comparison.json"))

@@ -26,6 +26,7 @@ class Key:
     shape: bool = False  # defines the weights' shapes: a checkpoint's model_args must hold it
     compared: bool = True  # compare.py counts a finished run only if it trained with the value its command gives
     choices: tuple = None  # the allowed values (validate names them in its one-line error)
+    excludes: tuple = ()  # keys that say the same thing another way: a command giving this key and one of them fails
 
     def __post_init__(self):
         if self.resume not in ("checkpoint", "free", "this_run"):

@@ -6,6 +6,7 @@ training curves from metrics.jsonl, and a comparison of several runs (baseline v
     python extraction.py out/RUN --text some.txt --offset 1000 --length 256
     python extraction.py --headline docs/headline.png docs/results/headline.json   # README's figure
     python extraction.py --headline fig.png out/compare_x/comparison.json out/compare_y/comparison.json
+    python extraction.py --frontier fig.png out/compare_x/comparison.json ...   # test bpc against training compute
 
 --headline draws test bpc per run with every seed as a point and the mean as a bar, one panel per comparison:
 from the comparison.json that compare.py writes, or a JSON list of such panels ({"title", "rows": [{"name",
@@ -644,12 +645,65 @@ def headline_plot(panels, path):
     return save(fig, path)
 
 
+def frontier_plot(panels, path):
+    """Test bpc against training compute, one point per row and comparison (the mean over its seeds), T as the
+    label, dense rows drawn as a line per T: left, the analytic FLOPs (final.json's train_flops: 6N per token plus
+    the attention each step computed at its schedule); right, the measured training time (tokens / tokens_per_s;
+    hollow where the run shared the machine, so its time is not comparable). A sparse point below and left of
+    dense's line at the same T is the gain the mission asks for."""
+    plt = plt_module()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names, labelled = [], set()
+    dense = []  # (flops, seconds, bpc) of the rows named dense, at every T: the line to beat
+    for panel in panels:
+        for row in panel["rows"]:
+            if row["name"] not in names:
+                names.append(row["name"])
+            color = colors[names.index(row["name"]) % len(colors)]
+            seeds = [i for i, v in enumerate(row["test_bpc"]) if v is not None]
+            flops = [(row.get("train_flops") or [None] * len(row["test_bpc"]))[i] for i in seeds]
+            if not seeds or any(f is None for f in flops):
+                continue  # runs from before train_flops was recorded
+            bpc = float(np.mean([row["test_bpc"][i] for i in seeds]))
+            tps = [(row.get("tokens_per_s") or [None] * len(row["test_bpc"]))[i] for i in seeds]
+            toks = [(row.get("tokens") or [None] * len(row["test_bpc"]))[i] for i in seeds]
+            secs = float(np.mean([t / r for t, r in zip(toks, tps)])) if all(tps) and all(toks) else None
+            T = (row.get("block_size") or [None])[0]
+            busy = any((row.get("contended") or [False])[i] for i in seeds)
+            for ax, x in zip(axes, (float(np.mean(flops)), secs)):
+                if x is None:
+                    continue
+                label = row["name"] if ax is axes[0] and row["name"] not in labelled else None
+                labelled.add(row["name"])
+                ax.plot([x], [bpc], "o", ms=7, color=color, mfc="none" if (busy and ax is axes[1]) else color,
+                        label=label)
+                ax.annotate(f"T={T}", (x, bpc), textcoords="offset points", xytext=(5, 4), fontsize=6)
+            if row["name"] == "dense":
+                dense.append((float(np.mean(flops)), secs, bpc))
+    for ax, i in ((axes[0], 0), (axes[1], 1)):
+        pts = sorted((p[i], p[2]) for p in dense if p[i] is not None)
+        if len(pts) > 1:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=0.8, alpha=0.6)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training FLOPs (analytic: weights + attention as computed)")
+    axes[1].set_xlabel("training time (s): tokens / measured tokens/s (hollow: contended)")
+    for ax in axes:
+        ax.set_ylabel("test bits per byte")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("test bpc against training compute: each point one row's mean over seeds", fontsize=9)
+    return save(fig, path)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (out/NAME); with several, the first gets the comparison "
                                            "(with --headline: comparison.json files)")
     p.add_argument("--headline", metavar="PNG", default=None,
                    help="draw test bpc per run and seed from comparison.json files into PNG (README's figure)")
+    p.add_argument("--frontier", metavar="PNG", default=None,
+                   help="draw test bpc against training FLOPs and time from comparison.json files into PNG")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="take the window from this file instead of the run's data")
     src.add_argument("--split", default="val", choices=("train", "val", "test"),
@@ -673,6 +727,9 @@ def main(argv=None):
                 raise ExtractError(f"--{name} must be at least {low}, got {v}")
         if args.headline:
             print(headline_plot(load_panels(args.runs), args.headline))
+            return 0
+        if args.frontier:
+            print(frontier_plot(load_panels(args.runs), args.frontier))
             return 0
         runs = [Run(p) for p in args.runs]
         for run in runs:

@@ -7,6 +7,7 @@ The attention class is a constructor argument, so asca.py swaps in the sparse at
 this model; both training scripts share the loop in trainer.py.
 References: nanoGPT model.py (Karpathy), GPT-2 (Radford et al. 2019) for the init.
 """
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, fields
@@ -230,8 +231,12 @@ class CausalSelfAttention(nn.Module):
     def for_sampling(self):
         """Sampling is about to start (sample.py): take the path that needs no compile before the first byte."""
 
-    def set_step(self, iter_num):
-        """The schedule position (in iterations) of the step about to run."""
+    def eager_path(self):
+        """A context in which this module's forward needs no compile (an uncompiled measurement on a GPU)."""
+        return contextlib.nullcontext()
+
+    def set_step(self, iter_num, progress=None):
+        """The schedule position (in iterations) of the step about to run, and the run's progress in [0, 1]."""
 
     def update_budget(self, reduce=None):
         """After an optimizer step: controller state moves (reduce averages a tensor over DDP ranks)."""
@@ -484,15 +489,24 @@ class GPT(nn.Module):
         self._per_layer("for_sampling")
         return self
 
+    @contextlib.contextmanager
+    def eager_paths(self):
+        """Every attention module on a path that needs no compile, for the block (eager_path)."""
+        with contextlib.ExitStack() as stack:
+            for a in self.attention_modules():
+                stack.enter_context(a.eager_path())
+            yield self
+
     def aux_loss(self):
         """The attention modules' auxiliary losses from the last training forward, summed (None: none). The trainer
         adds it to the LM loss it backpropagates; the logged train bpc stays the LM loss alone."""
         losses = [loss for loss in (a.aux_loss() for a in self.attention_modules()) if loss is not None]
         return sum(losses) if losses else None
 
-    def set_step(self, iter_num):
-        """Tell schedule-owning attention modules the current training iteration."""
-        self._per_layer("set_step", iter_num)
+    def set_step(self, iter_num, progress=None):
+        """Tell schedule-owning attention modules the schedule position (iterations) and the run's progress in
+        [0, 1] (None where unknown)."""
+        self._per_layer("set_step", iter_num, progress)
 
     def diagnostics(self):
         """Flat dict of the attention modules' diagnostics from the last forward (empty for dense)."""

@@ -118,6 +118,14 @@ def resume_config(cfg, kind, saved, explicit, say):
     return merged
 
 
+def check_exclusive(kind, explicit):
+    """A command that gives two keys saying the same thing two ways (Key.excludes) is one line naming both."""
+    for name, d in key_declarations(kind).items():
+        both = [other for other in d.excludes if name in explicit and other in explicit]
+        if both:
+            raise TrainError(f"--{name} and --{both[0]} set the same thing two ways: give one of them")
+
+
 def _check(ok, msg):
     if not ok:
         raise TrainError(msg)

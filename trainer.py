@@ -33,7 +33,7 @@ from models import MODELS
 from prepare_dataset import ByteDataset, DataError
 from runtime import LoadMeter, Runtime, StopFlag, TrainError
 from train_config import (SEED_STRIDE, check_architecture, check_kind, defaults_for, types_for,
-                          explicit_keys, finalize_config, resume_config)
+                          check_exclusive, explicit_keys, finalize_config, resume_config)
 
 def wrap_for_training(model, compile, ddp, device_ids=None):
     """(eval forward, the DDP module or None, training forward). With DDP the wrapper is compiled, not wrapped
@@ -80,6 +80,7 @@ class Counters:
     run_tokens: int = 0
     interval_time: float = 0.0  # since the last eval, for the metrics row
     interval_tokens: int = 0
+    train_flops: float = 0.0  # analytic training FLOPs so far, each step at its own schedule (None: unknown)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -137,6 +138,7 @@ class Trainer:
         self.sched_pos = checkpoint.schedule_position(ckpt)
         c.best_iter, c.tokens = ckpt.get("best_iter", -1), ckpt.get("tokens", 0)
         c.train_time = ckpt.get("train_time_s", 0.0)
+        c.train_flops = ckpt.get("train_flops", None if c.tokens else 0.0)  # unknown for older checkpoints
         if self.cfg["eval_only"]:
             return
         try:
@@ -301,7 +303,7 @@ class Trainer:
         lr = get_lr(self.c.iter_num, self.cfg, pos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
-        self.model.set_step(pos)
+        self.model.set_step(pos, self.progress)
         return lr
 
     def batch(self):
@@ -317,6 +319,8 @@ class Trainer:
         cfg, rt, c = self.cfg, self.rt, self.c
         c.iter_num += 1
         c.tokens += self.tokens_per_iter
+        if c.train_flops is not None:  # the step's FLOPs at the schedule it ran with (ASCA: its kept pairs)
+            c.train_flops += self.tokens_per_iter * self.model.flops_per_token()
         log_now = c.iter_num % cfg["log_interval"] == 0
         if log_now:
             if rt.device_type == "cuda":
@@ -349,8 +353,8 @@ class Trainer:
         c, rt = self.c, self.rt
         tps = c.interval_tokens / c.interval_time if c.interval_time > 0 else None
         peak, fpt = rt.peak_flops(), self.model.flops_per_token()
-        row = {"iter": c.iter_num, "tokens": c.tokens, "elapsed_s": round(c.train_time, 3),
-               "progress": round(self.progress, 6), "lr": lr,
+        row = {"iter": c.iter_num, "tokens": c.tokens, "train_flops": c.train_flops,
+               "elapsed_s": round(c.train_time, 3), "progress": round(self.progress, 6), "lr": lr,
                "train_bpc": (self.loss_sum.item() / self.loss_n / LN2) if self.loss_n else None, "val_bpc": val,
                "tokens_per_s": tps, "mfu": (fpt * tps / peak) if (tps and peak) else None, **self.load.interval()}
         row.update(self.model.diagnostics())  # the last forward's, then the val eval's means where it has them
@@ -374,9 +378,10 @@ class Trainer:
             return {}
         cfg = self.cfg
         starts = self.ds.val_windows(cfg["block_size"], cfg["batch_size"], split=split)
-        _, m = evaluate.tallied(self.model, lambda after: evaluate.eval_windows(
-            self.model, self.ds.splits[split], starts, cfg["block_size"], cfg["batch_size"], self.rt.device,
-            self.rt.ctx, after_forward=after))
+        with self.model.eager_paths():  # on CUDA: the gather path, not a second flex compile
+            _, m = evaluate.tallied(self.model, lambda after: evaluate.eval_windows(
+                self.model, self.ds.splits[split], starts, cfg["block_size"], cfg["batch_size"], self.rt.device,
+                self.rt.ctx, after_forward=after))
         return {k: v for k, v in m.items() if k.startswith("recall")}
 
     def test_bpc(self, into=None):
@@ -412,7 +417,8 @@ class Trainer:
               "iter_num": c.iter_num, "best_val_bpc": c.best_val, "best_iter": c.best_iter, "config": self.cfg,
               "model_args": self.model_args, "model_kind": self.kind, "rng": [r for _, r in per_rank],
               "data_generator": [g for g, _ in per_rank], "train_time_s": c.train_time, "tokens": c.tokens,
-              "schedule_pos": float(self.sched_pos), "data_sha256": self.data_sha256, "env": rt.env()}
+              "train_flops": c.train_flops, "schedule_pos": float(self.sched_pos), "data_sha256": self.data_sha256,
+              "env": rt.env()}
         if not rt.master:
             return
         try:
@@ -457,7 +463,8 @@ class Trainer:
     # --- finish
     def finish(self, stop_reason):
         rt, c, cfg = self.rt, self.c, self.cfg
-        final = {"model_kind": self.kind, "iters": c.iter_num, "tokens": c.tokens, "train_time_s": c.train_time,
+        final = {"model_kind": self.kind, "iters": c.iter_num, "tokens": c.tokens, "train_flops": c.train_flops,
+                 "train_time_s": c.train_time,
                  "warmup_s": c.warmup_s, "eval_time_s": c.eval_s, "stop_reason": stop_reason,
                  "max_iters": cfg["max_iters"], "max_time_s": cfg["max_time_s"], "final_lr": self.last_lr,
                  "tokens_per_s": c.run_tokens / c.run_time if c.run_time > 0 else None,
@@ -484,7 +491,8 @@ class Trainer:
                 best = checkpoint.load(self.best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
                 if best["iter_num"] == c.best_iter:
                     self.model.load_state_dict(best["model"])
-                    self.model.set_step(checkpoint.schedule_position(best))
+                    self.model.set_step(checkpoint.schedule_position(best),
+                                        checkpoint.schedule_progress(best, cfg["max_iters"]))
                     final["test_bpc_best_val_ckpt"], _ = self.test_bpc()
                 else:  # never score or name a stale copy as the best one
                     final["best_ckpt_stale"] = f"best.pt holds iter {best['iter_num']}, not the best iter {c.best_iter}"
@@ -503,7 +511,9 @@ class Trainer:
 
     def eval_only(self):
         cfg, c = self.cfg, self.c
-        self.model.set_step(self.sched_pos)  # the checkpoint's schedule position (a time budget's, too)
+        # the checkpoint's schedule position (a time budget's, too) and progress
+        self.model.set_step(self.sched_pos, checkpoint.schedule_progress({"schedule_pos": self.sched_pos},
+                                                                         cfg["max_iters"]))
         if cfg["eval_selector"]:  # the mask swap: the same weights and counts, another choice of blocks
             for a in self.model.attention_modules():
                 a.selector.rule = cfg["eval_selector"]
@@ -580,6 +590,7 @@ def run(cfg, kind, explicit=(), build_model=None):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TrainError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
     new_run = cfg["init_from"] != "resume"  # from scratch or from another run's weights
+    check_exclusive(kind, explicit)
     if new_run:
         finalize_config(cfg, kind, rt)  # a bad setting is named before out_dir is created
     lock = contextlib.nullcontext()

@@ -45,7 +45,7 @@ CASES = {
 TIMING = {"elapsed_s", "tokens_per_s", "mfu", "other_cpu_load"}
 # measurements added after the first fingerprints (no_grad diagnostics that change no weight or loss): left out, so
 # a fingerprint from before them still compares
-ADDED = ("recall",)
+ADDED = ("recall", "train_flops")
 
 
 def tree_digest(obj, h=None):

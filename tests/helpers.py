@@ -96,7 +96,7 @@ def naive_block_attention(q, k, v, scores, S, kept_blocks):
 class NaNAfter(GPT):
     """A GPT whose loss turns NaN from iteration 6 on (as a diverging run would)."""
 
-    def set_step(self, it):
+    def set_step(self, it, progress=None):
         self.step = it
 
     def forward(self, idx, targets=None):

@@ -386,18 +386,24 @@ def test_exact_resume_with_sparsity_schedule(tmp_path):
     pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")])])
 def test_compiled_training_does_not_recompile_as_the_schedule_moves(tmp_path, device):
     """torch.compile (CPU: reference path; CUDA: flex path, bf16): the sparsity changes every step of the
-    warm-up, yet the keep counts live in a buffer, so the model compiles once for training and once for eval."""
-    from torch._dynamo.utils import counters
+    warm-up, yet the keep counts live in a buffer, so the model compiles once for training and once for eval. The
+    verdict reads dynamo's guard failures (the recompiles, with their reasons), not its graph count, which a graph
+    break anywhere else would raise."""
+    from torch._dynamo.utils import counters, guard_failures
     from helpers import train_in_process
     torch._dynamo.reset()
     counters.clear()
+    guard_failures.clear()
     data = make_dataset(tmp_path / "d", n=200_000)
     size = (["--sparse_block_size=8"] if device == "cpu" else
             ["--sparse_block_size=128", "--block_size=1024", "--n_embd=128", "--n_head=2"])
     assert train_in_process(nm, [f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--compile=True",
                                  f"--device={device}", *size, "--target_sparsity=0.5", "--sparsity_warmup_iters=12",
                                  "--max_iters=16", "--eval_interval=8", "--final_test=False"]) == 0
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    recompiles = [reason for reasons in guard_failures.values() for reason in reasons]
+    # the switch to evaluation may recompile (eval mode, no_grad: guards on `training` and grad_mode); nothing else
+    assert len(recompiles) <= 2 and all("training" in r or "grad_mode" in r for r in recompiles), recompiles
+    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: training and eval
     rows = [json.loads(l) for l in open(tmp_path / "o" / "metrics.jsonl")]
     assert [round(r["sparsity_target_now"], 3) for r in rows] == [0.0, round(0.5 * 8 / 12, 3), 0.5]
     # the fixed budget's sparsity is exact whatever the content: the schedule's own count, not 0.5 within 0.02

@@ -27,6 +27,10 @@ VARIANTS = {
     "asca_gate_pooled": ("asca", dict(pos_encoding="rope", gate_pooled=True, target_sparsity=0.6)),
     "asca_local_gated": ("asca", dict(pos_encoding="rope", selector="local_gated", target_sparsity=0.6)),
     "asca_distance_cost": ("asca", dict(pos_encoding="rope", rank_distance_cost=0.5, target_sparsity=0.6)),
+    # the match-dense arms: dense + gate (also the dense phase of dense_from), a dense layer, an absolute budget
+    "asca_dense_gate": ("asca", dict(pos_encoding="rope", target_sparsity=0.0)),
+    "asca_dense_layer": ("asca", dict(pos_encoding="rope", layer_sparsity="0.6,0", target_sparsity=0.3)),
+    "asca_keep_tokens": ("asca", dict(pos_encoding="rope", keep_tokens=40)),
     # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
     "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
 }
@@ -251,7 +255,7 @@ def test_cuda_compiled_decoding_equals_the_full_forward(name):
     """compile_decoding() on CUDA (inductor's Triton code): fp32 logits of every decoded byte against the full
     forward on the same device, across tile boundaries."""
     torch._dynamo.reset()
-    model = build(name, torch.float32).cuda().compile_decoding()
+    model = build(name, torch.float32).cuda().for_sampling().compile_decoding()  # as sample.py: gather, not flex
     seq = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
     with torch.no_grad():
         full = model(seq)[0]

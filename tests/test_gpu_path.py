@@ -145,7 +145,8 @@ def test_cuda_start_up_check_on_the_compiled_flex_path():
     torch.manual_seed(0)
     model = novel_model.make_model(n_layer=2, n_head=4, n_embd=256, block_size=1024, sparse_block_size=128,
                                    target_sparsity=0.5, sparsity_warmup_iters=0).cuda()
-    x, y = (torch.randint(0, 256, (1, 1024), device="cuda") for _ in range(2))
+    # the shapes of test_asca's first CUDA test (batch 4 of 1024), so inductor's cache from it serves this one
+    x, y = (torch.randint(0, 256, (4, 1024), device="cuda") for _ in range(2))
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     r = novel_model.startup_check(model, torch.compile(model), x, y, ctx, low_precision=True)
     assert r["fast"] == "compiled flex" and r["reference"] == "gather"
@@ -223,3 +224,37 @@ def test_sampling_takes_the_gather_path(tmp_path):
     assert {a.resolved_impl(cuda, 64) for a in pinned.attention_modules()} == {"reference"}
     dense = baseline_model.make_model(n_layer=1, n_head=2, n_embd=32, block_size=64)
     assert dense.for_sampling() is dense
+
+
+# ----------------------------------------------------------------------------- the first GPU session
+
+@pytest.mark.parametrize("S,block_size,ok", [(128, 1024, True), (64, 1024, True), (32, 1024, False), (16, 256, False),
+                                             (96, 960, False), (32, 32, True)])
+def test_auto_on_cuda_refuses_an_S_flex_cannot_compile_for_short_sequences(S, block_size, ok):
+    """Under 128 bytes inductor's flex-decoding kernel needs its query tile (the padded length's next power of two)
+    to divide S: 'auto' on CUDA refuses such an S in one line, even where no backward runs; a CPU run is untouched."""
+    cfg = novel_model.ASCAConfig(block_size=block_size, n_head=2, n_embd=32, sparse_block_size=S)
+    if ok:
+        cfg.check_device("cuda", torch.bfloat16, training=False)
+    else:
+        with pytest.raises(ValueError, match=f"sparse_block_size={S} cannot compile FlexAttention on CUDA for a "
+                                             f"sequence padded to .* or attn_impl='gather'"):
+            cfg.check_device("cuda", torch.bfloat16, training=False)
+    cfg.check_device("cpu", torch.float32, training=True)
+    gathered = novel_model.ASCAConfig(block_size=block_size, n_head=2, n_embd=32, sparse_block_size=S,
+                                      attn_impl="gather")
+    gathered.check_device("cuda", torch.bfloat16, training=False)  # the named fix works
+
+
+def test_eager_paths_take_the_gather_path_for_the_block_only():
+    """The recall sample of a compiled run: the attention's flex/auto path becomes the gather path inside the block
+    (no second compile on a GPU) and comes back after it, an exception included; explicit paths stay."""
+    model = novel_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64, sparse_block_size=8)
+    model.attention_modules()[1].impl = "reference"
+    with model.eager_paths():
+        assert [a.impl for a in model.attention_modules()] == ["gather", "reference"]
+    assert [a.impl for a in model.attention_modules()] == ["auto", "reference"]
+    with pytest.raises(RuntimeError):
+        with model.eager_paths():
+            raise RuntimeError("inside")
+    assert model.attention_modules()[0].impl == "auto"

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import baseline_model
 import compare
 import novel_model
 import trainer
@@ -106,6 +107,25 @@ def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, d
     assert os.path.getsize(tmp_path / "fig.png") > 5000
     (tmp_path / "bad.json").write_text('{"rows": [{"name": "x"}]}')
     assert extraction.main(["--headline", str(tmp_path / "fig2.png"), str(tmp_path / "bad.json")]) == 1
+    # what each run cost, per seed: analytic FLOPs with each step at its own schedule (the sparse run's warm-up
+    # steps are denser than its last), tokens and tokens/s; the frontier figure reads them
+    rows = {r["name"]: r for r in summary["rows"]}
+    tokens = 8 * 4 * 64  # iterations x batch x block_size of the tiny config
+    assert rows["dense"]["tokens"] == rows["sparse"]["tokens"] == [tokens, tokens]
+    dense_model = baseline_model.make_model(n_layer=2, n_head=2, n_embd=32, block_size=64)
+    assert rows["dense"]["train_flops"] == [pytest.approx(tokens * dense_model.flops_per_token())] * 2
+    sparse_cfg = json.load(open(out / "sparse_s1" / "config.json"))
+    sparse_model = novel_model.make_model(**{k: sparse_cfg[k] for k in novel_model.ASCAConfig.declarations()
+                                             if k in sparse_cfg})
+    per_step = []
+    for i in range(8):  # the trainer's schedule: step i runs at position i
+        sparse_model.set_step(i, i / 8)
+        per_step.append(tokens / 8 * sparse_model.flops_per_token())
+    assert rows["sparse"]["train_flops"] == [pytest.approx(sum(per_step))] * 2
+    assert per_step[0] > per_step[-1] and sum(per_step) < 8 * per_step[0]  # skipping saved compute
+    assert all(x > 0 for x in rows["sparse"]["tokens_per_s"]) and rows["sparse"]["block_size"] == [64, 64]
+    assert extraction.main(["--frontier", str(tmp_path / "frontier.png"), str(out / "comparison.json")]) == 0
+    assert os.path.getsize(tmp_path / "frontier.png") > 5000
     mtime = os.path.getmtime(out / "sparse_s2" / "final.json")
     assert compare.main([spec]) == 0  # finished runs are kept, not run again
     assert os.path.getmtime(out / "sparse_s2" / "final.json") == mtime
