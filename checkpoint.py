@@ -393,6 +393,8 @@ def warm_start(model, cfg, kind, path):
     check_model_args(args, src, path, ckpt["model"])
     both_asca = ckpt["model_kind"] == kind == "asca"
     keys = WARM_KEYS + (PREDICTOR_KEYS if both_asca else ())
+    decls = src.config_cls.declarations()  # a key the checkpoint predates (no legacy value): its default is the old way
+    args.update({k: decls[k].default for k in keys if k not in args and k in decls})
     diff = [f"{k}={args.get(k)!r} (this run: {cfg[k]!r})" for k in keys if k in cfg and args.get(k) != cfg[k]]
     if diff:
         raise CheckpointError(f"--init_from={path} holds another architecture: {', '.join(diff)}; give this run the "

@@ -61,3 +61,16 @@ def test_an_old_checkpoint_resumes_and_saves_the_new_names(tmp_path):
     assert not any(k.endswith("attn.threshold") or ".attn.predictor." in k for k in ck["model"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[-1]["iter"] == 8 and rows[-1]["budget_threshold"] is not None
+
+
+def test_an_old_checkpoint_starts_a_new_run(tmp_path, capsys):
+    """--init_from=PATH with the fixture: keys it predates without a legacy value (compressed_branch, gate_pooled)
+    count as their defaults, as for a resume, so a run with the checkpoint's own settings starts from its weights."""
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "warm"
+    args = [f"--out_dir={out}", f"--init_from={FIXTURE}", f"--data_dir={data}", "--block_size=128",
+            "--sparse_block_size=16", "--max_iters=2", "--final_test=False"]
+    assert train_in_process(novel_model, args) == 0, capsys.readouterr().err
+    assert f"init_from: weights from {FIXTURE} (asca, iter 4" in capsys.readouterr().out
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["iter_num"] == 2 and "transformer.h.0.attn.selector.predictor.wk" in ck["model"]
