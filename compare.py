@@ -248,19 +248,44 @@ def execute(spec, log=print, jobs=1):
             if len(running) >= limit:
                 time.sleep(0.5)
 
-    for name, seed, d, want, cmd, deps in todo:
-        wait_until_fewer_than(jobs)
-        while any(r[0] in deps and r[1] == seed for r in running):  # a run starting from another's checkpoint
-            wait_until_fewer_than(len(running))
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, RUN_RECORD), "w") as f:
-            json.dump(want, f)
-        log("compare: " + " ".join(cmd[1:]))
-        # append: a resumed run's log keeps the lines of the runs before it
-        f = open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "a")
-        running.append((name, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env), f))
-    wait_until_fewer_than(1)
+    try:
+        for name, seed, d, want, cmd, deps in todo:
+            wait_until_fewer_than(jobs)
+            while any(r[0] in deps and r[1] == seed for r in running):  # a run starting from another's checkpoint
+                wait_until_fewer_than(len(running))
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, RUN_RECORD), "w") as f:
+                json.dump(want, f)
+            log("compare: " + " ".join(cmd[1:]))
+            # append: a resumed run's log keeps the lines of the runs before it
+            f = open(os.path.join(spec["out"], f"{name}_s{seed}.log"), "a")
+            running.append((name, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env),
+                            f))
+        wait_until_fewer_than(1)
+    except KeyboardInterrupt:
+        stop_runs(running)
+        raise CompareError("interrupted; each run started so far checkpointed (or had not reached its first "
+                           "checkpoint): run the same command again to continue") from None
     return failed
+
+
+def stop_runs(running, grace=300):
+    """Ctrl-C reached compare: each trainer still running gets SIGTERM (it finishes its step and checkpoints; after
+    the terminal's SIGINT a second SIGINT would abort it) and compare waits for it, ignoring further Ctrl-C."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for _, _, proc, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, _, proc, f in running:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            f.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def mean_sd(xs):

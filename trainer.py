@@ -569,8 +569,12 @@ def main(argv, kind, build_model=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: interrupted; {cfg['out_dir']}/ckpt.pt holds the last checkpoint: continue with "
-              f"--init_from=resume, or test it with --eval_only=True --init_from=resume", file=sys.stderr)
+        if os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")):
+            print(f"error: interrupted; {cfg['out_dir']}/ckpt.pt holds the last checkpoint: continue with "
+                  f"--init_from=resume, or test it with --eval_only=True --init_from=resume", file=sys.stderr)
+        else:
+            print(f"error: interrupted before the first checkpoint; {cfg['out_dir']} holds nothing to resume: "
+                  f"start the run again", file=sys.stderr)
         return 130
 
 

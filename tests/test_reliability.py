@@ -690,3 +690,49 @@ def test_a_truncated_checkpoint_says_so_in_one_short_line(tmp_path, trained):
     line = one_line(r.stderr)
     assert r.returncode == 1 and str(out / "ckpt.pt") in line and "truncated" in line and "miniz" not in line
     assert len(line) < 300
+
+
+# ----------------------------------------------------------------------------- Ctrl-C before the first checkpoint
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, data_dir, capsys, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.Trainer, "__init__", interrupted)
+    out = tmp_path / "early"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}"]) == 130
+    line = one_line(capsys.readouterr().err)
+    assert "before the first checkpoint" in line and "holds the last checkpoint" not in line
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_ctrl_c_on_compare_during_its_trainers_start_up_is_one_line(tmp_path, data_dir):
+    """The terminal's SIGINT reaches compare.py --jobs=2 and both trainers while they start: compare waits for them
+    and says one line, no traceback; no trainer claims a checkpoint it never wrote. Run again, the table completes."""
+    out = tmp_path / "cmp"
+    spec = tmp_path / "spec.py"
+    spec.write_text(f'''
+RUNS = [("a", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}"]),
+        ("b", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}", "--learning_rate=0.002"])]
+BUDGET = {{"max_iters": 6}}
+SEEDS = [1]
+OUT = "{out}"
+''')
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "compare.py"), str(spec), "--jobs=2"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 60
+    while not ((out / "a_s1.log").exists() and (out / "b_s1.log").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # both trainers are importing torch: no checkpoint yet
+    assert not (out / "a_s1" / "ckpt.pt").exists()
+    os.killpg(p.pid, signal.SIGINT)  # as the terminal does: the whole foreground group
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 1 and "Traceback" not in stderr, stderr
+    assert one_line(stderr).startswith("error: interrupted; each run started so far")
+    for name in ("a", "b"):
+        text = (out / f"{name}_s1.log").read_text()
+        assert "Traceback" not in text, text
+        if not (out / f"{name}_s1" / "ckpt.pt").exists():
+            assert "holds the last checkpoint" not in text
+    assert compare.main([str(spec), "--jobs=2"]) == 0  # run again: it finishes
+    assert all((out / f"{n}_s1" / "final.json").exists() for n in ("a", "b"))
