@@ -304,18 +304,59 @@ class LoadMeter:
 
 
 def free_memory_bytes(device_type, device=None):
-    """Memory a run may still take: the GPU's free memory, or the CPU's MemAvailable (/proc/meminfo); None
-    where neither can be read."""
-    try:
-        if device_type == "cuda":
+    """Memory a run may still take: the GPU's free memory, or on a CPU the least of what cpu_memory_room() finds
+    (the machine's available memory, this process's address-space limit, its cgroup's limit); None where nothing
+    can be read."""
+    if device_type == "cuda":
+        try:
             return torch.cuda.mem_get_info(device)[0]
-        with open("/proc/meminfo") as f:
+        except RuntimeError:
+            return None
+    room = cpu_memory_room()
+    return min(room.values()) if room else None
+
+
+def _read_int(path, key=None):
+    """An integer from a /proc or /sys file: the whole file, or the line starting with key (its first number)."""
+    try:
+        with open(path) as f:
+            if key is None:
+                text = f.read().strip()
+                return None if text == "max" else int(text)
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, RuntimeError):
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def cpu_memory_room():
+    """{where: bytes} this process may still allocate on a CPU, by each limit that applies: 'available' (the
+    machine's MemAvailable), 'address space' (RLIMIT_AS less the process's virtual size, as `ulimit -v` or
+    `prlimit --as` set it) and 'cgroup' (memory.max less memory.current, v2; limit_in_bytes less usage_in_bytes,
+    v1: a container's limit). A run whose estimate passes MemAvailable alone could die under the others with an
+    allocator traceback."""
+    room = {}
+    avail = _read_int("/proc/meminfo", "MemAvailable:")
+    if avail is not None:
+        room["available"] = avail * 1024
+    try:
+        import resource
+        soft, unlimited = resource.getrlimit(resource.RLIMIT_AS)[0], resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # not a POSIX system
+        soft = unlimited = -1
+    vm = _read_int("/proc/self/status", "VmSize:")
+    if soft != unlimited and vm is not None:
+        room["address space"] = max(0, soft - vm * 1024)
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        lim, used = _read_int(limit), _read_int(usage)
+        if lim is not None and used is not None and lim < (1 << 60):  # v1 reports "no limit" as a huge number
+            room["cgroup"] = max(0, lim - used)
+            break
+    return room
 
 
 CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a run's throughput is flagged

@@ -736,3 +736,28 @@ OUT = "{out}"
             assert "holds the last checkpoint" not in text
     assert compare.main([str(spec), "--jobs=2"]) == 0  # run again: it finishes
     assert all((out / f"{n}_s1" / "final.json").exists() for n in ("a", "b"))
+
+
+def test_the_memory_check_reads_the_process_limits_not_only_the_machines_memory(tmp_path):
+    """Under an address-space limit (ulimit -v, prlimit --as) a gather run whose estimate fits the machine's free
+    memory but not the limit stops at start-up with the check's one line, not an allocator traceback mid-step."""
+    import resource
+    data = make_dataset(tmp_path / "d", n=400_000)
+    args = ["novel_model.py", "config/train_excerpt_cpu_novel.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
+            "--block_size=4096", "--batch_size=8", "--sparse_block_size=32", "--target_sparsity=0.875",
+            "--sparsity_warmup_iters=0", "--attn_impl=gather", "--max_iters=1"]
+    import asca
+    need = asca.gather_step_bytes(asca.ASCAConfig(n_layer=4, n_head=4, n_embd=256, block_size=4096,
+                                                  sparse_block_size=32, target_sparsity=0.875), 8)
+    import runtime
+    assert need < 0.9 * runtime.cpu_memory_room()["available"]  # the machine alone would let it start
+    limit = 3 * 2 ** 30 + need // 2  # torch's import takes ~1.5-2 GiB of address space: the rest is less than need
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=cap)
+    assert r.returncode == 1, r.stderr[-2000:]
+    line = one_line(r.stderr)
+    assert "the gather path needs about" in line and "GiB are free" in line
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
