@@ -246,10 +246,12 @@ class ASCAConfig(GPTConfig):
                              f"{at_target / 2 ** 30:.1f} GiB: use sparsity_warmup_iters=0 (the target from the first "
                              f"step) or {fix}")
         where = "the first step (dense: the sparsity warms up from 0)" if first is not None else "a step"
+        # a higher target cannot shrink a dense first step: only without a warm-up is it worth naming
+        also = " or a higher target_sparsity" if first is None else ""
         raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for {where} at "
                          f"batch_size={batch_size}, block_size={self.block_size}, "
                          f"target_sparsity={self.target_sparsity} but "
-                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix} or a higher target_sparsity")
+                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix}{also}")
 
 
 def gather_attention_bytes(cfg, batch_size, elem=4, sparsity=None):

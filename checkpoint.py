@@ -171,9 +171,12 @@ def _legacy_objects(names):
     return objs
 
 
-def load(path, require=TRAINING_KEYS):
+RESUME_FIX = "resume from another checkpoint (best.pt), or start again"
+
+
+def load(path, require=TRAINING_KEYS, fix=RESUME_FIX):
     """The checkpoint dict at `path`, loaded without running code; CheckpointError if it is missing,
-    unreadable, would run code, or lacks a key in `require`."""
+    unreadable, would run code, or lacks a key in `require`. `fix`: the advice its errors end with."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}; train first, or check --out_dir")
     try:
@@ -191,14 +194,13 @@ def load(path, require=TRAINING_KEYS):
     except CheckpointError:
         raise
     except Exception as e:  # a truncated, empty or foreign file: say which and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable_because(path, e)}; resume from another "
-                              f"checkpoint (best.pt), or start again") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable_because(path, e)}; {fix}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this code (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in require if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)}: it is damaged or was not "
-                              f"written by this code's trainer; retrain, or resume from another checkpoint")
+                              f"written by this code's trainer; {fix}")
     for key in ("iter_num", "best_iter"):
         v = ckpt.get(key)
         whole = isinstance(v, int) and not isinstance(v, bool)
@@ -385,7 +387,7 @@ def warm_start(model, cfg, kind, path):
     block_size; a learned position table serves at most its own (a shorter run uses its first rows). An ASCA
     predictor is sized for its number of key blocks, so an ASCA checkpoint starts ASCA at its own block_size only.
     Everything else that differs is a one-line CheckpointError. Returns what was done, in words."""
-    ckpt = load(path, require=MODEL_KEYS)
+    ckpt = load(path, require=MODEL_KEYS, fix="give --init_from a ckpt.pt or best.pt that this code's trainer wrote")
     src = model_kind(ckpt, path)
     if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: model_args or model is not a dict; the file is damaged")

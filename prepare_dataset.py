@@ -343,6 +343,10 @@ def prepare(args):
         if not os.path.isfile(args.input):
             raise DataError(f"--input {args.input} does not exist or is not a file")
         source = os.path.abspath(args.input)
+        inside = os.path.realpath(os.path.dirname(source)) == os.path.realpath(out_dir)
+        if inside and os.path.basename(source) in DATASET_FILES:
+            raise DataError(f"--input {args.input} is one of the files this would write in --out_dir {out_dir}: "
+                            f"splitting it would replace it; copy it elsewhere first, or choose another --out_dir")
     else:
         source = args.url
         name = download_name(args.url)

@@ -173,6 +173,9 @@ def finalize_config(cfg, kind, rt):
         its = None
     _check(its is not None and all(i >= 1 for i in its),
            f"test_iters={cfg['test_iters']!r} must be a comma list of iterations >= 1, such as '500,1000'")
+    late = [i for i in its if i > cfg["max_iters"]]
+    _check(not late, f"test_iters={cfg['test_iters']!r} names iteration {late[0] if late else 0}, beyond "
+                     f"max_iters={cfg['max_iters']}: it would never be scored; give iterations up to max_iters")
     lr = cfg["learning_rate"]
     _check(math.isfinite(lr) and lr > 0, f"learning_rate={lr} must be a positive finite number, such as 1e-3")
     if cfg["min_lr"] is None:

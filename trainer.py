@@ -598,6 +598,7 @@ def run(cfg, kind, explicit=(), build_model=None):
     if new_run:
         finalize_config(cfg, kind, rt)  # a bad setting is named before out_dir is created
     lock = contextlib.nullcontext()
+    created = rt.master and new_run and not os.path.isdir(out_dir)
     if rt.master and (new_run or os.path.isdir(out_dir)):
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -606,7 +607,14 @@ def run(cfg, kind, explicit=(), build_model=None):
                              f"choose a writable --out_dir") from None
         lock = checkpoint.RunLock(out_dir)  # one writer per run directory, before anything there is read
     with lock:
-        return _run(cfg, kind, explicit, build_model, rt)
+        try:
+            return _run(cfg, kind, explicit, build_model, rt)
+        except (TrainError, DataError, CheckpointError):
+            # refused before it wrote anything: leave no empty run directory (removed while the lock is held, so
+            # no other process can have started writing there)
+            if created and set(os.listdir(out_dir)) <= {checkpoint.RunLock.NAME}:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
 
 
 def _run(cfg, kind, explicit, build_model, rt):

@@ -761,3 +761,51 @@ def test_the_memory_check_reads_the_process_limits_not_only_the_machines_memory(
     line = one_line(r.stderr)
     assert "the gather path needs about" in line and "GiB are free" in line
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+# ----------------------------------------------------------------------------- the smaller points of round four
+
+def test_a_refused_init_from_leaves_no_run_directory_and_names_the_init_from_fix(tmp_path, data_dir, capsys):
+    (tmp_path / "n1").mkdir()
+    (tmp_path / "n1" / "config.json").write_text("{}")
+    out = tmp_path / "o"
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--sparse_block_size=8",
+                                          f"--init_from={tmp_path / 'n1' / 'config.json'}"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "give --init_from a ckpt.pt or best.pt" in line and "resume from another" not in line
+    assert not out.exists()  # not even the lock
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={kept}", "--sparse_block_size=8",
+                                          f"--init_from={tmp_path / 'n1' / 'config.json'}"]) == 1
+    assert (kept / "notes.txt").read_text() == "mine"  # a directory it did not create stays
+
+
+def test_test_iters_beyond_max_iters_is_one_line(tmp_path, data_dir, capsys):
+    out = tmp_path / "o"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20",
+                                             "--test_iters=10,100"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "test_iters='10,100' names iteration 100, beyond max_iters=20" in line and not out.exists()
+
+
+@pytest.mark.parametrize("warmup", [100, 0])
+def test_the_memory_advice_names_only_what_can_help(warmup):
+    """When neither the warm-up's dense first step nor the target's step fits, a higher target cannot help the
+    first step: the line names it only for a run without a warm-up."""
+    cfg = novel_model.ASCAConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, sparse_block_size=16,
+                                 target_sparsity=0.9, sparsity_warmup_iters=warmup, attn_impl="gather")
+    tiny = novel_model.gather_step_bytes(cfg, 4) / 4  # less than the target's step needs
+    with pytest.raises(ValueError) as e:
+        cfg.check_memory(4, "cpu", False, tiny)
+    assert ("higher target_sparsity" in str(e.value)) == (warmup == 0)
+
+
+def test_prepare_refuses_an_input_it_would_overwrite(tmp_path):
+    out = tmp_path / "small"
+    prepare_dataset.write_splits(make_text(30_000), str(out), "test-made text")
+    before = (out / "train.bin").read_bytes()
+    r = run_script("prepare_dataset.py", "--input", str(out / "train.bin"), "--out_dir", str(out), "--force")
+    assert r.returncode == 1 and "one of the files this would write" in one_line(r.stderr)
+    assert (out / "train.bin").read_bytes() == before
