@@ -20,7 +20,7 @@ import torch
 
 import config_keys
 from models import MODELS
-from prepare_dataset import remove_stale_temps  # noqa: F401  (one helper for run and data directories)
+from prepare_dataset import remove_stale_temps, sha256_of  # noqa: F401  (one helper for run and data directories)
 
 TRAINING_KEYS = ("model", "optimizer", "iter_num", "best_val_bpc", "data_generator", "rng", "config",
                  "model_args", "model_kind")
@@ -436,5 +436,15 @@ def warm_start(model, cfg, kind, path):
         notes.append(f"{len(fresh)} fresh tensors ({'the predictor' if all(k in added for k in fresh) else 'new'})")
     if dropped:
         notes.append(f"{len(dropped)} of its tensors dropped (its predictor)")
-    return (f"weights from {path} ({ckpt['model_kind']}, iter {ckpt.get('iter_num', '?')}, block_size {T0})"
+    text = (f"weights from {path} ({ckpt['model_kind']}, iter {ckpt.get('iter_num', '?')}, block_size {T0})"
             + (": " + ", ".join(notes) if notes else "") + "; a fresh optimizer, schedule and data stream")
+    return text, weights_origin(path, ckpt)
+
+
+def weights_origin(path, ckpt):
+    """Where a warm-started run's weights came from, as the run records it once (config.json, its checkpoints,
+    final.json) and keeps through every resume: the file (real path and sha256), its iteration, tokens, kind and
+    block_size, and that run's own origin if it had one."""
+    return {"path": os.path.realpath(path), "sha256": sha256_of(path), "iter": ckpt.get("iter_num"),
+            "tokens": ckpt.get("tokens"), "model_kind": ckpt.get("model_kind"),
+            "block_size": (ckpt.get("model_args") or {}).get("block_size"), "from": ckpt.get("init_origin")}

@@ -170,6 +170,11 @@ def config_drift(d, script, args, budget, seed):
         then = {**then, **resolve_auto({**now, **then})}
     except (KeyError, TypeError, AttributeError):  # a config.json too old or odd to resolve: compared as written
         pass
+    for side in (now, then):  # a checkpoint by its real path: a spec's {run:NAME} is absolute, a command's may not be
+        if side.get("init_from") not in (None, "scratch", "resume"):
+            side["init_from"] = os.path.realpath(side["init_from"])
+    if then.get("init_from") in (None, "resume") and "init_origin" not in then:
+        then["init_from"] = now.get("init_from")  # a config.json from before origins were recorded: not judged
     drift = []
     for key, value in now.items():
         old = then.get(key, value)  # a key added since, without a legacy value: its default is the old way
@@ -184,13 +189,41 @@ def counted(d, spec, script, args, seed):
     runs; without one, the command."""
     want = run_command(spec, script, args, seed)
     have = stored_command(d)
-    drift = config_drift(d, script, args, want["budget"], seed)
+    drift = config_drift(d, script, with_run_paths(args, spec["out"], seed), want["budget"], seed)
     if drift is None or (have is not None and have["script"] != want["script"]):
         return (True, "") if have is None or have == want else (False, "run with another command")
     if drift:
         why = "run with another command" if have is not None and have != want else "run under other defaults"
         return False, f"{why} ({'; '.join(drift[:4])}{'; ...' if len(drift) > 4 else ''})"
-    return True, ""
+    why = source_problem(d, spec, args, seed)
+    return (False, why) if why else (True, "")
+
+
+def source_problem(d, spec, args, seed, started=True):
+    """Why a row that starts from another row's checkpoint ({run:NAME}) cannot count for this seed, or None: its
+    source run is unfinished or not counted itself, or (started: d has begun) the source's ckpt.pt is not the file
+    d's weights came from (its sha256, as d recorded it)."""
+    origin = None
+    if started:
+        try:
+            with open(os.path.join(d, "config.json")) as f:
+                origin = json.load(f).get("init_origin")
+        except (OSError, ValueError, AttributeError):
+            pass
+    for dep in depends_on(args):
+        row = next((r for r in spec["runs"] if r[0] == dep), None)
+        src = run_dir(spec["out"], dep, seed)
+        if row is None:
+            continue
+        if not finished(src):
+            return f"its source row {dep} has not finished for seed {seed}"
+        ok, why = counted(src, spec, row[1], row[2], seed)
+        if not ok:
+            return f"its source row {dep} is not counted ({why})"
+        if started and isinstance(origin, dict) and origin.get("sha256") != checkpoint.sha256_of(
+                os.path.join(src, "ckpt.pt")):
+            return f"its weights came from a checkpoint of {dep} that has been replaced since"
+    return None
 
 
 def finished(d):
@@ -253,6 +286,12 @@ def execute(spec, log=print, jobs=1):
             wait_until_fewer_than(jobs)
             while any(r[0] in deps and r[1] == seed for r in running):  # a run starting from another's checkpoint
                 wait_until_fewer_than(len(running))
+            args = next(r[2] for r in spec["runs"] if r[0] == name)
+            why = source_problem(d, spec, args, seed, started=os.path.exists(os.path.join(d, "ckpt.pt")))
+            if deps and why:
+                log(f"compare: {name} seed {seed} not started: {why}; flagged in the table")
+                failed += 1
+                continue
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, RUN_RECORD), "w") as f:
                 json.dump(want, f)

@@ -123,7 +123,21 @@ class Run:
             s += f", {c.get('n_layer')}L {c.get('n_embd')}d {c.get('n_head')}h T={c.get('block_size')}"
         if self.kind == "asca" and c:
             s += f", S={c.get('sparse_block_size')}, target {c.get('target_sparsity')}"
+        if self.origin():
+            s += f", {self.warm_text()}"
         return s + ")"
+
+    def origin(self):
+        """Where the run's weights came from (init_from=PATH; config.json, else final.json), or None."""
+        o = self.config.get("init_origin") or (self.final or self.stale_final or {}).get("init_origin")
+        return o if isinstance(o, dict) else None
+
+    def warm_text(self):
+        """'warm from SOURCE at iter N (+T tokens before)': the source run's directory, its iteration and tokens."""
+        o = self.origin()
+        src = os.path.basename(os.path.dirname(str(o.get("path", "?"))))
+        before = f", +{o['tokens']:,} tokens before" if isinstance(o.get("tokens"), int) else ""
+        return f"warm from {src} at iter {o.get('iter', '?')}{before}"
 
     def last(self, key):
         """The latest value of `key`: final.json first, then the newest metrics row that has it."""
@@ -547,6 +561,8 @@ def comparison_table(runs, path):
             mixed.append(r.name)
         diff = ("not comparable: other test set or protocol" if not same else
                 fmt(test - base.last("test_bpc"), "+.4f") if (base and test is not None) else "n/a")
+        if r.origin() and diff != "n/a":  # its tokens are not its whole training
+            diff += f" ({r.warm_text()})"
         kind = (r.kind if r.kind != "asca" else
                 f"asca (S={c.get('sparse_block_size')}, target {c.get('target_sparsity')})")
         best = r.last("best_val_bpc") or min((m["val_bpc"] for m in r.metrics if m.get("val_bpc")), default=None)

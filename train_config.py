@@ -21,9 +21,11 @@ from runtime import MUON_NS_DTYPES, TrainError, free_memory_bytes
 TRAIN_KEYS = dict(
     # I/O
     out_dir=Key("out/run", resume="this_run", compared=False), data_dir=Key("data/enwik8"),
-    # 'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights (issue 33;
-    # checkpoint.warm_start: fresh optimizer and schedule, the same or a longer block_size, dense into ASCA)
-    init_from=Key("scratch", resume="this_run", compared=False),
+    # 'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights
+    # (checkpoint.warm_start: fresh optimizer and schedule, the same or a longer block_size, dense into ASCA); its
+    # origin (path, sha256, iteration) is recorded in config.json, checkpoints and final.json, and compare.py compares
+    # it like any key
+    init_from=Key("scratch", resume="this_run"),
     eval_interval=Key(500), log_interval=Key(10), eval_iters=Key(20), eval_only=Key(False, resume="this_run"),
     # with eval_only, an ASCA checkpoint scored with another choice of blocks at the same counts (a mask swap):
     # does the model depend on its own selector's choices? '' = its own

@@ -97,14 +97,20 @@ class Trainer:
         self.data_sha256 = data_identity(ds)
         self.sched_pos = 0.0  # where the schedules stand (set_schedule); saved, so a reload runs at it
         self.load = LoadMeter()
+        self.origin = None  # where the weights came from (init_from=PATH): recorded once, kept through resumes
         self.build(build_model)
         if ckpt is not None:
             self.resume(ckpt)
         elif starts_from_checkpoint(cfg):  # init_from=PATH: another run's weights, all else fresh
             try:
-                self.say("init_from: " + checkpoint.warm_start(self.model, cfg, kind, cfg["init_from"]))
+                text, self.origin = checkpoint.warm_start(self.model, cfg, kind, cfg["init_from"])
             except CheckpointError as e:
                 raise TrainError(str(e)) from None
+            self.say("init_from: " + text)
+
+    def weights_from(self):
+        """init_from as the run began, whatever resumes came since: the source checkpoint's path, or 'scratch'."""
+        return self.origin["path"] if self.origin else "scratch"
 
     # --- build and resume
     def build(self, build_model):
@@ -139,6 +145,7 @@ class Trainer:
         c.best_iter, c.tokens = ckpt.get("best_iter", -1), ckpt.get("tokens", 0)
         c.train_time = ckpt.get("train_time_s", 0.0)
         c.train_flops = ckpt.get("train_flops", None if c.tokens else 0.0)  # unknown for older checkpoints
+        self.origin = ckpt.get("init_origin")
         if self.cfg["eval_only"]:
             return
         try:
@@ -414,8 +421,10 @@ class Trainer:
                              f"good checkpoint in {self.out_dir} was kept")
         ck = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
               "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None,
-              "iter_num": c.iter_num, "best_val_bpc": c.best_val, "best_iter": c.best_iter, "config": self.cfg,
-              "model_args": self.model_args, "model_kind": self.kind, "rng": [r for _, r in per_rank],
+              "iter_num": c.iter_num, "best_val_bpc": c.best_val, "best_iter": c.best_iter,
+              "config": {**self.cfg, "init_from": self.weights_from()},
+              "model_args": self.model_args, "model_kind": self.kind, "init_origin": self.origin,
+              "rng": [r for _, r in per_rank],
               "data_generator": [g for g, _ in per_rank], "train_time_s": c.train_time, "tokens": c.tokens,
               "train_flops": c.train_flops, "schedule_pos": float(self.sched_pos), "data_sha256": self.data_sha256,
               "env": rt.env()}
@@ -463,7 +472,8 @@ class Trainer:
     # --- finish
     def finish(self, stop_reason):
         rt, c, cfg = self.rt, self.c, self.cfg
-        final = {"model_kind": self.kind, "iters": c.iter_num, "tokens": c.tokens, "train_flops": c.train_flops,
+        final = {"model_kind": self.kind, "init_origin": self.origin, "iters": c.iter_num, "tokens": c.tokens,
+                 "train_flops": c.train_flops,
                  "train_time_s": c.train_time,
                  "warmup_s": c.warmup_s, "eval_time_s": c.eval_s, "stop_reason": stop_reason,
                  "max_iters": cfg["max_iters"], "max_time_s": cfg["max_time_s"], "final_lr": self.last_lr,
@@ -662,7 +672,9 @@ def _run(cfg, kind, explicit, build_model, rt):
         if rt.master:
             # the settings the run trains with, 'auto' resolved (device, dtype, compile, backend): a resumed run's
             # command may leave them 'auto', and compare.py must see the same run either way
-            checkpoint.write_json({**cfg, **rt.resolved}, os.path.join(cfg["out_dir"], "config.json"))
+            # init_from as the run began (a resume's 'resume' would hide where its weights came from)
+            checkpoint.write_json({**cfg, **rt.resolved, "init_from": trainer.weights_from(),
+                                   "init_origin": trainer.origin}, os.path.join(cfg["out_dir"], "config.json"))
         return trainer.fit()
     finally:
         rt.close()

@@ -809,3 +809,71 @@ def test_prepare_refuses_an_input_it_would_overwrite(tmp_path):
     r = run_script("prepare_dataset.py", "--input", str(out / "train.bin"), "--out_dir", str(out), "--force")
     assert r.returncode == 1 and "one of the files this would write" in one_line(r.stderr)
     assert (out / "train.bin").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- where a run's weights came from
+
+def test_a_warm_started_runs_origin_survives_every_resume(tmp_path, data_dir):
+    src, warm = tmp_path / "src", tmp_path / "warm"
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={src}", "--max_iters=2",
+                                             "--final_test=False"]) == 0
+    sha = prepare_dataset.sha256_of(str(src / "ckpt.pt"))
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={warm}", "--max_iters=2",
+                                             f"--init_from={src / 'ckpt.pt'}", "--final_test=False"]) == 0
+    assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={warm}", "--max_iters=4",
+                                             "--init_from=resume", "--final_test=True"]) == 0
+    want = os.path.realpath(src / "ckpt.pt")
+    config = json.load(open(warm / "config.json"))
+    final = json.load(open(warm / "final.json"))
+    ck = checkpoint.load(str(warm / "ckpt.pt"))
+    assert config["init_from"] == ck["config"]["init_from"] == want  # not "resume"
+    for origin in (config["init_origin"], final["init_origin"], ck["init_origin"]):
+        assert origin["path"] == want and origin["sha256"] == sha and origin["iter"] == 2
+        assert origin["model_kind"] == "baseline" and origin["tokens"] == 2 * 4 * 64
+    scratch = json.load(open(src / "config.json"))
+    assert scratch["init_from"] == "scratch" and scratch["init_origin"] is None
+    # extraction.py's comparison says so next to its difference to the baseline
+    path = extraction.comparison_table([extraction.Run(str(src)), extraction.Run(str(warm))], str(tmp_path / "c.md"))
+    row = next(line for line in open(path) if line.startswith("| warm |"))
+    assert "warm from src at iter 2, +512 tokens before" in row
+
+
+def warm_spec(path, data_dir, out, warm_args=("--init_from={run:src}",), src_args=()):
+    path.write_text(f'''
+RUNS = [("ref", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}"]),
+        ("src", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}", *{list(src_args)!r}]),
+        ("warm", "baseline_model.py", ["{TINY}", "--data_dir={data_dir}", *{list(warm_args)!r}])]
+BUDGET = {{"max_iters": 4}}
+SEEDS = [1]
+OUT = "{out}"
+''')
+    return str(path)
+
+
+def test_compare_checks_where_a_rows_weights_came_from(tmp_path, data_dir, capsys):
+    """A finished warm start is not counted under a row edited to train from scratch; a row whose source row is not
+    counted is neither started nor counted."""
+    out = tmp_path / "cmp"
+    assert compare.main([warm_spec(tmp_path / "s.py", data_dir, out)]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| warm |" in table and "not counted" not in table
+    # the source's checkpoint replaced after the warm run started from it: the warm run no longer counts
+    saved = (out / "src_s1" / "ckpt.pt").read_bytes()
+    shutil.copy(out / "ref_s1" / "ckpt.pt", out / "src_s1" / "ckpt.pt")
+    assert compare.main([warm_spec(tmp_path / "s.py", data_dir, out), "--report_only"]) == 0
+    row = next(line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| warm |"))
+    assert "0/1" in row and "replaced since" in (out / "comparison.md").read_text()
+    (out / "src_s1" / "ckpt.pt").write_bytes(saved)
+    # the warm row edited to train from scratch: its finished warm start no longer stands for it
+    assert compare.main([warm_spec(tmp_path / "s2.py", data_dir, out, warm_args=())]) == 0
+    row = next(line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| warm |"))
+    assert "0/1" in row and "not counted" in row
+    assert "init_from" in (out / "comparison.md").read_text()
+    # the source row changed (another learning rate) and the warm run deleted: the source is flagged, and the warm
+    # row is not retrained from its stale checkpoint
+    shutil.rmtree(out / "warm_s1")
+    capsys.readouterr()
+    assert compare.main([warm_spec(tmp_path / "s3.py", data_dir, out, src_args=("--learning_rate=0.002",))]) == 1
+    printed = capsys.readouterr().out
+    assert "warm seed 1 not started: its source row src is not counted" in printed
+    assert not (out / "warm_s1" / "final.json").exists()
