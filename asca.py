@@ -405,11 +405,13 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         """Rotated q, k (and v), the predictor's inputs, all padded to whole blocks, and their Selection."""
         T0 = q.shape[2]
         qr, kr = self.position(q, k)  # rotary positions (learned positions: unchanged)
-        gq, gk = (qr, kr) if self.gate_rotated else (q, k)
-        if self.selector.rule in READS_ATTENDED:  # rules that read the attention's own q and k (pooled, oracle)
-            gq, gk = qr, kr
-        ts = self.pad_to_blocks(*((qr, kr, gq, gk) if v is None else (qr, kr, v, gq, gk)), bucket=bucket)
-        sel = self.selector.plan(ts[-2], ts[-1], T0)
+        pq, pk = (qr, kr) if self.gate_rotated else (q, k)  # the predictor's inputs
+        gq, gk = (qr, kr) if self.selector.rule in READS_ATTENDED else (pq, pk)  # pooled, oracle: q, k as attended
+        own = self.selector.adaptive and self.selector.trained_rule is not None  # a swapped choice at own counts
+        ts = self.pad_to_blocks(*((qr, kr) if v is None else (qr, kr, v)), *((pq, pk) if own else ()), gq, gk,
+                                bucket=bucket)
+        sel = self.selector.plan(ts[-2], ts[-1], T0, own_inputs=tuple(ts[-4:-2]) if own else None)
+        ts = ts[:-4] + ts[-2:] if own else ts
         if self.training:
             self.selector.remember_inputs(ts[0], ts[1], ts[-2], ts[-1], T0)
         return ts[:-2], sel

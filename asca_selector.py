@@ -234,6 +234,7 @@ class BlockSelector(nn.Module):
                                                       config.block_size // S, dist_bias=config.gate_dist_bias,
                                                       pooled=config.gate_pooled)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
+        self.trained_rule = None  # the rule the model trained with, once swap_choice put another in its place
         self.distance_cost = config.rank_distance_cost  # learned choice: ranks by score - cost x blocks between
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
@@ -318,10 +319,20 @@ class BlockSelector(nn.Module):
             return (b[None, :] - b[:, None]).expand(B, H, nb, nb)
         return torch.rand(B, H, nb, nb, device=device)
 
-    def select(self, q, k):
-        """(scores, order, n_past) for padded q, k: the scores, then rank()'s order and counts."""
+    def select(self, q, k, own_inputs=None):
+        """(scores, order, n_past) for padded q, k: the scores, then rank()'s order and counts. own_inputs: the
+        trained predictor's padded inputs where another rule chooses (swap_choice) at the model's adaptive counts."""
         scores = self.scores(q, k)
-        return (scores, *self.rank(scores))
+        order, n_past = self.rank(scores)
+        if own_inputs is not None:
+            n_past = self.counts(self.predictor(*(t.detach() for t in own_inputs), self.S))
+        return scores, order, n_past
+
+    def swap_choice(self, rule):
+        """Score the trained model with another rule's choice of blocks at its own counts (eval_selector): the fixed
+        budget's counts are the schedule's anyway; an adaptive budget's come from the trained predictor's scores
+        against its thresholds, which the attention passes as own_inputs (trained_rule says to)."""
+        self.trained_rule, self.rule = self.rule, rule
 
     def candidates(self, nb, device):
         """(nb, nb) bool: the blocks a budget decides on: complete past blocks, the forced ones excepted."""
@@ -443,9 +454,9 @@ class BlockSelector(nn.Module):
         selected = self.block_selection(order, n_past)
         return Selection(scores, order, n_past, selected, self.gate_bias(scores, selected), seq_len)
 
-    def plan(self, q, k, seq_len=None):
+    def plan(self, q, k, seq_len=None, own_inputs=None):
         """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
-        return self.selection(*self.select(q, k), q.shape[2] if seq_len is None else seq_len)
+        return self.selection(*self.select(q, k, own_inputs), q.shape[2] if seq_len is None else seq_len)
 
     def remember(self, sel):
         self.last = sel.detach()  # diagnostics(), the budget controller, extraction.py and tests read it

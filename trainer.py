@@ -526,9 +526,10 @@ class Trainer:
                                                                          cfg["max_iters"]))
         if cfg["eval_selector"]:  # the mask swap: the same weights and counts, another choice of blocks
             for a in self.model.attention_modules():
-                a.selector.rule = cfg["eval_selector"]
-            self.say(f"eval_selector={cfg['eval_selector']}: the checkpoint's weights and counts, this choice of "
-                     f"blocks (no gate bias unless 'learned')")
+                a.selector.swap_choice(cfg["eval_selector"])
+            self.say(f"eval_selector={cfg['eval_selector']}: the checkpoint's weights and counts (an adaptive "
+                     f"budget's from its own predictor and thresholds), this choice of blocks (no gate bias unless "
+                     f"'learned')")
         if not self.rt.master:
             return 0
         val = self.val_bpc()

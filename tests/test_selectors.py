@@ -358,3 +358,31 @@ def test_rank_distance_cost_is_causal(impl, mode):
 def test_bad_rank_distance_cost_is_one_line(over):
     with pytest.raises(ValueError, match="rank_distance_cost=.* biases the learned choice at the fixed budget"):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, **over).validate()
+
+
+def test_eval_selector_on_an_adaptive_budget_keeps_the_models_own_counts(tmp_path, data_dir):
+    """An adaptive budget's counts come from the trained predictor's scores against its thresholds: another rule
+    swapped in chooses WHICH blocks, at those counts per sequence, head and tile. In the first layer (its input does
+    not depend on the choice) the measured sparsity is the model's own for every rule, per head; later layers' counts
+    follow the predictor on what the swap changed, so the whole model's is close, not equal. The rules score
+    differently."""
+    import novel_model
+    from helpers import train_in_process
+    out = tmp_path / "o"
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}"]
+    assert train_in_process(novel_model, common + ["--max_iters=6", "--sparse_block_size=8", "--budget=adaptive",
+                                                   "--budget_scope=head", "--target_sparsity=0.6",
+                                                   "--sparsity_warmup_iters=0"]) == 0
+    evals = {}
+    for swap in ("", "local", "oracle", "pooled"):
+        args = ["--init_from=resume", "--eval_only=True"] + ([f"--eval_selector={swap}"] if swap else [])
+        assert train_in_process(novel_model, common + args) == 0
+        evals[swap] = json.load(open(out / "eval.json"))
+    own = evals[""]["test_sparsity"]
+    assert 0.3 < own < 0.9
+    for swap in ("local", "oracle", "pooled"):
+        first, want = (evals[x]["test_sparsity_per_head_per_layer"][0] for x in (swap, ""))
+        assert first == pytest.approx(want, abs=1e-9), swap
+        assert evals[swap]["test_sparsity"] == pytest.approx(own, abs=0.01), swap
+    bpcs = {evals[s]["test_bpc"] for s in ("local", "oracle", "pooled")}
+    assert len(bpcs) == 3 and evals[""]["test_bpc"] not in bpcs
