@@ -447,4 +447,6 @@ def weights_origin(path, ckpt):
     block_size, and that run's own origin if it had one."""
     return {"path": os.path.realpath(path), "sha256": sha256_of(path), "iter": ckpt.get("iter_num"),
             "tokens": ckpt.get("tokens"), "model_kind": ckpt.get("model_kind"),
-            "block_size": (ckpt.get("model_args") or {}).get("block_size"), "from": ckpt.get("init_origin")}
+            "block_size": (ckpt.get("model_args") or {}).get("block_size"),
+            "schedule_pos": schedule_position(ckpt), "progress": schedule_progress(ckpt),
+            "from": ckpt.get("init_origin")}

@@ -298,6 +298,11 @@ class Trainer:
         training time / max_time_s, and the position is progress * max_iters: the lr decay and the sparsity
         warm-up then end when the budget does, however many iterations fit (ranks agree on the time)."""
         c, cfg = self.c, self.cfg
+        o = self.origin
+        if cfg["max_iters"] == 0 and o and o.get("model_kind") == self.kind and o.get("schedule_pos") is not None:
+            # no steps: the weights are scored as they were trained, at their own schedule (an ASCA checkpoint's
+            # sparsity), not at the start of this run's fresh one (dense while the sparsity warms up)
+            return o["schedule_pos"], 1.0 if o.get("progress") is None else o["progress"]
         if cfg["max_time_s"] <= 0:
             return c.iter_num, c.iter_num / cfg["max_iters"] if cfg["max_iters"] else 1.0
         t = self.rt.max_over_ranks(c.train_time)

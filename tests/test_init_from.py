@@ -151,3 +151,22 @@ def test_test_iters_scores_the_test_split_during_training(tmp_path, data_dir, ca
     capsys.readouterr()
     assert train_in_process(baseline_model, common + [f"--out_dir={tmp_path / 'bad'}", "--test_iters=5,x"]) == 1
     assert "test_iters='5,x' must be a comma list" in one_line(capsys.readouterr().err)
+
+
+def test_max_iters_0_scores_an_asca_checkpoint_at_its_own_sparsity(tmp_path, data_dir):
+    """--init_from=CKPT --max_iters=0 takes no step: an ASCA checkpoint is scored at its own schedule position (its
+    trained sparsity), not at the fresh schedule's start, which is dense while the sparsity warms up."""
+    import json
+    import novel_model
+    from helpers import train_in_process
+    src = tmp_path / "src"
+    common = [f"--data_dir={data_dir}", "--sparse_block_size=8", "--target_sparsity=0.5"]
+    assert train_in_process(novel_model, common + [f"--out_dir={src}", "--max_iters=6", "--sparsity_warmup_iters=4",
+                                                   "--final_test=True"]) == 0
+    trained = json.load(open(src / "final.json"))
+    out = tmp_path / "scored"
+    assert train_in_process(novel_model, common + [f"--out_dir={out}", f"--init_from={src / 'ckpt.pt'}",
+                                                   "--max_iters=0", "--sparsity_warmup_iters=4"]) == 0
+    scored = json.load(open(out / "final.json"))
+    assert trained["test_sparsity"] > 0.3
+    assert scored["test_sparsity"] == trained["test_sparsity"] and scored["test_bpc"] == trained["test_bpc"]
