@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import asca_kernels
 from asca_kernels import attend_gather, build_block_mask, flex_backward_problem, flex_kernel_options  # noqa: F401
-from asca_selector import (GATED, READS_ATTENDED, SELECTORS, BlockSelector, ContentBasedAdaptiveSparsity,  # noqa: F401
-                           Selection, keep_counts, max_sparsity, padded_length)
+from asca_selector import (GATED, READS_ATTENDED, READS_TOKENS, SELECTORS, BlockSelector,  # noqa: F401
+                           ContentBasedAdaptiveSparsity, Selection, keep_counts, max_sparsity, padded_length)
 from config_keys import key
 from gpt import GPT, CausalSelfAttention, GPTConfig
 
@@ -106,7 +106,8 @@ class ASCAConfig(GPTConfig):
     #                   controls at the same budget: 'local' (the nearest, plus the sink if kept), 'random' (a new
     #                   draw each forward), 'pooled' (the first query against each block's mean key, no parameters)
     #                   and 'oracle' (the first query's dense attention mass per block: the ceiling; saves nothing);
-    #                   'local_gated': the local rule's blocks, with the learned gate bias on them
+    #                   'local_gated': the local rule's blocks, with the learned gate bias on them; 'task_oracle'
+    #                   (analysis, the recall task only): the block holding the record the tile's first byte asks for
     attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS)  # 'auto' (flex on
     #                    CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
     flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS)  # flex path:
@@ -353,6 +354,13 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         # each bucketed prefill length). The gather path computes the same function uncompiled (issue 23, item 7).
         if self.impl in ("auto", "flex"):
             self.impl = "gather"
+
+    @property
+    def reads_tokens(self):
+        return self.selector.rule in READS_TOKENS
+
+    def see_tokens(self, idx):
+        self.selector.tokens = idx
 
     @contextlib.contextmanager
     def eager_path(self):

@@ -26,12 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SELECTORS = ("learned", "local", "random", "pooled", "oracle", "local_gated")
+SELECTORS = ("learned", "local", "random", "pooled", "oracle", "local_gated", "task_oracle")
 # the selectors whose kept blocks carry the predictor's gate bias (logsigmoid of its score): the learned choice, and
 # 'local_gated' (the nearest blocks, scaled by the trained gate: separates the choice from the scaling)
 GATED = ("learned", "local_gated")
 # the selectors that read the attention's own q and k (as attended), not the predictor's inputs
 READS_ATTENDED = ("pooled", "oracle")
+# the selectors that read the input bytes (see_tokens): 'task_oracle' knows the synthetic recall task's layout
+READS_TOKENS = ("task_oracle",)
 # attention recall is measured for the run's own selection and for these two at the same counts (issue 32)
 RECALL_CHOICES = ("own", "local", "oracle")
 
@@ -235,6 +237,7 @@ class BlockSelector(nn.Module):
                                                       pooled=config.gate_pooled)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         self.trained_rule = None  # the rule the model trained with, once swap_choice put another in its place
+        self.tokens = None  # the forward's input bytes, for a rule that reads them (READS_TOKENS; see_tokens)
         self.distance_cost = config.rank_distance_cost  # learned choice: ranks by score - cost x blocks between
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
@@ -307,6 +310,13 @@ class BlockSelector(nn.Module):
             return pooled_scores(q.detach(), k.detach(), self.S)
         if self.rule == "oracle":
             return first_query_block_mass(q.detach(), k.detach(), self.S)
+        if self.rule == "task_oracle":  # the block holding the record the tile's first byte asks for (recall_task.py)
+            import recall_task
+            if self.tokens is None:
+                raise ValueError("selector='task_oracle' reads the input bytes: call the model, not the attention")
+            nb = q.shape[2] // self.S
+            scores = recall_task.task_oracle_scores(self.tokens, self.S, nb).to(q.device)
+            return scores[:, None].expand(q.shape[0], q.shape[1], nb, nb)
         return self.rule_scores(q.shape[0], q.shape[1], q.shape[2] // self.S, q.device)
 
     def rule_scores(self, B, H, nb, device, rule=None):

@@ -88,6 +88,34 @@ def test_bpc(model, fwd, ds, cfg, device, ctx):
     return bpc, n, measured
 
 
+# ----------------------------------------------------------------------------- the synthetic recall task
+
+@torch.no_grad()
+def recall_answers(model, data, align, block_size, batch_size, device, ctx=contextlib.nullcontext(), n_episodes=None):
+    """recall_task.summarize over the episodes of `data` (the first n_episodes, or all): at each query byte, whether
+    the model's most likely next byte is the answer, and its bits on the answer; per query-to-record distance."""
+    import recall_task
+    model.eval()
+    n = len(data) // align if n_episodes is None else min(n_episodes, len(data) // align)
+    correct, bits, dist = [], [], []
+    for i in range(0, n, batch_size):
+        starts = [k * align for k in range(i, min(n, i + batch_size))]
+        x, y = stack_windows(data, starts, block_size)
+        bi, ti, ans, d = recall_task.answers(x.numpy())
+        with ctx:
+            logits, _ = model(x.to(device))
+        if len(bi) == 0:
+            continue
+        at = logits.float()[torch.as_tensor(bi, device=logits.device), torch.as_tensor(ti, device=logits.device)]
+        target = torch.as_tensor(ans, device=logits.device)
+        if not torch.equal(y[torch.as_tensor(bi), torch.as_tensor(ti)].to(target.device), target):
+            raise ValueError("the data's answer bytes do not follow its queries: it was not made by recall_task.py")
+        correct += (at.argmax(-1) == target).tolist()
+        bits += (F.cross_entropy(at, target, reduction="none") / LN2).tolist()
+        dist += d.tolist()
+    return recall_task.summarize(correct, bits, dist, block_size)
+
+
 # ----------------------------------------------------------------------------- the long-range copy test (issue 32)
 # enwik8's needle test: a copy of an L-byte span planted at distance d from its source, in held-out windows. A model
 # that reaches the source predicts the copy's bytes at a few tenths of a bit; one confined to its nearest blocks

@@ -235,6 +235,11 @@ class CausalSelfAttention(nn.Module):
         """A context in which this module's forward needs no compile (an uncompiled measurement on a GPU)."""
         return contextlib.nullcontext()
 
+    reads_tokens = False  # True where the module must see the input bytes (see_tokens) before its forward
+
+    def see_tokens(self, idx):
+        """The forward's input bytes (B, T), for a module that reads them (an analysis rule that knows the task)."""
+
     def set_step(self, iter_num, progress=None):
         """The schedule position (in iterations) of the step about to run, and the run's progress in [0, 1]."""
 
@@ -437,6 +442,9 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
+        for a in self.attention_modules():
+            if a.reads_tokens:
+                a.see_tokens(idx)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, 256): every position, for tests and eval

@@ -105,7 +105,7 @@ def remove_stale_temps(out_dir):
     return removed
 
 
-def write_splits(data, out_dir, source, input_sha256=None):
+def write_splits(data, out_dir, source, input_sha256=None, extra_meta=None):
     """Split `data` (bytes or a uint8 buffer) into out_dir/{train,val,test}.bin and meta.json.
 
     Every file is first written in full under a temp name; only then are they renamed into place
@@ -120,7 +120,7 @@ def write_splits(data, out_dir, source, input_sha256=None):
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
     meta = {"vocab_size": 256, "dtype": "uint8", "source": source, "total_bytes": n,
             "input_sha256": input_sha256, "split_rule": "val = test = n // 20, train = rest, in file order",
-            "tool": f"{TOOL} {__version__}", "splits": {}}
+            "tool": f"{TOOL} {__version__}", "splits": {}, **(extra_meta or {})}
     view = memoryview(data)
     meta_path = os.path.join(out_dir, "meta.json")
     staged = {}
@@ -428,13 +428,70 @@ def build_parser():
     p.add_argument("--retries", type=int, default=5, help="download attempts before giving up (default 5)")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled "
                    "after each (default 1.0)")
+    g = p.add_argument_group("synthetic data (recall_task.py): --synthetic recall makes episodes of T + 1 bytes")
+    g.add_argument("--synthetic", choices=("recall",), default=None,
+                   help="make a synthetic task instead of reading text: 'recall' (associative recall; default "
+                        "--out_dir data/recall_VARIANT)")
+    g.add_argument("--recall_T", type=int, default=256, help="the training window T (episodes are T + 1 bytes)")
+    g.add_argument("--recall_records", type=int, default=8, help="records (key, value) per episode")
+    g.add_argument("--recall_queries", type=int, default=32, help="queries per episode (dense learns the task in "
+                   "about 1000 iterations with 32 at T=256; with 8 it had not after 600)")
+    g.add_argument("--recall_distance", type=int, default=64,
+                   help="each query lies at least this many bytes after its record (beyond the forced blocks)")
+    g.add_argument("--recall_variant", choices=("A", "B"), default="A",
+                   help="A: queries at tile starts (where the block choice reads them); B: at any position")
+    g.add_argument("--recall_tile", type=int, default=4, help="the tile size S that variant A aligns queries to (the "
+                   "runs' sparse_block_size; 4 leaves room for 32 queries at T=256)")
+    g.add_argument("--recall_episodes", type=int, default=20_000, help="episodes in all (a multiple of 20: the "
+                   "90/5/5 split falls between episodes)")
+    g.add_argument("--seed", type=int, default=0, help="the generator's seed (synthetic data)")
     return p
+
+
+def prepare_synthetic(args):
+    """Write a synthetic task's splits: episodes from recall_task.make_episodes, deterministic by --seed, with the
+    generator's settings in meta.json ('synthetic'; the runs record the splits' sha256, so compare.py never mixes
+    runs made from different ones) and 'align' (the loader's windows are whole episodes)."""
+    import recall_task
+    settings = dict(T=args.recall_T, n_records=args.recall_records, n_queries=args.recall_queries,
+                    min_distance=args.recall_distance, variant=args.recall_variant, tile=args.recall_tile)
+    why = recall_task.check_spec(**settings)
+    if why:
+        raise DataError(f"--synthetic recall: {why}")
+    if args.recall_episodes < 20 or args.recall_episodes % 20:
+        raise DataError(f"--recall_episodes={args.recall_episodes} must be a positive multiple of 20 (the 90/5/5 "
+                        f"split must fall between episodes)")
+    out_dir = args.out_dir or f"data/recall_{args.recall_variant}"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    meta = {"task": "recall", **settings, "seed": args.seed, "episodes": args.recall_episodes}
+    done = is_complete(out_dir)
+    if done is not None and done.get("synthetic") == meta and not args.force:
+        print(f"{out_dir} already holds this synthetic data; nothing to do")
+        return done
+    if not args.force and not written_by_us(out_dir):
+        raise DataError(f"{out_dir} holds dataset files this tool did not write; use --force to replace them, or "
+                        f"another --out_dir")
+    if done is not None and not args.force:
+        raise DataError(f"{out_dir} already holds a dataset made from {done.get('source')}; use --force to replace "
+                        f"it, or another --out_dir")
+    episodes = recall_task.make_episodes(args.recall_episodes, seed=args.seed, **settings)
+    source = "synthetic:recall " + " ".join(f"{k}={v}" for k, v in meta.items() if k != "task")
+    meta_out = write_splits(episodes.tobytes(), out_dir, source,
+                            extra_meta={"synthetic": meta, "align": args.recall_T + 1})
+    print(f"wrote {out_dir}: {args.recall_episodes:,} episodes of {args.recall_T + 1} bytes ({source})")
+    return meta_out
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        prepare(args)
+        if args.synthetic:
+            if args.input or args.bundled:
+                raise DataError("--synthetic makes its own data: drop --input / --bundled")
+            prepare_synthetic(args)
+        else:
+            prepare(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -478,6 +535,11 @@ class ByteDataset:
             self.splits[name] = np.memmap(path, dtype=np.uint8, mode="r")
 
     def check_block_size(self, block_size):
+        align = self.meta.get("align")
+        if align and block_size != align - 1:
+            raise DataError(f"{self.data_dir} holds episodes of {align} bytes, one per training window: train it at "
+                            f"block_size={align - 1}, or make the data for block_size={block_size} "
+                            f"(prepare_dataset.py --synthetic recall --recall_T {block_size})")
         for name, data in self.splits.items():
             if len(data) <= block_size:
                 raise DataError(f"the {name} split of {self.data_dir} has {len(data)} bytes, not more "
@@ -487,13 +549,21 @@ class ByteDataset:
         """(x, y), int64 (B, T) CPU tensors at random offsets drawn from `generator`; y = x shifted by 1."""
         data = self.splits[split]
         import torch
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+        align = self.meta.get("align")
+        if align:  # episodes (a synthetic task): every window is one whole episode
+            starts = (torch.randint(len(data) // align, (batch_size,), generator=generator) * align).tolist()
+        else:
+            starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
         return stack_windows(data, starts, block_size)
 
     def val_windows(self, block_size, n_windows, split="val"):
         """A fixed, evenly spaced set of window offsets: the same every eval, so curves compare."""
         data = self.splits[split]
+        align = self.meta.get("align")
         last = len(data) - block_size - 1
+        if align:  # whole episodes, evenly spaced
+            n = len(data) // align
+            return sorted(set(int(round(i * (n - 1) / max(1, n_windows - 1))) * align for i in range(n_windows)))
         if n_windows <= 1 or last <= 0:
             return [0]
         return sorted(set(int(round(i * last / (n_windows - 1))) for i in range(n_windows)))

@@ -379,7 +379,25 @@ class Trainer:
         sparsity, which varies with content) is kept in self.val_measured."""
         bpc, self.val_measured = evaluate.val_bpc(self.model, self.fwd, self.ds, self.cfg, self.rt.device, self.rt.ctx)
         self.val_measured.update(self.recall_sample("val", self.val_measured))
+        if self.ds.meta.get("synthetic", {}).get("task") == "recall":  # the task's metric on as many val episodes
+            r = self.recall_task("val", self.cfg["eval_iters"] * self.cfg["batch_size"])
+            self.val_measured.update(answer_acc=r["answer_acc"], answer_bpc=r["answer_bpc"])
         return bpc
+
+    def recall_task(self, split, n_episodes=None, into=None):
+        """The synthetic recall task's answers (evaluate.recall_answers) on a split's episodes, into into["recall_task"]
+        where given; {} for other data."""
+        if self.ds.meta.get("synthetic", {}).get("task") != "recall":
+            return {}
+        r = evaluate.recall_answers(self.fwd, self.ds.splits[split], self.ds.meta["align"], self.cfg["block_size"],
+                                    self.cfg["batch_size"], self.rt.device, self.rt.ctx, n_episodes)
+        if into is not None:
+            into["recall_task"] = r
+            self.say(f"recall task ({r['answers']} answers on the {split} split): accuracy {r['answer_acc']:.3f}, "
+                     f"{r['answer_bpc']:.3f} bits per answer; by distance: " + ", ".join(
+                         f"{b['lo']}-{b['hi']}: {b['answer_acc']:.3f}" for b in r["buckets"]
+                         if b["answer_acc"] is not None))
+        return r
 
     def recall_sample(self, split, measured):
         """A compiled evaluation measures no attention recall (it is computed outside the graph): the uncompiled
@@ -502,6 +520,7 @@ class Trainer:
             t0 = time.time()
             final["test_bpc"], final["test_bytes_scored"] = self.test_bpc(into=final)
             self.copy_test(into=final)  # the final weights', before best.pt may replace them
+            self.recall_task("test", into=final)
             if c.best_iter not in (-1, c.iter_num) and os.path.exists(self.best_path):
                 best = checkpoint.load(self.best_path, require=checkpoint.MODEL_KEYS + ("iter_num",))
                 if best["iter_num"] == c.best_iter:
@@ -541,6 +560,7 @@ class Trainer:
         measured = {}
         test, n = self.test_bpc(into=measured)
         self.copy_test(into=measured)
+        self.recall_task("test", into=measured)
         out = {**measured, "iter": c.iter_num, "val_bpc": val, "test_bpc": test, "test_bytes_scored": n,
                "eval_stride": cfg["eval_stride"], "block_size": cfg["block_size"], "data_dir": cfg["data_dir"],
                "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env(),
