@@ -176,6 +176,7 @@ def test_muon_groups_cover_every_parameter_exactly_once():
         assert opt.opts[0].param_groups[0]["lr_scale"] == pytest.approx(20.0)
 
 
+@pytest.mark.e2e
 def test_exact_resume_with_muon_and_modern_options_is_bitwise(tmp_path, data_dir):
     common = [f"--data_dir={data_dir}", "--optimizer=muon", "--pos_encoding=rope", "--qk_norm=true",
               "--mlp_act=relu2", "--tie_embeddings=false", "--lr_decay_iters=16", "--eval_interval=4",
@@ -191,6 +192,7 @@ def test_exact_resume_with_muon_and_modern_options_is_bitwise(tmp_path, data_dir
     assert len(a["optimizer"]["parts"]) == 2
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_from_before_the_options_loads_samples_and_resumes(tmp_path, data_dir):
     """A checkpoint as the code before this change wrote it: no new model or optimizer keys. Their absence
     means the old behaviour (learned positions, GELU, tied embeddings, no QK-norm, AdamW), whatever the
@@ -216,6 +218,7 @@ def test_a_checkpoint_from_before_the_options_loads_samples_and_resumes(tmp_path
     assert cfg["optimizer"] == "adamw" and cfg["pos_encoding"] == "learned"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("arg,needle", [("--pos_encoding=alibi", "pos_encoding='alibi' must be one of learned, rope"),
                                         ("--mlp_act=swish", "mlp_act='swish' must be one of gelu, relu2"),
                                         ("--optimizer=sgd", "optimizer='sgd' must be one of adamw, muon"),

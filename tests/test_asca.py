@@ -280,6 +280,7 @@ def test_cuda_flex_model_is_causal():
 
 # ----------------------------------------------------------------------------- start-up errors, training
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["--block_size=100", "--sparse_block_size=16"], "must be a multiple of sparse_block_size"),
     (["--target_sparsity=1.0"], "must be in [0, 1)"),
@@ -298,6 +299,7 @@ def test_bad_settings_fail_at_start_up(tmp_path, args, needle):
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+@pytest.mark.e2e
 def test_training_run_tracks_target_and_logs_diagnostics(tmp_path):
     data = make_dataset(tmp_path / "d")
     out = tmp_path / "o"
@@ -317,6 +319,7 @@ def test_training_run_tracks_target_and_logs_diagnostics(tmp_path):
     assert r.returncode == 1 and "novel_model.py" in r.stderr and "'asca' model" in r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("script,budget", [("baseline_model.py", None), ("novel_model.py", "fixed"),
@@ -340,6 +343,7 @@ def test_cuda_compiled_training_run(tmp_path, script, budget):
         assert abs(final["test_sparsity"] - 0.5) <= 0.05
 
 
+@pytest.mark.e2e
 def test_benchmark_script_runs_and_prints_the_table():
     r = run_script("bench_attention.py", "--quick")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -352,6 +356,7 @@ def test_benchmark_script_runs_and_prints_the_table():
     assert [[c.strip() for c in row.strip("|").split("|")][2] for row in rows[2:]] == ["fixed", "adaptive"]
 
 
+@pytest.mark.e2e
 def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
     """A size that fails (here T=500, not a multiple of S) prints its error; the other rows still come,
     the exit code says something failed, and bench.json holds the printed numbers."""
@@ -367,6 +372,7 @@ def test_benchmark_keeps_going_past_a_failed_row_and_writes_its_files(tmp_path):
     assert (tmp_path / "bench.md").read_text().splitlines()[-1].startswith("failed: attention T=500")
 
 
+@pytest.mark.e2e
 def test_exact_resume_with_sparsity_schedule(tmp_path):
     from helpers import train_in_process
     data = make_dataset(tmp_path / "d")
@@ -381,6 +387,7 @@ def test_exact_resume_with_sparsity_schedule(tmp_path):
     assert any("predictor" in k for k in a)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")])])

@@ -264,6 +264,7 @@ def excerpt_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sparsity_tracks_the_target_on_real_text_and_heads_differ(tmp_path, excerpt_dir):
     out = tmp_path / "run"
@@ -282,6 +283,7 @@ def test_sparsity_tracks_the_target_on_real_text_and_heads_differ(tmp_path, exce
     assert len(final["test_kept_blocks_hist_per_head_per_layer"]) == 2
 
 
+@pytest.mark.e2e
 def test_exact_resume_with_the_controller_state_is_bitwise(tmp_path):
     data = make_dataset(tmp_path / "data")
     common = [f"--data_dir={data}", "--budget=adaptive", "--lr_decay_iters=16", "--eval_interval=4",

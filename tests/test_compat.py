@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 import checkpoint
@@ -49,6 +50,7 @@ def test_an_old_checkpoint_samples_the_same_with_and_without_the_cache():
     assert outs[0] == outs[1] and len(outs[0]) >= 40
 
 
+@pytest.mark.e2e
 def test_an_old_checkpoint_resumes_and_saves_the_new_names(tmp_path):
     out = tmp_path / "old"
     out.mkdir()
@@ -63,6 +65,7 @@ def test_an_old_checkpoint_resumes_and_saves_the_new_names(tmp_path):
     assert rows[-1]["iter"] == 8 and rows[-1]["budget_threshold"] is not None
 
 
+@pytest.mark.e2e
 def test_an_old_checkpoint_starts_a_new_run(tmp_path, capsys):
     """--init_from=PATH with the fixture: keys it predates without a legacy value (compressed_branch, gate_pooled)
     count as their defaults, as for a resume, so a run with the checkpoint's own settings starts from its weights."""

@@ -141,6 +141,7 @@ def test_plant_copies_plants_a_fraction_and_keeps_y_shifted():
     assert x3 is x and y3 is y and torch.equal(g.get_state(), before)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["--copy_test_windows=2", "--copy_len=40"], "does not fit block_size=64: a copy and its source need"),
     (["--copy_augment=0.5", "--copy_len=8"], "copy_len=8 must exceed the 8 bytes"),
@@ -155,6 +156,7 @@ def test_bad_copy_settings_are_one_line(tmp_path, data_dir, capsys, args, needle
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_the_copy_test_runs_with_the_final_test_and_eval_only(tmp_path, data_dir):
     """final.json and eval.json hold the copy test's buckets; an eval_only of the same checkpoint agrees."""
     import novel_model

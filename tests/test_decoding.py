@@ -143,6 +143,7 @@ def test_bad_arguments(kwargs, needle):
         sample.generate(model, args.pop("prompt"), args.pop("num_bytes"), **args)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("compiled", [[], pytest.param(["--compile"], marks=pytest.mark.slow)])
 def test_decode_benchmark_runs_and_prints_its_table(compiled):
     r = run_script("scripts/bench_decode.py", "--ctx", "128", "--quick", "--sparse_block_size", "16",
@@ -242,6 +243,7 @@ def test_compiled_decoding_steps_equal_the_full_forward_and_the_eager_steps(name
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
+@pytest.mark.e2e
 def test_sample_compile_needs_the_cache():
     r = run_script("sample.py", "--out_dir=nowhere", "--compile=true", "--kv_cache=false")
     assert r.returncode == 1 and "--compile=true compiles the cached decoding step" in r.stderr

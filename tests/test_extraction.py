@@ -36,6 +36,7 @@ def check_png(path):
         assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 10  # not a blank canvas
 
 
+@pytest.mark.e2e
 def test_extraction_arrays_plots_and_comparison(runs):
     base, asca = runs / "base", runs / "asca"
     assert extraction.main([str(base), str(asca), "--chars", "--length=64", "--offset=100"]) == 0
@@ -87,6 +88,7 @@ def test_extraction_arrays_plots_and_comparison(runs):
     assert f"{fa['test_bpc'] - fb['test_bpc']:+.4f}" in rows[1] and f"{fa['sparsity']:.3f}" in rows[1]
 
 
+@pytest.mark.e2e
 def test_adaptive_budget_plots_and_the_test_tally(runs):
     run = runs / "adaptive"
     assert extraction.main([str(run), "--length=64"]) == 0
@@ -111,6 +113,7 @@ def test_adaptive_budget_plots_and_the_test_tally(runs):
     assert (fh == fh[:, :1]).all()  # fixed: every head the same histogram, by construction
 
 
+@pytest.mark.e2e
 def test_text_window_and_in_progress_run(runs, tmp_path):
     text = tmp_path / "t.txt"
     text.write_bytes(b"abcdefgh" * 40)
@@ -128,6 +131,7 @@ def test_text_window_and_in_progress_run(runs, tmp_path):
     assert bytes(b["tokens"]) == (b"abcdefgh" * 4)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case,needle", [("notrun", "not a run directory"), ("missing", "not a directory"),
                                          ("window", "outside"), ("long", "exceeds the model's block_size")])
 def test_errors_are_one_line(runs, tmp_path, case, needle):
@@ -138,6 +142,7 @@ def test_errors_are_one_line(runs, tmp_path, case, needle):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 
 
+@pytest.mark.e2e
 def test_comparison_flags_other_test_sets_and_stale_final_json(runs, tmp_path):
     """Test bpc on another test set is not subtracted (issue 13); a final.json older than the metrics
     (the run resumed after finishing) does not mask the newer numbers."""

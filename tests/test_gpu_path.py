@@ -105,6 +105,7 @@ class WrongGather(AdaptiveSparseCausalSelfAttention):
         return y + 0.5 if self.resolved_impl(q.device, q.shape[2]) == "gather" else y
 
 
+@pytest.mark.e2e
 def test_the_start_up_check_stops_a_run_whose_fast_path_is_wrong(tmp_path, data_dir, capsys):
     out = tmp_path / "wrong"
     rc = train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--attn_impl=gather",
@@ -116,6 +117,7 @@ def test_the_start_up_check_stops_a_run_whose_fast_path_is_wrong(tmp_path, data_
     assert not (out / "ckpt.pt").exists()  # before the first step and the first checkpoint
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("selector", ["learned", "random"])
 def test_the_start_up_check_passes_correct_paths_and_changes_nothing(tmp_path, data_dir, capsys, selector):
     """It compares like with like (the random selector draws the same blocks on both sides), and it leaves the
@@ -131,6 +133,7 @@ def test_the_start_up_check_passes_correct_paths_and_changes_nothing(tmp_path, d
     assert all(torch.equal(finals["on"][k], finals["off"][k]) for k in finals["off"])
 
 
+@pytest.mark.e2e
 def test_the_start_up_check_is_off_on_a_cpu_by_default(tmp_path, data_dir, capsys):
     assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'auto'}",
                                           "--attn_impl=gather", *ASCA_ARGS]) == 0

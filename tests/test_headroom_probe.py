@@ -86,6 +86,7 @@ def dense_ckpt(tmp_path_factory, data_dir):
     return out / "ckpt.pt"
 
 
+@pytest.mark.e2e
 def test_the_probe_on_a_dense_checkpoint(dense_ckpt, tmp_path):
     r = hp.run(str(dense_ckpt), 16, [32, 64], ["nearest", "oracle_first", "token"], 8, max_windows=6)
     rows = {(row["choice"], row["K"]): row for row in r["rows"]}
@@ -100,6 +101,7 @@ def test_the_probe_on_a_dense_checkpoint(dense_ckpt, tmp_path):
     assert rc == 0 and "| 32 | nearest |" in out.read_text() and (tmp_path / "probe.md.json").exists()
 
 
+@pytest.mark.e2e
 def test_bad_probe_input_is_one_line(dense_ckpt, tmp_path):
     r = run_script("scripts/headroom_probe.py", str(dense_ckpt), "--S", "16", "--budgets", "8")
     assert r.returncode == 1 and "must lie between S=16 and block_size=64" in one_line(r.stderr)

@@ -29,6 +29,7 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+@pytest.mark.e2e
 def test_the_same_model_scores_what_its_source_scored(sources, data_dir, tmp_path):
     """max_iters=0 from a checkpoint is that checkpoint, scored again: the same test bpc to the last digit."""
     out = tmp_path / "again"
@@ -38,6 +39,7 @@ def test_the_same_model_scores_what_its_source_scored(sources, data_dir, tmp_pat
     assert again == before
 
 
+@pytest.mark.e2e
 def test_rotary_positions_carry_to_a_longer_block_size(sources, data_dir, tmp_path):
     """A T=64 rotary model started at T=256: the same weights, a fresh schedule (iter 0, the warm-up's first lr),
     and on the first 64 bytes the T=256 model's logits are the T=64 model's (causal, rotary: nothing depends on T)."""
@@ -60,6 +62,7 @@ def test_rotary_positions_carry_to_a_longer_block_size(sources, data_dir, tmp_pa
     assert not torch.equal(weights(out / "ckpt.pt")["lm_head.weight"], weights(start / "ckpt.pt")["lm_head.weight"])
 
 
+@pytest.mark.e2e
 def test_a_dense_checkpoint_starts_asca_with_its_attention_and_a_fresh_predictor(sources, data_dir, tmp_path):
     out = tmp_path / "asca"
     src = sources / "rope" / "ckpt.pt"
@@ -80,6 +83,7 @@ def test_a_dense_checkpoint_starts_asca_with_its_attention_and_a_fresh_predictor
     assert json.load(open(more / "final.json"))["test_sparsity"] > 0.3
 
 
+@pytest.mark.e2e
 def test_an_asca_checkpoint_continues_at_its_block_size_and_into_dense(sources, data_dir, tmp_path):
     src = sources / "asca" / "ckpt.pt"
     out = tmp_path / "same"
@@ -94,6 +98,7 @@ def test_an_asca_checkpoint_continues_at_its_block_size_and_into_dense(sources, 
     assert all(torch.equal(a[k], d[k]) for k in d) and len(d) < len(a)
 
 
+@pytest.mark.e2e
 def test_learned_positions_serve_a_shorter_block_size_only(sources, data_dir, tmp_path, capsys):
     src = sources / "learned" / "ckpt.pt"
     out = tmp_path / "short"
@@ -106,6 +111,7 @@ def test_learned_positions_serve_a_shorter_block_size_only(sources, data_dir, tm
     assert "has learned positions for block_size=64, not this run's 128" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case,needle", [
     ("asca_longer", "predictor is sized for 8 key blocks (block_size=64), this run has 16"),
     ("wider", "holds another architecture: n_embd=32 (this run: 48)"),
@@ -127,6 +133,7 @@ def test_a_checkpoint_that_cannot_start_the_run_is_one_line(sources, data_dir, t
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+@pytest.mark.e2e
 def test_test_iters_scores_the_test_split_during_training(tmp_path, data_dir, capsys):
     """test_iters=2,4: the test split's bpc in iteration 2's metrics row and in final.json, equal to the final test of
     a run stopped at 2 on the same schedule; the test does not move the training (the last iteration scores what a
@@ -153,6 +160,7 @@ def test_test_iters_scores_the_test_split_during_training(tmp_path, data_dir, ca
     assert "test_iters='5,x' must be a comma list" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.e2e
 def test_max_iters_0_scores_an_asca_checkpoint_at_its_own_sparsity(tmp_path, data_dir):
     """--init_from=CKPT --max_iters=0 takes no step: an ASCA checkpoint is scored at its own schedule position (its
     trained sparsity), not at the fresh schedule's start, which is dense while the sparsity warms up."""

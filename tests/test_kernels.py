@@ -349,6 +349,7 @@ def test_bad_attn_impl_is_one_line():
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, attn_impl="gathr").validate()
 
 
+@pytest.mark.e2e
 def test_a_training_run_on_the_gather_path(tmp_path):
     import json
     import novel_model
@@ -403,6 +404,7 @@ def test_the_gather_memory_estimate_matches_what_autograd_keeps(T, S, target, B)
     assert 0.6 < nm.gather_attention_bytes(cfg, B)[0] / measured < 1.5
 
 
+@pytest.mark.e2e
 def test_a_gather_run_that_would_not_fit_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """Bad input (issue 21): a gather run whose estimate exceeds the free memory stops before anything is
     allocated, naming a batch that fits (or, when not even one sequence fits, a shorter block_size)."""
@@ -600,6 +602,7 @@ def in_git_checkout():
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not in_git_checkout(), reason="reads asca_kernels.py at a git revision")
 def test_the_paired_revision_benchmark_runs_and_prints_its_table():
     """scripts/bench_gather_vs_rev.py (how a kernel change is timed: old and new taking turns): its rows are medians

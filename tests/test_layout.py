@@ -149,3 +149,54 @@ def test_every_python_file_compiles():
     for f in files:
         with open(f, encoding="utf-8") as fh:
             compile(fh.read(), f, "exec")  # a SyntaxError names the file and line
+
+
+# ----------------------------------------------------------------------------- the quick loop and the e2e mark
+
+TRAINS = re.compile(r"(?<![\w.])(train_in_process|run_script|trainer\.main|compare\.main|train|main_job)\("
+                    r"|main_job\.sh")
+
+
+def test_every_test_that_trains_is_marked_e2e():
+    """The mark is explicit: a test that runs a training entry point (itself, through a module-level helper, or a
+    fixture) must carry @pytest.mark.e2e. A method call such as model.train( is not training."""
+    tests = os.path.join(ROOT, "tests")
+    trains_fixture = {}
+    trees = {}
+    for f in sorted(os.listdir(tests)):
+        if f.endswith(".py"):
+            src = open(os.path.join(tests, f)).read()
+            trees[f] = (src, ast.parse(src))
+            for node in trees[f][1].body:
+                if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list):
+                    trains_fixture[node.name] = bool(TRAINS.search(ast.get_source_segment(src, node)))
+    unmarked = []
+    for f, (src, tree) in trees.items():
+        helpers = {n.name: ast.get_source_segment(src, n) for n in tree.body
+                   if isinstance(n, ast.FunctionDef) and not n.name.startswith("test_")}
+        for node in tree.body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            seg = ast.get_source_segment(src, node)
+            trains = (TRAINS.search(seg) or any(trains_fixture.get(a.arg) for a in node.args.args)
+                      or any(re.search(rf"(?<![\w.]){h}\(", seg) and TRAINS.search(body)
+                             for h, body in helpers.items()))
+            marked = any("e2e" in ast.unparse(d) for d in node.decorator_list)
+            if trains and not marked:
+                unmarked.append(f"{f}::{node.name}")
+    assert not unmarked, unmarked
+    assert not TRAINS.search("model.train(mode == 'train')")  # the guess this replaces took that for training
+
+
+def test_the_quick_loop_holds_every_causality_test():
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
+                        "not e2e and not slow"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    quick = r.stdout
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    causal = [line for line in r.stdout.splitlines() if "::" in line and "causal" in line.split("::")[-1]
+              and "cuda" not in line]
+    assert len(causal) >= 40
+    missing = [t for t in causal if t not in quick]
+    assert not missing, missing

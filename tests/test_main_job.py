@@ -13,6 +13,7 @@ TINY_MODEL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--m
               "--eval_iters=2", "--eval_stride=256", "--progress=false"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_main_job_script_end_to_end(tmp_path):
     out = tmp_path / "main"

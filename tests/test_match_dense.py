@@ -156,6 +156,7 @@ def test_the_arms_are_causal(arm, impl, mode):
         assert model.diagnostics()["sparsity"] > 0.3
 
 
+@pytest.mark.e2e
 def test_keep_tokens_bad_input_is_one_line(tmp_path, data_dir, capsys):
     with pytest.raises(ValueError, match="keep_tokens=16 is below the blocks every tile keeps .* use keep_tokens=24"):
         ASCAConfig(**MODEL, keep_tokens=16, local_blocks=1, keep_first_block=True).validate()
@@ -185,6 +186,7 @@ def test_dense_from_keeps_every_block_from_that_fraction_of_the_run_on():
     assert never.attention_modules()[0].selector.n_keep.tolist() == sparse
 
 
+@pytest.mark.e2e
 def test_dense_from_in_a_run_and_in_every_reload(tmp_path, data_dir):
     """A 10-iteration run with dense_from=0.5: the scheduled sparsity is 0 from iteration 5 on (its rows say so), the
     final test scores the dense model, and a reload (sample.py, extraction.py) is dense too; a resume keeps the
@@ -214,6 +216,7 @@ def test_dense_from_with_a_time_budget_follows_the_time():
     assert sl.sparsity == 0.0
 
 
+@pytest.mark.e2e
 def test_dense_from_bad_input_is_one_line(tmp_path, data_dir, capsys):
     for value in ("1.5", "-0.1"):
         assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / value}",
@@ -224,6 +227,7 @@ def test_dense_from_bad_input_is_one_line(tmp_path, data_dir, capsys):
         ASCAConfig(**MODEL, dense_from=0.5, budget="adaptive").validate()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key,first,then", [("dense_from", "0.5", "0.8"), ("keep_tokens", "40", "48")])
 def test_a_resume_that_changes_the_arm_is_one_line(tmp_path, data_dir, capsys, key, first, then):
     out = tmp_path / "r"

@@ -177,6 +177,7 @@ class MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("module", [baseline_model, novel_model])
 def test_a_cpu_training_run_without_native_bf16_multiplies_no_bf16(tmp_path, data_dir, machine, monkeypatch,
                                                                    capsys, module):
@@ -205,6 +206,7 @@ def test_a_cpu_training_run_without_native_bf16_multiplies_no_bf16(tmp_path, dat
     assert cfg["muon_ns_dtype"] == "float32" and cfg["optimizer"] == "muon"
 
 
+@pytest.mark.e2e
 def test_a_cpu_with_native_bf16_keeps_torchs_muon(tmp_path, data_dir, machine, monkeypatch):
     machine(True)
     real = gpt.GPT.configure_optimizer
@@ -221,6 +223,7 @@ def test_a_cpu_with_native_bf16_keeps_torchs_muon(tmp_path, data_dir, machine, m
     assert json.load(open(tmp_path / "config.json"))["muon_ns_dtype"] == "bfloat16"
 
 
+@pytest.mark.e2e
 def test_bad_muon_ns_dtype_is_one_line(tmp_path, data_dir, capsys):
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
                                              "--muon_ns_dtype=float16"]) != 0

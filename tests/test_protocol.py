@@ -34,6 +34,7 @@ def read_rows(path):
     return [json.loads(l) for l in open(path)]
 
 
+@pytest.mark.e2e
 def test_a_time_budget_run_ends_at_min_lr_with_sparsity_at_target(tmp_path, data_dir):
     out = tmp_path / "t"
     # max_iters far beyond what 3 s allow: only the clock can end this run, and the schedules follow it
@@ -56,6 +57,7 @@ def test_a_time_budget_run_ends_at_min_lr_with_sparsity_at_target(tmp_path, data
     assert all(abs(r["sparsity"] - 0.5) <= 0.02 for r in half)  # warm-up ended at half the budget
 
 
+@pytest.mark.e2e
 def test_resume_continues_the_training_time(tmp_path, data_dir):
     out = tmp_path / "r"
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=10", "--final_test=False"]
@@ -82,6 +84,7 @@ OUT = "{out}"
     return str(path)
 
 
+@pytest.mark.e2e
 def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, data_dir):
     out = tmp_path / "cmp"
     spec = write_spec(tmp_path / "spec.py", data_dir, out)
@@ -131,6 +134,7 @@ def test_compare_runs_seeds_and_writes_the_table_of_their_final_json(tmp_path, d
     assert os.path.getmtime(out / "sparse_s2" / "final.json") == mtime
 
 
+@pytest.mark.e2e
 def test_compare_flags_mixed_protocols(tmp_path, data_dir):
     out = tmp_path / "mix"
     spec = write_spec(tmp_path / "spec.py", data_dir, out,
@@ -140,6 +144,7 @@ def test_compare_flags_mixed_protocols(tmp_path, data_dir):
     assert "not comparable" in row and "**block_size**" in row and "**eval_stride**" in row
 
 
+@pytest.mark.e2e
 def test_compare_spec_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text("RUNS = []\nBUDGET = {'max_iters': 1}\n")
@@ -147,6 +152,7 @@ def test_compare_spec_errors_are_one_line(tmp_path, capsys):
     assert "RUNS must be a non-empty list" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_compare_rows_may_name_their_own_seeds(tmp_path, capsys):
     """A row's 4th element gives its seeds (the headline pair of compare/cpu_long.py has two, the controls one);
     --seeds overrides every row; bad per-row seeds are one-line errors naming the row."""
@@ -165,6 +171,7 @@ def test_compare_rows_may_name_their_own_seeds(tmp_path, capsys):
     assert {r[0]: compare.run_seeds(long, r[3]) for r in long["runs"]}["learned_0.875"] == [1337, 1338]
 
 
+@pytest.mark.e2e
 def test_compare_jobs_runs_side_by_side_and_scores_the_same(tmp_path, data_dir, monkeypatch):
     """--jobs=2 trains two runs at once and gives every run the test bpc it gets one at a time (equal iterations do
     not depend on speed; one thread each, so the float sums are the same)."""
@@ -179,6 +186,7 @@ def test_compare_jobs_runs_side_by_side_and_scores_the_same(tmp_path, data_dir, 
     assert finals[1] == finals[2]
 
 
+@pytest.mark.e2e
 def test_compare_jobs_keeps_at_most_that_many_running(tmp_path, monkeypatch):
     """The scheduler alone, with fake processes: never more than --jobs at once, every run started, a failure
     counted; an equal-wall-clock spec refuses --jobs > 1 in one line."""
@@ -210,6 +218,7 @@ def test_compare_jobs_keeps_at_most_that_many_running(tmp_path, monkeypatch):
     assert compare.main([str(spec), "--jobs=2"]) == 1
 
 
+@pytest.mark.e2e
 def test_compare_starts_a_run_from_an_earlier_rows_checkpoint_after_it(tmp_path, monkeypatch, capsys):
     """{run:NAME} in a row's arguments is NAME's ckpt.pt of the same seed, and with --jobs that row starts only once
     NAME's run of that seed has finished; a later or unknown row, or other seeds, are one-line spec errors. A row

@@ -62,6 +62,7 @@ def recall_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.e2e
 def test_the_data_dir_records_its_generator_and_windows_are_whole_episodes(recall_dir):
     ds = prepare_dataset.ByteDataset(recall_dir)
     assert ds.meta["align"] == T + 1 and ds.meta["synthetic"] == {
@@ -98,6 +99,7 @@ class Cheat(torch.nn.Module):
         raise AssertionError("not an episode")
 
 
+@pytest.mark.e2e
 def test_the_answer_metric_counts_each_query_once(recall_dir):
     ds = prepare_dataset.ByteDataset(recall_dir)
     data = ds.splits["test"]
@@ -135,6 +137,7 @@ def test_the_task_oracle_keeps_the_asked_records_block_and_is_causal():
     assert before < 1e-5 and after > 1e-3
 
 
+@pytest.mark.e2e
 def test_a_run_on_the_task_logs_and_scores_its_answers(tmp_path, recall_dir):
     out = tmp_path / "o"
     assert train_in_process(novel_model, [f"--data_dir={recall_dir}", f"--out_dir={out}", f"--block_size={T}",
@@ -146,6 +149,7 @@ def test_a_run_on_the_task_logs_and_scores_its_answers(tmp_path, recall_dir):
     assert final["answers"] == 240 and len(final["buckets"]) == 3 and 0 <= final["answer_acc"] <= 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,message", [
     (["--recall_distance", "200"], "min_distance=200 is beyond T=128"),
     (["--recall_records", "17"], "n_records=17 must be between 1 and 16"),
@@ -159,6 +163,7 @@ def test_a_spec_that_cannot_be_met_is_one_line(tmp_path, args, message):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.e2e
 def test_another_seed_is_another_dataset_to_compare(tmp_path):
     """Runs record their splits' sha256 (compare.py refuses to mix test sets): two seeds give two test sets."""
     shas = []

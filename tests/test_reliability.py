@@ -52,6 +52,7 @@ def lock_is_free(d):
 
 # ----------------------------------------------------------------------------- one writer per run
 
+@pytest.mark.e2e
 def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, data_dir, capsys):
     out = tmp_path / "c"
     first = start_trainer(data_dir, out)
@@ -71,6 +72,7 @@ def test_a_second_run_into_a_running_runs_directory_is_refused(tmp_path, data_di
     assert first.returncode == 128 + signal.SIGTERM
 
 
+@pytest.mark.e2e
 def test_a_killed_run_leaves_no_stuck_lock(tmp_path, data_dir):
     out = tmp_path / "k"
     p = start_trainer(data_dir, out)
@@ -80,6 +82,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path, data_dir):
                                              "--max_iters=2", "--final_test=False"]) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_killing_the_main_job_stops_its_trainer(tmp_path):
     out = tmp_path / "main"
@@ -111,6 +114,7 @@ def kill_processes_naming(text):
             pass
 
 
+@pytest.mark.e2e
 def test_a_second_compare_into_one_out_is_refused(tmp_path, data_dir, capsys):
     out = tmp_path / "cmp"
     out.mkdir()
@@ -123,6 +127,7 @@ def test_a_second_compare_into_one_out_is_refused(tmp_path, data_dir, capsys):
 
 # ----------------------------------------------------------------------------- the schedule travels with the checkpoint
 
+@pytest.mark.e2e
 def test_a_time_budget_run_reloads_at_the_sparsity_it_was_trained_at(tmp_path, data_dir):
     out = tmp_path / "t"
     assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--sparse_block_size=8",
@@ -155,6 +160,7 @@ def fake_state(out, best_iter, best_val, best_source):
     return ck
 
 
+@pytest.mark.e2e
 def test_a_stale_best_pt_is_repaired_or_never_scored(tmp_path, data_dir, capsys):
     early = tmp_path / "early"
     common = [f"--data_dir={data_dir}", "--eval_interval=5", "--final_test=False"]
@@ -195,6 +201,7 @@ def row_of(table, name):
     return next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
 
 
+@pytest.mark.e2e
 def test_compare_from_elsewhere_flags_edited_specs_and_refuses_other_test_sets(tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data", seed=3)
     elsewhere = tmp_path / "elsewhere"
@@ -220,6 +227,7 @@ def test_compare_from_elsewhere_flags_edited_specs_and_refuses_other_test_sets(t
     assert "another test set" in line and "dense2_s1" in line
 
 
+@pytest.mark.e2e
 def test_compare_does_not_count_a_run_made_under_other_defaults(tmp_path, data_dir, capsys):
     """A default that moved after a run finished (issue 22 moved local_blocks and keep_first_block) makes the
     same command another model: the run is flagged, not counted. A spec that pins the old values counts it
@@ -248,6 +256,7 @@ def test_compare_does_not_count_a_run_made_under_other_defaults(tmp_path, data_d
     assert "run with another command, not counted" in row_of((out / "comparison.md").read_text(), "sparse")
 
 
+@pytest.mark.e2e
 def test_compare_flags_contended_throughput(tmp_path, data_dir):
     out = tmp_path / "busy"
     spec = write_spec(tmp_path / "spec.py", data_dir, out)
@@ -284,6 +293,7 @@ def test_the_load_meter_sees_another_process():
     assert busy > idle + 0.3 and own.interval()["other_cpu_load"] < busy - 0.25, (idle, busy)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seeds,needle", [("[1337, 1337]", "repeat one"), ("1337", "SEEDS must be a non-empty list")])
 def test_compare_seed_errors(tmp_path, data_dir, capsys, seeds, needle):
     spec = write_spec(tmp_path / "spec.py", data_dir, tmp_path / "o", seeds=seeds)
@@ -295,6 +305,7 @@ def test_compare_seed_errors(tmp_path, data_dir, capsys, seeds, needle):
     assert not (tmp_path / "o" / "dense_s5").exists()
 
 
+@pytest.mark.e2e
 def test_compare_bad_run_name_and_stale_final(tmp_path, data_dir, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text(f"RUNS = [('a/b', 'baseline_model.py', [{TINY!r}])]\nBUDGET = {{'max_iters': 2}}\n")
@@ -325,6 +336,7 @@ def test_every_spec_pins_the_predictor_input_its_table_claims():
 
 # ----------------------------------------------------------------------------- data
 
+@pytest.mark.e2e
 def test_resume_warns_when_the_data_changed(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", seed=5)
     out = tmp_path / "r"
@@ -343,6 +355,7 @@ def test_resume_warns_when_the_data_changed(tmp_path, capsys):
     assert len(warn) == 1 and "changed since this checkpoint" in warn[0]
 
 
+@pytest.mark.e2e
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, data_dir, capsys):
     out = tmp_path / "early"
     out.mkdir()
@@ -371,6 +384,7 @@ def set_rng(ck, value):
     ck["rng"][0]["numpy"] = value
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,needle", [
     (lambda ck: ck.__setitem__("iter_num", "5"), "iter_num='5' is not a whole number"),
     (lambda ck: ck.__setitem__("iter_num", -100), "iter_num=-100 is not a whole number"),
@@ -386,6 +400,7 @@ def test_a_damaged_checkpoint_on_resume_is_one_line(tmp_path, trained, data_dir,
     assert rc == 1 and needle in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key,value,needle", [
     ("block_size", -1, "impossible"), ("n_layer", 10 ** 6, "describe a model of about"),
     ("n_head", "2", "should be a int"), ("n_embd", 32.5, "should be a int")])
@@ -396,6 +411,7 @@ def test_absurd_model_args_in_sample_are_one_line_before_allocating(tmp_path, tr
     assert r.returncode == 1 and needle in one_line(r.stderr) and time.time() - t0 < 60
 
 
+@pytest.mark.e2e
 def test_nan_weights_and_an_empty_checkpoint_are_one_line(tmp_path, trained, data_dir):
     out = damaged_copy(tmp_path, trained, lambda ck: ck["model"]["lm_head.weight"].fill_(float("nan")))
     r = run_script("sample.py", f"--out_dir={out}", "--num_bytes=5")
@@ -407,6 +423,7 @@ def test_nan_weights_and_an_empty_checkpoint_are_one_line(tmp_path, trained, dat
     assert r.returncode == 1 and "cannot read checkpoint" in one_line(r.stderr)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["--temperature=1e-39"], "--temperature must be a finite number >="),
     (["--seed=99999999999999999999999"], "--seed must be in"),
@@ -420,6 +437,7 @@ def test_sample_arguments_are_one_line(tmp_path, trained, args, needle):
     assert r.returncode == 1 and needle in one_line(r.stderr)
 
 
+@pytest.mark.e2e
 def test_a_full_disk_inside_torch_save_is_one_line(tmp_path, data_dir, capsys, monkeypatch):
     real, calls = torch.save, []
 
@@ -440,6 +458,7 @@ def test_a_full_disk_inside_torch_save_is_one_line(tmp_path, data_dir, capsys, m
     assert not list(out.glob("*.tmp.*"))
 
 
+@pytest.mark.e2e
 def test_out_dir_naming_a_file_and_malformed_metrics_are_one_line(tmp_path, trained, data_dir, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
@@ -470,6 +489,7 @@ def read_only_copy(tmp_path, trained):
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.mark.e2e
 def test_a_read_only_out_dir_is_one_line_everywhere(tmp_path, read_only_copy, data_dir, capsys):
     run = read_only_copy / "run"
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={read_only_copy / 'new'}"]) == 1
@@ -486,6 +506,7 @@ def test_a_read_only_out_dir_is_one_line_everywhere(tmp_path, read_only_copy, da
 
 # ----------------------------------------------------------------------------- round three (issue 35)
 
+@pytest.mark.e2e
 def test_compare_flags_a_row_trained_on_other_training_data(tmp_path, capsys):
     """Item 1: two rows of one command; one is deleted, the data split again with only its training part changed,
     and compare run again. The re-run row trained on other bytes: flagged, not compared (the test set is the same,
@@ -507,6 +528,7 @@ def test_compare_flags_a_row_trained_on_other_training_data(tmp_path, capsys):
     assert "not comparable" in row and "**training data**" in row
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("arg,kind", [("--gate_loss=nan", "asca"), ("--target_sparsity=inf", "asca"),
                                       ("--budget_ema=nan", "asca"), ("--dropout=nan", "baseline"),
                                       ("--rope_base=inf", "baseline"), ("--beta1=nan", "baseline"),
@@ -521,6 +543,7 @@ def test_nan_and_inf_in_a_float_key_are_one_line(tmp_path, data_dir, capsys, arg
     assert not (out / "config.json").exists()
 
 
+@pytest.mark.e2e
 def test_a_resumed_compare_run_is_still_counted(tmp_path, data_dir, capsys):
     """Item 3: a compare run interrupted and resumed with the command the trainer prints (--init_from=resume, no
     config file) rewrote config.json with 'auto' device and compile; compare then called it a run under other
@@ -547,6 +570,7 @@ def test_a_resumed_compare_run_is_still_counted(tmp_path, data_dir, capsys):
     assert "| 1/1 |" in row_of((out / "comparison.md").read_text(), "sparse")
 
 
+@pytest.mark.e2e
 def test_the_memory_check_sees_the_dense_first_steps_of_the_warm_up(tmp_path, data_dir, monkeypatch, capsys):
     """Item 4: the check estimated the target's step, while a warm-up starts dense: a run that fit at the target
     died on its first step (18.9 GiB against 2.65 estimated at T=8192, S=32, 0.9). The largest step is checked,
@@ -578,6 +602,7 @@ def trained_asca(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key,value", [("block_size", 10 ** 12), ("n_layer", 10 ** 9)])
 @pytest.mark.parametrize("tool", ["sample.py", "extraction.py"])
 def test_absurd_sizes_in_an_asca_checkpoint_are_one_line_before_allocating(tmp_path, trained_asca, key, value,
@@ -592,6 +617,7 @@ def test_absurd_sizes_in_an_asca_checkpoint_are_one_line_before_allocating(tmp_p
     assert r.returncode == 1 and "describe a model of about" in one_line(r.stderr) and time.time() - t0 < 60
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key,value,needle", [("block_size", 10 ** 12, "block_size=1,000,000,000,000 is beyond"),
                                               ("n_layer", 10 ** 9, "n_layer=1,000,000,000 is beyond"),
                                               ("sparse_block_size", 1, "more than 8,192")])
@@ -627,6 +653,7 @@ class FakeWandb:
         return Run()
 
 
+@pytest.mark.e2e
 def test_a_tracker_that_cannot_start_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
     """Item 6: wandb.init failing (online mode without a key or network) was a traceback."""
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail_init=True))
@@ -638,6 +665,7 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, data_dir, monkeypatch
     assert "more text" not in line
 
 
+@pytest.mark.e2e
 def test_a_tracker_failing_mid_run_is_switched_off_and_training_goes_on(tmp_path, data_dir, monkeypatch, capsys):
     """Item 6: wandb.log raising mid-run was a traceback that ended the run; metrics.jsonl is the record."""
     fake = FakeWandb(fail_log_at=4)
@@ -651,6 +679,7 @@ def test_a_tracker_failing_mid_run_is_switched_off_and_training_goes_on(tmp_path
     assert [json.loads(l)["iter"] for l in open(out / "metrics.jsonl")] == [0, 2, 4, 6, 8]
 
 
+@pytest.mark.e2e
 def test_a_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, data_dir, capsys):
     """Item 7: a row is written before its checkpoint; a stop between the two left iterations 0 10 20 20 30."""
     out = tmp_path / "o"
@@ -666,6 +695,7 @@ def test_a_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, data_dir, cap
     assert [json.loads(l)["iter"] for l in open(out / "metrics.jsonl")] == [0, 2, 4, 6]
 
 
+@pytest.mark.e2e
 def test_eval_only_with_random_blocks_says_its_score_moves(tmp_path, data_dir, capsys):
     """Cosmetic: --eval_only with selector=random draws new blocks, so its score differs from the end-of-training
     one in the 4th decimal; it now says so, on screen and in eval.json."""
@@ -679,6 +709,7 @@ def test_eval_only_with_random_blocks_says_its_score_moves(tmp_path, data_dir, c
     assert "4th decimal" in json.load(open(out / "eval.json"))["note"]
 
 
+@pytest.mark.e2e
 def test_a_truncated_checkpoint_says_so_in_one_short_line(tmp_path, trained):
     """Cosmetic: torch's text for a truncated zip ('... internal miniz error. If you are seeing this error, ...')
     was the one line; it now names the file and says it is truncated."""
@@ -694,6 +725,7 @@ def test_a_truncated_checkpoint_says_so_in_one_short_line(tmp_path, trained):
 
 # ----------------------------------------------------------------------------- Ctrl-C before the first checkpoint
 
+@pytest.mark.e2e
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, data_dir, capsys, monkeypatch):
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
@@ -705,6 +737,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert not (out / "ckpt.pt").exists()
 
 
+@pytest.mark.e2e
 def test_ctrl_c_on_compare_during_its_trainers_start_up_is_one_line(tmp_path, data_dir):
     """The terminal's SIGINT reaches compare.py --jobs=2 and both trainers while they start: compare waits for them
     and says one line, no traceback; no trainer claims a checkpoint it never wrote. Run again, the table completes."""
@@ -765,6 +798,7 @@ def test_the_memory_check_reads_the_process_limits_not_only_the_machines_memory(
 
 # ----------------------------------------------------------------------------- the smaller points of round four
 
+@pytest.mark.e2e
 def test_a_refused_init_from_leaves_no_run_directory_and_names_the_init_from_fix(tmp_path, data_dir, capsys):
     (tmp_path / "n1").mkdir()
     (tmp_path / "n1" / "config.json").write_text("{}")
@@ -782,6 +816,7 @@ def test_a_refused_init_from_leaves_no_run_directory_and_names_the_init_from_fix
     assert (kept / "notes.txt").read_text() == "mine"  # a directory it did not create stays
 
 
+@pytest.mark.e2e
 def test_test_iters_beyond_max_iters_is_one_line(tmp_path, data_dir, capsys):
     out = tmp_path / "o"
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20",
@@ -802,6 +837,7 @@ def test_the_memory_advice_names_only_what_can_help(warmup):
     assert ("higher target_sparsity" in str(e.value)) == (warmup == 0)
 
 
+@pytest.mark.e2e
 def test_prepare_refuses_an_input_it_would_overwrite(tmp_path):
     out = tmp_path / "small"
     prepare_dataset.write_splits(make_text(30_000), str(out), "test-made text")
@@ -813,6 +849,7 @@ def test_prepare_refuses_an_input_it_would_overwrite(tmp_path):
 
 # ----------------------------------------------------------------------------- where a run's weights came from
 
+@pytest.mark.e2e
 def test_a_warm_started_runs_origin_survives_every_resume(tmp_path, data_dir):
     src, warm = tmp_path / "src", tmp_path / "warm"
     assert train_in_process(baseline_model, [f"--data_dir={data_dir}", f"--out_dir={src}", "--max_iters=2",
@@ -850,6 +887,7 @@ OUT = "{out}"
     return str(path)
 
 
+@pytest.mark.e2e
 def test_compare_checks_where_a_rows_weights_came_from(tmp_path, data_dir, capsys):
     """A finished warm start is not counted under a row edited to train from scratch; a row whose source row is not
     counted is neither started nor counted."""

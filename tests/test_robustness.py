@@ -40,6 +40,7 @@ class NaNThenSignal(NaNAfter):
         return super().forward(idx, targets)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_after_nan_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys, sig):
     out = tmp_path / "nan"
@@ -53,6 +54,7 @@ def test_signal_after_nan_keeps_the_last_good_checkpoint(tmp_path, data_dir, cap
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
 
 
+@pytest.mark.e2e
 def test_rerun_into_a_run_directory_stops_instead_of_overwriting(tmp_path, data_dir, capsys):
     out = tmp_path / "r"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--final_test=False"]) == 0
@@ -64,6 +66,7 @@ def test_rerun_into_a_run_directory_stops_instead_of_overwriting(tmp_path, data_
     assert {f: (out / f).read_bytes() for f in before} == before
 
 
+@pytest.mark.e2e
 def test_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old(tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "full"
     real, calls = checkpoint.save, []
@@ -80,6 +83,7 @@ def test_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old(tmp_path,
     assert checkpoint.load(str(out / "ckpt.pt"))["iter_num"] == 0
 
 
+@pytest.mark.e2e
 def test_stale_temp_files_are_removed_and_a_metrics_symlink_is_refused(tmp_path, data_dir, capsys):
     out = tmp_path / "t"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--final_test=False"]) == 0
@@ -104,6 +108,7 @@ def test_stale_temp_files_are_removed_and_a_metrics_symlink_is_refused(tmp_path,
     assert elsewhere.read_text() == "not yours\n"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_final_test_stops_at_once(tmp_path, data_dir, capsys, monkeypatch, sig):
     real = trainer.Trainer.test_bpc
@@ -124,6 +129,7 @@ def test_a_signal_during_the_final_test_stops_at_once(tmp_path, data_dir, capsys
 
 # ----------------------------------------------------------------------------- resume continues the checkpoint's run
 
+@pytest.mark.e2e
 def test_resume_keeps_the_checkpoints_schedule_unless_overridden(tmp_path, data_dir, capsys):
     out = tmp_path / "s"
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", "--sparse_block_size=8", "--final_test=False",
@@ -145,6 +151,7 @@ def test_resume_keeps_the_checkpoints_schedule_unless_overridden(tmp_path, data_
     assert last["iter"] == 8 and abs(last["sparsity"] - 0.5) <= 0.02
 
 
+@pytest.mark.e2e
 def test_resuming_another_kind_names_the_kind_first(tmp_path, data_dir, capsys):
     out = tmp_path / "k"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--final_test=False"]) == 0
@@ -171,6 +178,7 @@ def trained(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.e2e
 def test_a_crafted_checkpoint_does_not_run_code(tmp_path, trained, data_dir):
     marker = tmp_path / "pwned"
     ck = torch.load(trained / "ckpt.pt", weights_only=True)
@@ -192,6 +200,7 @@ def test_a_crafted_checkpoint_does_not_run_code(tmp_path, trained, data_dir):
     assert marker.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["model_args", "model", "optimizer", "data_generator", "best_val_bpc"])
 def test_a_checkpoint_missing_a_key_is_one_line_naming_it(tmp_path, trained, data_dir, key):
     ck = torch.load(trained / "ckpt.pt", weights_only=True)
@@ -206,6 +215,7 @@ def test_a_checkpoint_missing_a_key_is_one_line_naming_it(tmp_path, trained, dat
         assert r.returncode == 1 and f"lacks '{key}'" in one_line(r.stderr)
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_written_by_the_previous_format_loads_samples_and_resumes(tmp_path, trained, data_dir):
     """Before this change the numpy RNG state was numpy's own tuple (an ndarray) and env held a TorchVersion."""
     ck = torch.load(trained / "ckpt.pt", weights_only=True)
@@ -225,6 +235,7 @@ def test_a_checkpoint_written_by_the_previous_format_loads_samples_and_resumes(t
     assert checkpoint.load(str(old / "ckpt.pt"))["iter_num"] == 6
 
 
+@pytest.mark.e2e
 def test_new_checkpoints_hold_only_tensors_and_plain_values(trained):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(trained / "ckpt.pt")) == []
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(trained / "best.pt")) == []
@@ -232,6 +243,7 @@ def test_new_checkpoints_hold_only_tensors_and_plain_values(trained):
 
 # ----------------------------------------------------------------------------- bad input: one line, naming the fix
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("arg,needle", [
     ("--learning_rate=nan", "learning_rate=nan must be a positive finite number"),
     ("--learning_rate=-1", "learning_rate=-1.0 must be a positive finite number"),
@@ -249,6 +261,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, data_dir, capsys, arg, needl
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["--top_k=-3"], "--top_k must be at least 1"),
     (["--temperature=nan"], "--temperature must be a finite number >="),
@@ -261,6 +274,7 @@ def test_sample_bad_arguments(trained, args, needle):
     assert r.returncode == 1 and needle in one_line(r.stderr)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [(["--chars_len", "0"], "--chars_len must be at least 1"),
                                          (["--length", "-3"], "--length must be at least 1")])
 def test_extraction_bad_arguments(trained, args, needle):

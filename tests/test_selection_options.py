@@ -191,6 +191,7 @@ def test_bad_layer_sparsity_is_one_line(value, message):
         ASCAConfig(**{**MODEL, "layer_sparsity": value}).validate()
 
 
+@pytest.mark.e2e
 def test_layer_sparsity_on_the_command_line(tmp_path):
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "r"
@@ -294,6 +295,7 @@ def test_gate_loss_needs_the_learned_selector():
         ASCAConfig(**MODEL, gate_loss=-1.0).validate()
 
 
+@pytest.mark.e2e
 def test_the_trainer_adds_the_gate_loss_but_logs_the_lm_loss(tmp_path):
     """The same seed with gate_loss 0 and 1: the first logged train bpc (the LM loss of the first steps, before
     the predictor's change reaches the attention much) is close, gate_kl is logged only with the loss on, and

@@ -207,6 +207,7 @@ def test_recall_is_the_dense_mass_each_choice_keeps(selector):
     assert a.selector.recall_sum is None
 
 
+@pytest.mark.e2e
 def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
     """Issue 32, item 4: --eval_only --eval_selector=X scores a trained ASCA checkpoint with another choice of blocks
     at the same counts; a dense checkpoint, or eval_selector without eval_only, is one line."""
@@ -243,6 +244,7 @@ def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
     assert "dense attention keeps every block" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_compiled_run_measures_recall_on_a_fixed_uncompiled_sample(tmp_path, data_dir):
     """Issue 32, item 3: a compiled evaluation computes no recall inside its graph, so the trainer measures it with
@@ -360,6 +362,7 @@ def test_bad_rank_distance_cost_is_one_line(over):
         ASCAConfig(block_size=64, n_head=2, n_embd=16, sparse_block_size=8, **over).validate()
 
 
+@pytest.mark.e2e
 def test_eval_selector_on_an_adaptive_budget_keeps_the_models_own_counts(tmp_path, data_dir):
     """An adaptive budget's counts come from the trained predictor's scores against its thresholds: another rule
     swapped in chooses WHICH blocks, at those counts per sequence, head and tile. In the first layer (its input does

@@ -44,6 +44,7 @@ def metrics_rows(out):
 COMMON = ["--sparse_block_size=8", "--target_sparsity=0.5", "--sparsity_warmup_iters=4", "--eval_interval=4"]
 
 
+@pytest.mark.e2e
 def test_wandb_gets_every_metrics_row_and_resumes_the_same_run(tmp_path, data_dir, fake_wandb):
     out = tmp_path / "w"
     assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", *COMMON, "--max_iters=8",
@@ -65,6 +66,7 @@ def test_wandb_gets_every_metrics_row_and_resumes_the_same_run(tmp_path, data_di
     assert len(finishes) == 2 and finishes[-1]["test_bpc"] == json.load(open(out / "final.json"))["test_bpc"]
 
 
+@pytest.mark.e2e
 def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path, data_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -85,6 +87,7 @@ def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path, data_dir):
                                                                   rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_trackers_are_off_by_default_and_a_missing_package_is_one_line(tmp_path, data_dir, capsys, monkeypatch):
     out = tmp_path / "off"
     assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", *COMMON, "--max_iters=4",

@@ -91,6 +91,7 @@ def test_stream_eval_matches_naive_per_position_loop():
 
 # ----------------------------------------------------------------------------- the loop
 
+@pytest.mark.e2e
 def test_training_run_writes_outputs_and_learns(tmp_path, data_dir):
     out = tmp_path / "run"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=60", "--eval_interval=20"]) == 0
@@ -116,6 +117,7 @@ def test_training_run_writes_outputs_and_learns(tmp_path, data_dir):
     assert min(r["val_bpc"] for r in rows) == pytest.approx(final["best_val_bpc"])
 
 
+@pytest.mark.e2e
 def test_exact_resume_is_bitwise(tmp_path, data_dir):
     common = [f"--data_dir={data_dir}", "--dropout=0.1", "--lr_decay_iters=20", "--eval_interval=5",
               "--final_test=False"]
@@ -138,6 +140,7 @@ def test_exact_resume_is_bitwise(tmp_path, data_dir):
     assert not all(torch.equal(a["model"][k], cc["model"][k]) for k in a["model"])
 
 
+@pytest.mark.e2e
 def test_resume_refuses_other_architecture_and_kind(tmp_path, data_dir, capsys):
     out = tmp_path / "r"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--final_test=False"]) == 0
@@ -167,6 +170,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.e2e
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, capsys):
     out = tmp_path / "nan"
     rc = train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=4",
@@ -181,6 +185,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, capsys):
     assert not (out / "final.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_finishes_step_checkpoints_and_resumes(tmp_path, data_dir, sig):
     out = tmp_path / "sig"
@@ -204,6 +209,7 @@ def test_signal_finishes_step_checkpoints_and_resumes(tmp_path, data_dir, sig):
     assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == n + 3
 
 
+@pytest.mark.e2e
 def test_eval_only_and_sample(tmp_path, data_dir):
     out = tmp_path / "ev"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30"]) == 0
@@ -223,11 +229,13 @@ def test_eval_only_and_sample(tmp_path, data_dir):
     assert r.returncode == 1 and r.stderr.startswith("error: no checkpoint")
 
 
+@pytest.mark.e2e
 def test_missing_data_is_one_line_error(tmp_path):
     r = run_script("baseline_model.py", TINY, f"--data_dir={tmp_path / 'none'}", f"--out_dir={tmp_path / 'o'}")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "prepare_dataset.py" in r.stderr
 
 
+@pytest.mark.e2e
 def test_time_budget_stops_training(tmp_path, data_dir):
     out = tmp_path / "t"
     assert train([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1000000", "--max_time_s=2",
