@@ -153,6 +153,10 @@ class ASCAConfig(GPTConfig):
         if self.gate_pooled and self.selector not in GATED:
             raise ValueError(f"gate_pooled adds to the learned predictor's scores; selector={self.selector!r} does not "
                              f"use them: set gate_pooled=False, or selector='learned' or 'local_gated'")
+        if self.selector == "nsa" and (self.budget != "fixed" or self.local_blocks < 1 or self.compressed_branch):
+            raise ValueError("selector='nsa' keeps the fixed budget's counts, takes its window branch from "
+                             "local_blocks (at least 1) and has its own compressed branch: set budget='fixed', "
+                             "local_blocks >= 1 and compressed_branch=False")
         if self.selector == "local_gated" and self.budget != "fixed":
             raise ValueError("selector='local_gated' keeps the local rule's blocks at the fixed budget's counts: set "
                              "budget='fixed'")
@@ -315,6 +319,13 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
             hs = config.n_embd // config.n_head
             self.cmp_gate_w = torch.nn.Parameter(torch.zeros(config.n_head, hs))
             self.cmp_gate_b = torch.nn.Parameter(torch.zeros(config.n_head))
+        self.nsa = config.selector == "nsa"
+        if self.nsa:  # NSA's branches: the compressed one's value projection (its key projection is the selector's,
+            # which scores with it) and a sigmoid gate per branch (selected, window, compressed) and head: 0.5 each
+            hs = config.n_embd // config.n_head
+            self.nsa_cv = torch.nn.Parameter(torch.eye(hs).repeat(config.n_head, 1, 1))
+            self.nsa_gate_w = torch.nn.Parameter(torch.zeros(config.n_head, 3, hs))
+            self.nsa_gate_b = torch.nn.Parameter(torch.zeros(config.n_head, 3))
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # docs/results/cpu_architecture.md), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
@@ -381,8 +392,10 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
     def attn_flops_per_token(self, T):
         """Dense causal FLOPs (6 C T) scaled by the kept fraction of causal pairs under the schedule,
         plus the predictor's (small) matmuls."""
-        branch = 6 * self.n_embd * (T // self.S) if self.compressed else 0  # T x nb scores and mixes per head
-        return 6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T) + branch
+        branch = 6 * self.n_embd * (T // self.S) if (self.compressed or self.nsa) else 0  # T x nb scores and mixes
+        window = 6 * self.n_embd * T * self.selector.window_fraction(T) if self.nsa else 0  # NSA's window branch
+        return (6 * self.n_embd * T * self.selector.kept_fraction(T) + self.selector.flops_per_token(T) + branch
+                + window)
 
     def resolved_impl(self, device, T=0):
         """The path for this forward. 'auto': flex on CUDA; on a CPU (uncompiled) the gather path where the
@@ -429,6 +442,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         impl = self.resolved_impl(q.device, T0)
         (qr, kr, v), sel = self.prepare(q, k, v, bucket=impl == "flex")
         y = self.kernel(impl, qr, kr, v, sel, self.dropout if self.training else 0.0)
+        if self.nsa:
+            y = self.nsa_branches(impl, qr, kr, v, sel, y)
         if self.compressed:
             y = y + self.compressed_gate(qr) * asca_kernels.attend_compressed(qr, kr, v, self.S)
         if self.selector.counting and not self.training and not torch.compiler.is_compiling():
@@ -445,6 +460,21 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         if impl == "gather":  # the kept blocks only, any device
             return attend_gather(q, k, v, sel.order, sel.n_past, sel.gate_bias, self.S, dropout_p=dropout)
         return asca_kernels.attend_reference(q, k, v, sel, self.S, dropout_p=dropout)
+
+    def nsa_branches(self, impl, q, k, v, sel, y_sel):
+        """NSA's gated sum (Yuan et al. 2025) for padded, rotated q, k, v: the selected blocks' attention y_sel (the
+        blocks ranked by the compressed branch's attention: compressed_block_probs), the window's (the tile's own
+        block and its local_blocks nearest, a softmax of its own) and the compressed branch's, each times a sigmoid
+        gate per head from the query. The compressed branch carries the LM loss's gradient to the projection the
+        selection scores with."""
+        B, H, T, _ = q.shape
+        dropout = self.dropout if self.training else 0.0
+        y_win = self.kernel(impl, q, k, v, self.selector.window_selection(B, H, T // self.S, q.device, sel.seq_len),
+                            dropout)
+        y_cmp = asca_kernels.attend_compressed(q, k, v, self.S, self.selector.nsa_ck, self.nsa_cv)
+        g = torch.sigmoid(torch.einsum("bhtd,hkd->bhtk", q, self.nsa_gate_w.to(q.dtype))
+                          + self.nsa_gate_b.to(q.dtype)[None, :, None, :])  # (B, nh, T, 3)
+        return g[..., 0:1] * y_sel + g[..., 1:2] * y_win + g[..., 2:3] * y_cmp
 
     def compressed_gate(self, q):
         """(B, nh, T, 1): the compressed branch's weight for each query, from the query (as attended)."""

@@ -243,10 +243,11 @@ def attend_reference(q, k, v, sel, S, dropout_p=0.0):
     return att @ v
 
 
-def attend_compressed(q, k, v, S):
-    """The compressed branch (compressed_branch, issue 22; NSA's compression branch with a block's mean as its
-    summary): each query of tile b attends to one summary key and value per block j < b, the means of the block's
-    keys and values, with a softmax over those blocks; tile 0 has none and gets 0. Every summary lies before the
+def attend_compressed(q, k, v, S, ck=None, cv=None):
+    """The compressed branch (compressed_branch; NSA's compression branch with a block's mean as its summary): each
+    query of tile b attends to one summary key and value per block j < b, the means of the block's keys and values
+    (with ck, cv (nh, hs, hs): through the branch's own projections, selector='nsa'), with a softmax over those
+    blocks; tile 0 has none and gets 0. Every summary lies before the
     query's tile: causal by construction. q, k, v (B, nh, T, hs), T % S == 0; cost per head T x (T/S)."""
     B, H, T, hs = q.shape
     nb = T // S
@@ -254,6 +255,8 @@ def attend_compressed(q, k, v, S):
         return torch.zeros_like(q)
     kb = k.reshape(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): one summary per block
     vb = v.reshape(B, H, nb, S, hs).mean(dim=3)
+    if ck is not None:  # NSA: the branch's own key and value projections of the summaries, per head
+        kb, vb = kb @ ck.to(kb.dtype)[None], vb @ cv.to(vb.dtype)[None]
     tile = torch.arange(S, T, device=q.device) // S  # the tiles of queries S.. (tile 0 has no complete block before it)
     before = torch.arange(nb, device=q.device)[None, :] < tile[:, None]  # (T - S, nb)
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32 (bf16 under autocast)

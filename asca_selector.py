@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SELECTORS = ("learned", "local", "random", "pooled", "oracle", "local_gated", "task_oracle")
+SELECTORS = ("learned", "local", "random", "pooled", "oracle", "local_gated", "task_oracle", "nsa")
 # the selectors whose kept blocks carry the predictor's gate bias (logsigmoid of its score): the learned choice, and
 # 'local_gated' (the nearest blocks, scaled by the trained gate: separates the choice from the scaling)
 GATED = ("learned", "local_gated")
 # the selectors that read the attention's own q and k (as attended), not the predictor's inputs
-READS_ATTENDED = ("pooled", "oracle")
+READS_ATTENDED = ("pooled", "oracle", "nsa")
 # the selectors that read the input bytes (see_tokens): 'task_oracle' knows the synthetic recall task's layout
 READS_TOKENS = ("task_oracle",)
 # attention recall is measured for the run's own selection and for these two at the same counts (issue 32)
@@ -140,6 +140,19 @@ def first_query_block_mass(q, k, S):
     return probs.view(B, H, nb, nb, S).sum(-1)
 
 
+def compressed_block_probs(q, k, S, ck):
+    """(B, nh, nb, nb) float32: NSA's selection scores. Each tile's first query's attention probabilities over the
+    compressed tokens of the blocks before its tile (a block's mean key, through the compressed branch's own key
+    projection ck (nh, hs, hs)), renormalised over those blocks; rows with no past block: 0. One compressed token per
+    block, so a block's score is its token's probability. Causal: block j < b summarises keys before position b*S."""
+    B, H, T, hs = q.shape
+    nb = T // S
+    kb = k.float().reshape(B, H, nb, S, hs).mean(3) @ ck.float()[None]  # (B, nh, nb, hs)
+    logits = q[:, :, ::S].float() @ kb.transpose(-1, -2) / math.sqrt(hs)  # (B, nh, nb, nb)
+    past = torch.arange(nb, device=q.device)[None, :] < torch.arange(nb, device=q.device)[:, None]
+    return torch.softmax(logits.masked_fill(~past, float("-inf")), dim=-1).nan_to_num(0.0)
+
+
 def pooled_scores(q, k, S):
     """(B, nh, nb, nb) float32: the first query of each tile (position b*S) dotted with each block's mean key, scaled
     as attention logits (MoBA's gate). Meaningful for blocks before the tile; q, k as attended, T % S == 0."""
@@ -238,6 +251,9 @@ class BlockSelector(nn.Module):
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         self.trained_rule = None  # the rule the model trained with, once swap_choice put another in its place
         self.tokens = None  # the forward's input bytes, for a rule that reads them (READS_TOKENS; see_tokens)
+        self.nsa_ck = None  # 'nsa': the compressed branch's key projection (nh, hs, hs), which the scores read
+        if self.rule == "nsa":
+            self.nsa_ck = nn.Parameter(torch.eye(self.head_size).repeat(self.n_head, 1, 1))
         self.distance_cost = config.rank_distance_cost  # learned choice: ranks by score - cost x blocks between
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
@@ -310,6 +326,8 @@ class BlockSelector(nn.Module):
             return pooled_scores(q.detach(), k.detach(), self.S)
         if self.rule == "oracle":
             return first_query_block_mass(q.detach(), k.detach(), self.S)
+        if self.rule == "nsa":  # the compressed branch's attention of the tile's first query (its key projection)
+            return compressed_block_probs(q.detach(), k.detach(), self.S, self.nsa_ck.detach())
         if self.rule == "task_oracle":  # the block holding the record the tile's first byte asks for (recall_task.py)
             import recall_task
             if self.tokens is None:
@@ -663,6 +681,21 @@ class BlockSelector(nn.Module):
         return (keep_counts(nb, self.S, T, self.sparsity, self.keep_first, self.local, self.cap).sum().item()
                 * self.S ** 2
                 + nb * self.S * (self.S + 1) / 2) / (T * (T + 1) / 2)
+
+    def window_selection(self, B, H, nb, device, seq_len):
+        """NSA's window branch as a Selection: each tile's own block and its local_blocks nearest past blocks, no gate
+        bias (the kernels compute it as any other choice)."""
+        order = self.order_by(self.rule_scores(B, H, nb, device, "local"))
+        n_past = torch.arange(nb, device=device).clamp(max=self.local).expand(B, H, nb)
+        scores = torch.zeros(B, H, nb, nb, device=device)
+        selected = self.block_selection(order, n_past)
+        return Selection(scores, order, n_past, selected, torch.zeros_like(scores), seq_len)
+
+    def window_fraction(self, T):
+        """The window branch's share of the causal pairs at length T (its own block and local_blocks nearest)."""
+        nb = T // self.S
+        kept = sum(min(b, self.local) for b in range(nb)) * self.S ** 2 + nb * self.S * (self.S + 1) / 2
+        return kept / (T * (T + 1) / 2)
 
     def flops_per_token(self, T):
         """The predictor's (small) matmuls per head and sequence: q MLP (hs*g + g*g) and key projection (hs*g)

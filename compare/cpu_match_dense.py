@@ -5,7 +5,8 @@
 # - the default learned choice and local_gated at 0.75;
 # - one dense (+ gate) layer, the last, with the others at 0.75, against uniform 0.5625: equal attention FLOPs;
 # - keep_tokens=256 (an absolute budget: a tile keeps at most 256 keys; 0.28 of the pairs skipped at T=512);
-# - dense_from=0.9 (sparse at 0.75, dense for the last 10% of the iterations: a training-cost saving only).
+# - dense_from=0.9 (sparse at 0.75, dense for the last 10% of the iterations: a training-cost saving only);
+# - NSA's three gated branches (selector=nsa) at 0.75.
 # Val every 250 iterations; the test split also at 500 (final.json's test_bpc_at_iter).
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_match_dense.py --jobs=2
 #   python3 compare.py compare/cpu_match_dense.py --jobs=2 --seeds 1337     # one seed of every arm first
@@ -23,6 +24,10 @@ RUNS = [
     ("dense_from_0.9", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--dense_from=0.9"]),
     ("local_gated", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--selector=local_gated"]),
     ("keep_256", "novel_model.py", ASCA + ["--keep_tokens=256"]),
+    # NSA's branches: blocks chosen by the compressed branch's attention at 0.75, a window of the own and the nearest
+    # block, the compressed tokens, gated; it computes more pairs than the 0.75 rows (the window's twice): its
+    # train_flops say how many
+    ("nsa_0.75", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--selector=nsa"]),
 ]
 BUDGET = {"max_iters": 2000}
 SEEDS = [1337, 1338]

@@ -15,7 +15,7 @@ COMMON = ["config/train_tiny.py", f"--data_dir=data/recall_{VARIANT}", "--block_
 ASCA = COMMON + ["--sparse_block_size=4", "--sparsity_warmup_iters=100"]
 RUNS = [("dense", "baseline_model.py", COMMON)]
 for sp in ("0.75", "0.875"):
-    for sel in ("learned", "local", "task_oracle", "local_gated", "random", "pooled"):
+    for sel in ("learned", "local", "task_oracle", "local_gated", "random", "pooled", "nsa"):
         RUNS.append((f"{sel}_{sp}", "novel_model.py", ASCA + [f"--target_sparsity={sp}", f"--selector={sel}"]))
 BUDGET = {"max_iters": 1200}
 SEEDS = [1337, 1338]

@@ -141,18 +141,19 @@ def test_keep_tokens_gather_and_flex_equal_the_reference(dtype):
 
 @pytest.mark.parametrize("impl", ["reference", "gather"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("arm", ["keep_tokens", "dense_gate", "dense_layer", "dense_from"])
+@pytest.mark.parametrize("arm", ["keep_tokens", "dense_gate", "dense_layer", "dense_from", "nsa"])
 def test_the_arms_are_causal(arm, impl, mode):
     keys = {"keep_tokens": dict(keep_tokens=40), "dense_gate": dict(target_sparsity=0.0),
             "dense_layer": dict(target_sparsity=0.3, layer_sparsity="0.6,0"),
-            "dense_from": dict(target_sparsity=0.6, dense_from=0.5)}[arm]
+            "dense_from": dict(target_sparsity=0.6, dense_from=0.5),
+            "nsa": dict(target_sparsity=0.6, selector="nsa")}[arm]
     torch.manual_seed(0)
     model = make_model(**MODEL, attn_impl=impl, dropout=0.1 if mode == "train" else 0.0, **keys)
     if arm == "dense_from":
         model.set_step(10, 0.4)  # still sparse: the sparse phase is the one that could leak
     before, after = causality_violation(model, mode)
     assert before < 1e-5 and after > 1e-3
-    if arm in ("keep_tokens", "dense_from"):
+    if arm in ("keep_tokens", "dense_from", "nsa"):
         assert model.diagnostics()["sparsity"] > 0.3
 
 
@@ -239,3 +240,113 @@ def test_a_resume_that_changes_the_arm_is_one_line(tmp_path, data_dir, capsys, k
     line = one_line(capsys.readouterr().err)
     assert key in line and first in line
     assert (out / "ckpt.pt").read_bytes() == before  # nothing lost, nothing trained
+
+
+# ----------------------------------------------------------------------------- NSA's three gated branches
+
+def nsa_loop(a, q, k, v):
+    """NSA's output per query, written out: the selected blocks (own, the local_blocks nearest, then the blocks the
+    tile's first query's compressed attention ranks highest, up to the tile's count), the window (own and the
+    local_blocks nearest) and the compressed branch (the blocks before the tile, their mean keys and values through
+    the branch's projections), each a softmax of its own, mixed by per-head sigmoid gates from the query."""
+    import math
+    B, H, T, hs = q.shape
+    S, w = a.S, a.selector.local
+    ck, cv = a.selector.nsa_ck, a.nsa_cv
+    nb = T // S
+    kb = k.reshape(B, H, nb, S, hs).mean(3)
+    vb = v.reshape(B, H, nb, S, hs).mean(3)
+    out = torch.zeros_like(q)
+    for bb in range(B):
+        for h in range(H):
+            kc, vc = kb[bb, h] @ ck[h], vb[bb, h] @ cv[h]
+            for i in range(T):
+                b = i // S
+                first = q[bb, h, b * S]
+                probs = torch.softmax(torch.stack([first @ kc[j] for j in range(b)]) / math.sqrt(hs), 0) if b else []
+                nearest = list(range(max(0, b - w), b))
+                rest = sorted((j for j in range(b) if j not in nearest), key=lambda j: -probs[j].item())
+                chosen = nearest + rest[:int(a.selector.n_keep[b]) - len(nearest)]
+
+                def attn(blocks):
+                    keys = [t for j in blocks for t in range(j * S, j * S + S)] + list(range(b * S, i + 1))
+                    p = torch.softmax(torch.stack([q[bb, h, i] @ k[bb, h, t] for t in keys]) / math.sqrt(hs), 0)
+                    return p @ v[bb, h, keys]
+                if b:
+                    pc = torch.softmax(torch.stack([q[bb, h, i] @ kc[j] for j in range(b)]) / math.sqrt(hs), 0)
+                    y_cmp = pc @ vc[:b]
+                else:
+                    y_cmp = torch.zeros(hs, dtype=q.dtype)
+                g = torch.sigmoid(a.nsa_gate_w[h] @ q[bb, h, i] + a.nsa_gate_b[h])
+                out[bb, h, i] = g[0] * attn(chosen) + g[1] * attn(nearest) + g[2] * y_cmp
+    return out
+
+
+def nsa_module(dtype=torch.float64, T=64):
+    a = attn_module(T=T, S=8, target=0.5, keep_first=False, local_blocks=1, selector="nsa", dtype=dtype)
+    with torch.no_grad():  # trained-looking parameters: the projections and gates away from their start
+        g = torch.Generator().manual_seed(7)
+        for p in (a.selector.nsa_ck, a.nsa_cv, a.nsa_gate_w, a.nsa_gate_b):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return a
+
+
+def test_nsa_matches_a_per_query_loop_fp64_with_gradients():
+    a = nsa_module()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 64, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    y = a.attend(q, k, v)
+    ref = nsa_loop(a, q, k, v)
+    assert (y - ref).abs().max().item() < 1e-12
+    w = torch.randn_like(y)
+    params = [q, k, v, a.selector.nsa_ck, a.nsa_cv, a.nsa_gate_w, a.nsa_gate_b]
+    got = torch.autograd.grad((y * w).sum(), params)
+    want = torch.autograd.grad((ref * w).sum(), params)
+    for gg, ww in zip(got, want):
+        assert ww.abs().max() > 0 and (gg - ww).abs().max().item() < 1e-10
+    # the selection's own scores are the compressed branch's first-query probabilities, and the projection the
+    # scores read gets the LM loss's gradient through the compressed branch
+    sel = a.last_selection
+    from asca_selector import compressed_block_probs
+    assert torch.allclose(sel.scores, compressed_block_probs(q.detach(), k.detach(), 8, a.selector.nsa_ck))
+    assert got[3].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nsa_gather_and_flex_equal_the_reference(dtype):
+    a = nsa_module(dtype, T=128)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 122, 8, dtype=dtype, generator=g) for _ in range(3))
+    wts = torch.randn(2, 2, 122, 8, dtype=dtype, generator=g)
+    outs = []
+    for impl in ("reference", "gather"):
+        a.impl = impl
+        a.zero_grad()
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        y = a.attend(qq, kk, vv)
+        (y * wts).sum().backward()
+        outs.append((y.detach(), [qq.grad, kk.grad, vv.grad, a.nsa_cv.grad.clone(), a.selector.nsa_ck.grad.clone()]))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert (outs[1][0] - outs[0][0]).abs().max().item() < tol
+    for got, want in zip(outs[1][1], outs[0][1]):
+        assert want.abs().max() > 0 and (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+    if dtype == torch.float32:
+        a16 = attn_module(T=128, S=16, hs=16, target=0.5, keep_first=False, local_blocks=1, selector="nsa",
+                          dtype=torch.float32)
+        q, k, v = (torch.randn(2, 2, 128, 16, generator=g) for _ in range(3))
+        with torch.no_grad():
+            a16.impl = "reference"
+            ref = a16.attend(q, k, v)
+            a16.impl = "flex"
+            got = a16.attend(q, k, v)
+        assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_nsa_bad_settings_and_decoding_are_one_line():
+    with pytest.raises(ValueError, match="selector='nsa' keeps the fixed budget's counts"):
+        ASCAConfig(**MODEL, selector="nsa", budget="adaptive").validate()
+    with pytest.raises(ValueError, match="local_blocks >= 1"):
+        ASCAConfig(**MODEL, selector="nsa", local_blocks=0).validate()
+    model = make_model(**MODEL, target_sparsity=0.5, selector="nsa").eval()
+    with pytest.raises(ValueError, match="cached decoding supports selector='learned' and 'local_gated' only"):
+        model.forward_cached(torch.randint(0, 256, (1, 20)), model.new_cache())

@@ -115,7 +115,9 @@ def _grads(m):
                                         ("gather", dict(compressed_branch=True, gate_loss=1.0)),
                                         ("gather", dict(budget="adaptive")),
                                         ("gather", dict(gate_pooled=True, rank_distance_cost=0.1)),
-                                        ("gather", dict(selector="local_gated"))])
+                                        ("gather", dict(selector="local_gated")),
+                                        ("gather", dict(selector="nsa", keep_tokens=64)),
+                                        ("reference", dict(dense_from=0.5))])
 def test_the_whole_model_trains_under_cudas_policy(policy, impl, extra):
     """The model as the trainer runs it (loss and auxiliary loss under autocast, backward outside) under each torch
     version's CUDA policy: the predictor, the compressed branch and the gate loss included. Logits and every
@@ -144,7 +146,8 @@ def test_the_whole_model_trains_under_cudas_policy(policy, impl, extra):
     (loss_ref + (aux_ref if aux_ref is not None else 0)).backward()
     assert (logits.float() - logits_ref).abs().max().item() <= 3e-2 * logits_ref.abs().max().item()
     got, want = _grads(model), _grads(ref)
-    assert got.keys() == want.keys() and any(".predictor." in n for n in want)
+    trained = ".nsa_" if extra.get("selector") == "nsa" else ".predictor."  # NSA scores with its compressed branch
+    assert got.keys() == want.keys() and any(trained in n for n in want)
     for n in want:
         assert (got[n] - want[n]).norm().item() <= 5e-2 * want[n].norm().item() + 1e-6, n
 
