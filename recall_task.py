@@ -14,8 +14,10 @@ ones), the nearest-blocks rule cannot see the record: by construction it answers
 Variant 'A' puts each query at a tile start (position b * S), where the block choice reads it; variant 'B' at random
 positions, which tests the tile-shared decision.
 
-The metric (answers()): at each query byte the model predicts the next byte, the answer; answer accuracy (argmax)
-and bits on the answer bytes, per bucket of query-to-record distance.
+The metric (answers()): at each key's first query the model predicts the next byte, the answer; answer accuracy
+(argmax) and bits on the answer bytes, per bucket of query-to-record distance. Later queries of a key are trained on
+but not scored: an earlier query's answer byte, perhaps within the nearest blocks, would tell them (a nearest-blocks
+model scored 0.30 on all queries, against 0.125 for chance).
 """
 import math
 
@@ -97,19 +99,21 @@ def make_episodes(n_episodes, T, seed, n_records=8, n_queries=32, min_distance=6
 
 
 def answers(x):
-    """For windows x (B, T) of episodes: the positions of query bytes whose record lies in the window, as
-    (batch index, query position, answer byte, query-to-record distance) arrays. The answer is read from the record,
-    so the metric needs nothing but the bytes."""
+    """For windows x (B, T) of episodes: the positions of the first query byte of each key whose record lies in the
+    window, as (batch index, query position, answer byte, query-to-record distance) arrays. A later query of a key
+    already asked is left out: its answer could be copied from the earlier query's answer byte, which may lie within
+    the nearest blocks. The answer is read from the record, so the metric needs nothing but the bytes."""
     x = np.asarray(x)
     bi, ti, ans, dist = [], [], [], []
     for b in range(x.shape[0]):
         row = x[b]
-        recs = {}
+        recs, asked = {}, set()
         for t, v in enumerate(row):
             v = int(v)
             if v >= RECORD0:
                 recs[(v - RECORD0) // N_VALUES] = (t, (v - RECORD0) % N_VALUES)
-            elif QUERY0 <= v < QUERY0 + N_KEYS and (v - QUERY0) in recs:
+            elif QUERY0 <= v < QUERY0 + N_KEYS and (v - QUERY0) in recs and (v - QUERY0) not in asked:
+                asked.add(v - QUERY0)
                 r, value = recs[v - QUERY0]
                 bi.append(b), ti.append(t), ans.append(ANSWER0 + value), dist.append(t - r)
     return np.array(bi, dtype=np.int64), np.array(ti, dtype=np.int64), np.array(ans, dtype=np.int64), \
