@@ -51,7 +51,7 @@ from config_keys import key
 from gpt import GPT, CausalSelfAttention, GPTConfig
 
 ATTN_IMPLS = ("auto", "reference", "flex", "gather")
-# attn_impl='auto' on a CPU, by the gather benchmark's table (scripts/bench_gather_cpu.py, issue 34; the table this
+# attn_impl='auto' on a CPU, by the gather benchmark's table (scripts/bench_gather_cpu.py; the table this
 # rule was read from, docs/results/bench_gather_cpu_2026-12-04.md, is checked against it by tests/test_kernels.py):
 # - from T = GATHER_MIN_T the gather path at any sparsity: 0.4-0.5x the reference's step at T=1024-8192;
 # - from T = GATHER_SPARSE_MIN_T, once the scheduled sparsity reaches GATHER_MIN_SPARSITY (the least measured): at
@@ -93,10 +93,10 @@ class ASCAConfig(GPTConfig):
     gate_dist_bias: bool = key(True, legacy=True)  # a learned per-head bias by block distance in the predictor's scores
     rank_distance_cost: float = key(0.0, legacy=0.0)  # the learned choice ranks a tile's candidate blocks by score -
     #                          cost x (blocks between block and tile); the gate bias stays logsigmoid(score). 0 = by
-    #                          score alone; large = the nearest blocks (local_gated's). Fixed budget (issue 32, item 6)
+    #                          score alone; large = the nearest blocks (local_gated's). Fixed budget
     gate_pooled: bool = key(False, legacy=False)  # the predictor's scores add the pooled affinity (the tile's first
     #                                               query against each block's mean key, as it reads them), with a
-    #                                               learned weight per head (issue 32, item 6)
+    #                                               learned weight per head
     budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"))  # 'fixed': every tile keeps the
     #                 scheduled count; 'adaptive': blocks scoring above a per-layer threshold, the threshold steered
     #                 between steps to the scheduled sparsity
@@ -235,7 +235,7 @@ class ASCAConfig(GPTConfig):
             return
         if self.attn_impl == "auto" and (self.block_size < GATHER_SPARSE_MIN_T or compile):
             return  # auto takes the reference path there
-        # the largest step of the schedule: its first, dense while the sparsity warms up (issue 35)
+        # the largest step of the schedule: its first, dense while the sparsity warms up
         first = 0.0 if self.sparsity_warmup_iters > 0 else None
         need = gather_step_bytes(self, batch_size, sparsity=first)
         if need <= 0.9 * free_bytes:
@@ -362,7 +362,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
     def for_sampling(self):
         # prefills run attend(); on CUDA 'auto' would compile the flex kernel before the first byte (and again for
-        # each bucketed prefill length). The gather path computes the same function uncompiled (issue 23, item 7).
+        # each bucketed prefill length). The gather path computes the same function uncompiled.
         if self.impl in ("auto", "flex"):
             self.impl = "gather"
 
@@ -569,7 +569,7 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 # about 3x the largest difference a correct model showed over many seeds (the noise floor), and far under what
 # a wrong block or a dropped gate bias gives; both measured by `python3 scripts/startup_noise.py`
 # (docs/results/startup_noise.md). 'grad' is per element, over every parameter but the predictor's, whose
-# gradients are sums that nearly cancel (issue 30 saw their largest element differ by up to 0.14 in bf16 with
+# gradients are sums that nearly cancel (their largest element differed by up to 0.14 in bf16 with
 # nothing wrong); 'grad_l2' is the relative L2 norm over all gradients and over the predictor's, which a fault
 # in the gate bias moves.
 STARTUP_TOL = {False: {"logits": 1e-4, "grad": 1e-4, "grad_l2": 1e-4},

@@ -34,7 +34,7 @@ class _BlockAttention(torch.autograd.Function):
     (not SDPA's math path, which a grad-requiring mask forces on a CPU) so the logits are computed once,
     with the mask fused into the matmul (baddbmm), and softmax's output is the only saved (n, S, L) tensor.
 
-    Its dtypes are its own, not an autocast policy's (issue 30): CUDA's autocast runs softmax in float32 and the
+    Its dtypes are its own, not an autocast policy's: CUDA's autocast runs softmax in float32 and the
     CPU's in bf16, so a backward that mixed the saved probabilities with the incoming gradient crashed on the first
     CUDA step only. The matmuls run in the logits' dtype (cdt: bf16 under either autocast, else the inputs'), the
     softmax and its backward's elementwise part in at least float32, and each gradient returns in its input's dtype."""
@@ -125,7 +125,7 @@ def choose_gather_kernel(kernel, device_type, S, K):
 
 
 def sdpa_block_attention(q, k, v, slot_bias, S, scale):
-    """_BlockAttention's function on PyTorch's fused flash kernel (issue 34): softmax(q k^T * scale + bias) v with
+    """_BlockAttention's function on PyTorch's fused flash kernel: softmax(q k^T * scale + bias) v with
     the tile's own block (slot 0, keys 0..S-1) causal, q (N, S, hs), k, v (N, L, hs), slot_bias (N, L // S) finite
     (NEG_BIAS on padding). The flash kernel takes no mask gradient, so the bias rides in the dot product: each query
     gets a last coordinate 1 and each key its slot's bias / scale, and q.k then carries the bias and its gradient.
@@ -275,7 +275,7 @@ def gate_score_mod(gate_bias, S, layout="key"):
 
     layout='key' reads it from a copy indexed by key position, (B, nh, nb, T) (repeat_interleave): in FlexAttention's
     backward every logit's gradient is an atomic add into the buffer entry it read, so 'block' (the bias itself)
-    sends all S * S logits of a block to one address, 'key' only the S of a tile row (issue 23, item 5: about
+    sends all S * S logits of a block to one address, 'key' only the S of a tile row (about
     0.57 G contended fp32 atomics per layer at T=8192 and 0.75 with 'block'). The same function and gradient either
     way (tests/test_kernels.py); bench_attention.py --gate_grad times both. 'auto': 'key' on CUDA, 'block' on a CPU,
     where inductor's C++ flex template cannot lower the key-indexed copy inside a compiled model (torch 2.13:
@@ -302,7 +302,7 @@ def attend_flex(q, k, v, sel, S, compiled=True, layout="auto"):
         # inductor's C++ flex template (torch 2.13) names each input pointer by its storage buffer and drops a view's
         # storage offset unless two inputs share that buffer: v, a view at offset 2C of the qkv projection, was read
         # from offset 0 (the raw q) whenever rotary or QK-norm made q and k computed buffers. Distinct buffers avoid
-        # it (scripts/repro_flex_cpu_view_offset.py; issue 23, item 8). CUDA lowers through the Triton template.
+        # it (scripts/repro_flex_cpu_view_offset.py). CUDA lowers through the Triton template.
         q, k, v = (t.contiguous() for t in (q, k, v))
     # traced into a compiled model: the kernel is compiled for sure, the block lists state the selection
     block_mask = build_block_mask(sel, S, state_selection=not torch.compiler.is_compiling())

@@ -34,7 +34,7 @@ GATED = ("learned", "local_gated")
 READS_ATTENDED = ("pooled", "oracle", "nsa")
 # the selectors that read the input bytes (see_tokens): 'task_oracle' knows the synthetic recall task's layout
 READS_TOKENS = ("task_oracle",)
-# attention recall is measured for the run's own selection and for these two at the same counts (issue 32)
+# attention recall is measured for the run's own selection and for these two at the same counts
 RECALL_CHOICES = ("own", "local", "oracle")
 
 
@@ -42,7 +42,7 @@ RECALL_CHOICES = ("own", "local", "oracle")
 
 def forced_past(nb, keep_first, local=0, device=None):
     """(nb, nb) bool: the past blocks every tile keeps whatever its budget: the sink (block 0, with keep_first)
-    and the `local` nearest past blocks (local_blocks, issue 22: every byte then sees at least local * S bytes
+    and the `local` nearest past blocks (local_blocks: every byte then sees at least local * S bytes
     back). They count in the budget; the budget decides on the other past blocks."""
     b = torch.arange(nb, device=device)
     d = b[:, None] - b[None, :]  # tile minus block
@@ -258,7 +258,7 @@ class BlockSelector(nn.Module):
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
         # of the warm-up are rows of a table on the same device, made once: set_step copies a row device to device,
-        # never from host memory, which on a GPU would wait for it at each step (issue 30, item 4). A position
+        # never from host memory, which on a GPU would wait for it at each step. A position
         # between steps (a time budget's schedule) copies its counts from the host.
         nb = config.block_size // S
         self.skippable = int(_skippable(nb, self.keep_first, self.local, self.cap).sum())
@@ -422,7 +422,7 @@ class BlockSelector(nn.Module):
     def replaying(self, sel):
         """rank() returns Selection `sel`'s order and counts instead of its own: a check compares two paths' function
         on one block choice. In bf16 two graphs round q and k differently, and a near-tie between two blocks' scores
-        picks another block in about 8% of seeds (issue 30): a difference of choice, not of the function. The
+        picks another block in about 8% of seeds: a difference of choice, not of the function. The
         scores stay this path's own, so the predictor's gradient is its own too."""
         self.replay = (sel.order, sel.n_past)
         try:
@@ -484,12 +484,13 @@ class BlockSelector(nn.Module):
 
     def plan(self, q, k, seq_len=None, own_inputs=None):
         """The Selection for padded q, k (B, nh, T, hs), T % S == 0: everything the kernels need."""
-        return self.selection(*self.select(q, k, own_inputs), q.shape[2] if seq_len is None else seq_len)
+        chosen = self.select(q, k) if own_inputs is None else self.select(q, k, own_inputs)
+        return self.selection(*chosen, q.shape[2] if seq_len is None else seq_len)
 
     def remember(self, sel):
         self.last = sel.detach()  # diagnostics(), the budget controller, extraction.py and tests read it
 
-    # --- the distillation loss (gate_loss, issue 22; DeepSeek's sparse attention trains its indexer this way)
+    # --- the distillation loss (gate_loss; DeepSeek's sparse attention trains its indexer this way)
     def remember_inputs(self, q, k, gq, gk, seq_len):
         """Keep the last training forward's padded q, k as attended and the predictor's inputs, detached, for
         aux_loss (which runs outside the model's forward, so a compiled forward returns no grad-carrying state)."""

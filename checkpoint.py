@@ -371,7 +371,7 @@ def model_from_checkpoint(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-# ----------------------------------------------------------------------------- init_from=PATH (issue 33)
+# ----------------------------------------------------------------------------- init_from=PATH
 # the keys that give a dense GPT's weights their meaning (block_size aside: rotary positions carry to any T), and
 # those that give an ASCA predictor's: a new run starting from a checkpoint must match them
 WARM_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_encoding", "rope_base", "qk_norm", "mlp_act",

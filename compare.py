@@ -14,7 +14,7 @@ A spec file is Python (like config files) assigning:
     SEEDS = [1337, 1338]
     OUT = "out/compare_cpu_budget"                            # runs go to OUT/NAME_sSEED, the table to OUT
 An argument may name an earlier row's checkpoint of the same seed as {run:NAME}, e.g. "--init_from={run:short}"
-(a run that starts from another's weights, issue 33): that row finishes first, whatever --jobs.
+(a run that starts from another's weights): that row finishes first, whatever --jobs.
 Finished runs (final.json present) are not run again, interrupted ones resume, so re-running the command
 continues where it stopped. Each run directory keeps the command it was run with (compare_run.json): a
 finished run whose command differs from the spec now is flagged, never silently counted as the new one
@@ -144,7 +144,7 @@ def stored_command(d):
 
 def config_drift(d, script, args, budget, seed):
     """What a run is, beyond its command: the settings the command resolves to with TODAY's defaults, against
-    the settings it trained with (its config.json). A default changed since (issue 22 moved local_blocks and
+    the settings it trained with (its config.json). A default changed since (local_blocks and
     keep_first_block) makes an unchanged command another run, so a finished one must not be counted as it.
     Returns the differing keys as 'key: then -> now', or None where d has no config.json (judged by its
     command alone). A key the run predates counts as its old behaviour (the config class's LEGACY); keys
@@ -354,7 +354,7 @@ def contended(run):
     return load is not None and load > CONTENDED_CORES
 
 
-PROBES = ("test_recall", "test_recall_local", "test_recall_oracle", "copy_test")  # issue 32's instruments
+PROBES = ("test_recall", "test_recall_local", "test_recall_oracle", "copy_test")  # the recall and copy instruments
 # what a run cost, per seed in comparison.json (extraction.py --frontier): analytic FLOPs, tokens, measured tokens/s
 COMPUTE = ("train_flops", "tokens", "tokens_per_s", "block_size", "test_sparsity")
 

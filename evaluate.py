@@ -49,7 +49,7 @@ def evaluate_stream(model, data, block_size, stride, batch_size, device, ctx=con
             by_len.setdefault(w[1], []).append(w)
         for length, ws in by_len.items():
             # a short last batch is filled up with copies of its last window, scored nowhere: every forward then has
-            # the training batch's shape, and a compiled model does not compile once more for the last one (issue 23)
+            # the training batch's shape, and a compiled model does not compile once more for the last one
             rows = ws + [ws[-1]] * (batch_size - len(ws)) if length == block_size else ws
             x, y = (t.to(device) for t in stack_windows(data, [s for s, _, _ in rows], length))
             with ctx:
@@ -116,7 +116,7 @@ def recall_answers(model, data, align, block_size, batch_size, device, ctx=conte
     return recall_task.summarize(correct, bits, dist, block_size)
 
 
-# ----------------------------------------------------------------------------- the long-range copy test (issue 32)
+# ----------------------------------------------------------------------------- the long-range copy test
 # enwik8's needle test: a copy of an L-byte span planted at distance d from its source, in held-out windows. A model
 # that reaches the source predicts the copy's bytes at a few tenths of a bit; one confined to its nearest blocks
 # cannot. The copy's first COPY_SKIP bytes are not scored: only after them has the model seen that a copy began.

@@ -403,7 +403,7 @@ def kept_blocks_hist_plot(run, path):
 
 
 def recall_plot(run, path):
-    """Attention recall (issue 32): the share of each query's dense attention mass in its tile's kept blocks, for
+    """Attention recall: the share of each query's dense attention mass in its tile's kept blocks, for
     the run's own choice and for the local rule's and the oracle's at the same counts. Left: over training (val
     evals); right: per layer and head on the test pass (final.json)."""
     rows = [r for r in run.metrics if r.get("recall") is not None]

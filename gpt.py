@@ -133,8 +133,8 @@ def rotate(x, cos, sin):  # (..., T, hs) by angles with cos, sin (T, hs/2): pair
 class _Rotate(torch.autograd.Function):
     """rotate() with its gradient written as the inverse rotation (angle -a). Autograd's own backward of the
     halves and the cat makes four zero-filled q/k-sized tensors and four half-size copies per layer; this one
-    runs rotate() once (issue 34, item 5: rotary cost 4-9% of the CPU step, this backward 3-4%). The same values
-    and gradient bit for bit (tested): each gradient half is the same two products summed."""
+    runs rotate() once (rotary cost 4-9% of the CPU step, this backward 3-4%: docs/results/dense_cpu.md). The same
+    values and gradient bit for bit (tested): each gradient half is the same two products summed."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -327,9 +327,9 @@ class KVCache:
 class ReluSquared(torch.autograd.Function):
     """relu(x)^2 (Primer, So et al. 2021) with its derivative 2 relu(x) written out: two passes over the
     (B, T, 4C) activation forward and two backward. Autograd's F.relu(x).square() takes six (relu, pow; pow's
-    backward: pow, two muls, relu's threshold_backward), the MLP's largest elementwise cost on a CPU (issue 34,
-    item 5). Bit for bit the same values and gradient: r * r is how pow(r, 2) is computed, and (g * r) * 2 is
-    g * (2 * r) exactly, doubling being exact in floating point."""
+    backward: pow, two muls, relu's threshold_backward), the MLP's largest elementwise cost on a CPU. Bit for bit
+    the same values and gradient: r * r is how pow(r, 2) is computed, and (g * r) * 2 is g * (2 * r) exactly,
+    doubling being exact in floating point."""
 
     @staticmethod
     def forward(ctx, x):
@@ -477,7 +477,7 @@ class GPT(nn.Module):
 
     def compile_decoding(self):
         """Compile the pure parts of a one-byte decoding step (decode_in, decode_out: norms, projections, rotary,
-        the MLP) with torch.compile; the cache writes and the attention stay eager. Issue 34, item 4: at batch 1 a
+        the MLP) with torch.compile; the cache writes and the attention stay eager. At batch 1 a
         step is ~150 small ops whose dispatch costs more than the cached attention ASCA skips. The prefill and
         multi-byte calls stay eager. Fixed shapes: each part compiles once and serves every layer and step (tested:
         two graphs in all, logits equal to eager)."""

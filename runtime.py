@@ -385,7 +385,7 @@ class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
     """Inside CPU autocast, applies the CUDA policy's float32 ops (CUDA_FP32_OPS, CUDA_FP32_SET_OPT_DTYPE_OPS) at
     the torch-function level, so a CPU test sees the dtypes a GPU would give: float32 softmax over bf16 logits, a
     float32 sum of bf16 values, float32 norms (rms_norm too with rms_norm_fp32: on CUDA's list from torch 2.13,
-    not in 2.11). Built for issue 30: a kernel that ran on every CPU test crashed on the first CUDA step."""
+    not in 2.11). Built because a kernel that ran on every CPU test would have crashed on the first CUDA step."""
 
     def __init__(self, rms_norm_fp32=True):
         super().__init__()

@@ -31,10 +31,10 @@ TRAIN_KEYS = dict(
     # does the model depend on its own selector's choices? '' = its own
     eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS)),
     final_test=Key(True),
-    # iterations at which the test split is scored during training too (a comma list, e.g. '500,1000'; issue 33:
+    # iterations at which the test split is scored during training too (a comma list, e.g. '500,1000':
     # does a gap move with more steps?), into that iteration's metrics row and final.json's test_bpc_at_iter
     test_iters=Key("", type=str, compared=False),
-    # issue 32's long-range copy test (evaluate.copy_test): with the final test (and --eval_only), bpc on copy_len-byte
+    # the long-range copy test (evaluate.copy_test): with the final test (and --eval_only), bpc on copy_len-byte
     # copies planted in this many test windows per distance bucket, next to the same bytes unplanted; 0 = off
     copy_test_windows=Key(0, resume="this_run", compared=False), copy_len=Key(64),
     copy_augment=Key(0.0),  # the fraction of training windows with such a copy planted (retrieval to learn)

@@ -38,7 +38,7 @@ from train_config import (SEED_STRIDE, check_architecture, check_kind, defaults_
 def wrap_for_training(model, compile, ddp, device_ids=None):
     """(eval forward, the DDP module or None, training forward). With DDP the wrapper is compiled, not wrapped
     around a compiled model: torch.compile's DDP optimizer then splits the graph at DDP's gradient buckets, so each
-    bucket's all-reduce overlaps the rest of backward (PyTorch's notes on torch.compile with DDP; issue 23, item 7).
+    bucket's all-reduce overlaps the rest of backward (PyTorch's notes on torch.compile with DDP).
     Eval runs the model itself (compiled on its own when compile is on): no DDP hooks, no gradient buckets."""
     fwd = torch.compile(model) if compile else model
     if not ddp:
@@ -266,7 +266,7 @@ class Trainer:
     # --- pieces of the loop
     def startup_check(self):
         """Before the first step (of this process): the path this run trains on against an independent one, on
-        one batch (the model kind's startup_check); a mismatch stops the run with the way on (issue 23)."""
+        one batch (the model kind's startup_check); a mismatch stops the run with the way on."""
         cfg, rt = self.cfg, self.rt
         check = MODELS[self.kind].startup_check
         wanted = cfg["startup_check"] == "on" or (cfg["startup_check"] == "auto" and rt.device_type == "cuda")

@@ -1,4 +1,4 @@
-# The architecture table (issue 9), one change at a time from nanoGPT's 2019 model, then all together,
+# The architecture table, one change at a time from nanoGPT's 2019 model, then all together,
 # and ASCA on the new footing, at equal wall-clock (150 s of training each) on a 2-core CPU:
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_architecture.py
 # Model and batch of config/train_excerpt_cpu.py (4 layers, n_embd 256, 4 heads, T=256, batch 16);
@@ -13,7 +13,7 @@ def change(i):
     return OLD[:i] + [NEW[i]] + OLD[i + 1:]
 
 
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before local_blocks (the sink, no forced local block),
 # with which these rows were measured
 ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_interval=250",
         "--sparse_block_size=16",  # S=16: T=256 reaches 0.75 (S=32 tops out at 0.65)

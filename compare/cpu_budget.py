@@ -1,8 +1,8 @@
-# ASCA's adaptive budget against the fixed one (issue 11), at EQUAL ITERATIONS on a 2-core CPU:
+# ASCA's adaptive budget against the fixed one, at EQUAL ITERATIONS on a 2-core CPU:
 # T=512, S=32, target sparsity 0.75 (the maximum at this shape is 0.82), the new default architecture,
 # 500 iterations of 4096 bytes, two seeds. Compare test bpc at the measured test sparsity.
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_budget.py
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before local_blocks (the sink, no forced local block),
 # with which these rows were measured
 COMMON = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--block_size=512", "--batch_size=8",
           "--sparse_block_size=32", "--target_sparsity=0.75", "--sparsity_warmup_iters=150", "--eval_interval=100",

@@ -1,4 +1,4 @@
-# Issue 32: is there anything for a learned choice to find at T=512? At EQUAL ITERATIONS on a 2-core CPU, the
+# is there anything for a learned choice to find at T=512? At EQUAL ITERATIONS on a 2-core CPU, the
 # setting of compare/cpu_quality.py (T=512, S=32, target sparsity 0.75, 500 iterations of 4096 bytes, today's
 # defaults: the nearest block kept, no sink): dense, the learned choice, and every rule at the same counts: the
 # nearest blocks, random blocks, the pooled mean-key gate (no parameters) and the oracle (the first query's dense

@@ -1,4 +1,4 @@
-# Issue 32 at longer context: T=2048, S=64, target sparsity 0.875 (32 blocks; a tile keeps its own block, the
+# The ceiling at longer context: T=2048, S=64, target sparsity 0.875 (32 blocks; a tile keeps its own block, the
 # nearest one and up to 3 more), 400 iterations of 4096 bytes at EQUAL ITERATIONS on a 2-core CPU (the runs may
 # share it: OMP_NUM_THREADS=1, two at a time). Dense at T=2048, the learned choice, and every rule at the same
 # counts: the nearest blocks, the oracle (the ceiling: an analysis control that saves nothing), the pooled mean-key
@@ -21,11 +21,11 @@ RUNS = [
     ("pooled", "novel_model.py", ASCA + ["--selector=pooled"]),
     ("random", "novel_model.py", ASCA + ["--selector=random"]),
     ("local_gated", "novel_model.py", ASCA + ["--selector=local_gated"], [1337, 1338]),
-    # issue 32 item 6, added 2026-12-04: a smaller S (32: 64 blocks, a late tile keeps about 8), the learned choice
+    # added 2026-12-04: a smaller S (32: 64 blocks, a late tile keeps about 8), the learned choice
     # and the nearest blocks with the learned gate. (Two forced nearest blocks at S=64 cannot reach 0.875.)
     ("learned_s32", "novel_model.py", ASCA + ["--selector=learned", "--sparse_block_size=32"], [1337, 1338]),
     ("local_gated_s32", "novel_model.py", ASCA + ["--selector=local_gated", "--sparse_block_size=32"], [1337, 1338]),
-    # issue 32 item 6, added later the same day: the pooled affinity as one more input to the predictor's scores
+    # added later the same day: the pooled affinity as one more input to the predictor's scores
     # (gate_pooled, its weight learned per head), and distillation toward the oracle's target (gate_loss=1.0: the KL to
     # the first query's dense block mass, after the 100-iteration ramp from dense)
     ("learned_pooled", "novel_model.py", ASCA + ["--selector=learned", "--gate_pooled=True"], [1337, 1338]),

@@ -1,4 +1,4 @@
-# Issue 32: retrieval to learn. T=1024, S=32, target sparsity 0.875 (32 blocks: a late tile keeps its own block,
+# retrieval to learn. T=1024, S=32, target sparsity 0.875 (32 blocks: a late tile keeps its own block,
 # the nearest one and about 2 more), 400 iterations of 4096 bytes at EQUAL ITERATIONS on a 2-core CPU, with copies
 # planted in the training windows (copy_augment), so that retrieving a source pays. Every run ends with the
 # long-range copy test (32 test windows per distance bucket): bpc on copied bytes next to the same bytes unplanted.

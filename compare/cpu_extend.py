@@ -1,4 +1,4 @@
-# Issue 33, item 2: where long context starts to pay. The usual recipe: train short, then extend. A dense model
+# where long context starts to pay. The usual recipe: train short, then extend. A dense model
 # trained at T=256 (1000 iterations of 4096 bytes) continues at T=2048 (--init_from: its weights, a fresh optimizer
 # and schedule; rotary positions carry over) for 400 iterations of 4096 bytes each as: dense, ASCA's default at
 # target sparsity 0.875 (S=64; the attention is the dense one, the predictor starts fresh), and the nearest-blocks

@@ -1,4 +1,4 @@
-# Long context at EQUAL WALL-CLOCK on a 2-core CPU (issue 21): does skipping blocks buy quality once
+# Long context at EQUAL WALL-CLOCK on a 2-core CPU: does skipping blocks buy quality once
 # attention is most of the step? 600 s of training per run, on the bundled excerpt, run alone:
 #   python3 prepare_dataset.py --bundled && OMP_NUM_THREADS=2 python3 compare.py compare/cpu_long.py
 # Model of config/train_excerpt_cpu.py (4 layers, n_embd 256, 4 heads, rotary, QK-norm, relu2, Muon),
@@ -11,9 +11,9 @@ LONG = ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt", "--block_size=
         "--max_iters=1000", "--warmup_iters=20", "--eval_interval=100", "--eval_iters=8"]
 ASCA = LONG[1:] + ["--sparse_block_size=64", "--sparsity_warmup_iters=250", "--budget=fixed",
                    "--gate_input=rotated", "--attn_impl=auto"]
-NOW = ["config/train_excerpt_cpu_novel.py"] + ASCA  # today's defaults (issue 22: the nearest block, no sink)
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
-# with which the rows before issue 22 were measured
+NOW = ["config/train_excerpt_cpu_novel.py"] + ASCA  # today's defaults (the nearest block, no sink)
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before local_blocks (the sink, no forced local block),
+# with which the older rows were measured
 ASCA = NOW + ["--keep_first_block=True", "--local_blocks=0"]
 HEADLINE = [1337, 1338]
 RUNS = [
@@ -22,7 +22,7 @@ RUNS = [
     ("local_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--selector=local"]),
     ("random_0.875", "novel_model.py", ASCA + ["--target_sparsity=0.875", "--selector=random"]),
     ("learned_0.75", "novel_model.py", ASCA + ["--target_sparsity=0.75", "--selector=learned"]),
-    # issue 22's best at T=512 (compare/cpu_quality.py): the nearest block instead of the sink
+    # the best at T=512 (compare/cpu_quality.py): the nearest block instead of the sink
     ("local1_nosink_0.875", "novel_model.py", NOW + ["--target_sparsity=0.875", "--local_blocks=1",
                                                      "--keep_first_block=False"]),
     ("dense_256", "baseline_model.py", ["config/train_excerpt_cpu.py", "--data_dir=data/excerpt",

@@ -1,4 +1,4 @@
-# Issue 33, item 1: does ASCA's lead over dense survive 4x more steps? The setting of compare/cpu_quality.py
+# does ASCA's lead over dense survive 4x more steps? The setting of compare/cpu_quality.py
 # (T=512, S=32, target sparsity 0.75, today's defaults) trained 2000 iterations of 4096 bytes instead of 500, at
 # EQUAL ITERATIONS on a 2-core CPU (the runs may share it: --jobs=2). Val every 250 iterations; the test split is
 # also scored at iteration 500 (test_iters: final.json's test_bpc_at_iter), so the table shows whether the gap

@@ -1,4 +1,4 @@
-# Issue 32: the main job's setting (T=256, S=32, target sparsity 0.5, 600 iterations of 4096 bytes: main_job.sh's
+# the main job's setting (T=256, S=32, target sparsity 0.5, 600 iterations of 4096 bytes: main_job.sh's
 # command) with the learned choice (the default) and with the nearest blocks carrying the learned gate bias
 # (selector=local_gated), which beat the learned choice at T=2048 and 0.875 (docs/results/cpu_ceiling_2048.md);
 # EQUAL ITERATIONS on a 2-core CPU (two at a time, OMP_NUM_THREADS=1: the bpc does not depend on it).

@@ -1,4 +1,4 @@
-# Issue 22's ablation: what closes ASCA's gap to dense at high sparsity? At EQUAL ITERATIONS on a 2-core CPU, the
+# The ablation: what closes ASCA's gap to dense at high sparsity? At EQUAL ITERATIONS on a 2-core CPU, the
 # setting of compare/cpu_budget.py and compare/cpu_selectors.py: T=512, S=32, target sparsity 0.75, 500 iterations
 # of 4096 bytes. dense, ASCA today (learned, fixed budget), the plain local rule, then each element alone:
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_quality.py
@@ -11,7 +11,7 @@ exec(open(os.path.join(os.path.dirname(__file__), "cpu_selectors.py")).read())  
 
 RUNS = [
     ("dense", "baseline_model.py", DENSE),
-    ("learned", "novel_model.py", ASCA + ["--selector=learned"]),  # ASCA before issue 22: the sink, no local block
+    ("learned", "novel_model.py", ASCA + ["--selector=learned"]),  # ASCA before local_blocks: the sink, no local block
     ("local_rule", "novel_model.py", ASCA + ["--selector=local"]),
     # the nearest block instead of the sink (today's defaults, spelled out)
     ("local_blocks1_nosink", "novel_model.py", NOW + ["--local_blocks=1", "--keep_first_block=False"]),

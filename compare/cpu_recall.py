@@ -12,7 +12,7 @@ VARIANT = os.environ.get("RECALL_VARIANT", "A")
 COMMON = ["config/train_tiny.py", f"--data_dir=data/recall_{VARIANT}", "--block_size=256", "--n_layer=2",
           "--n_embd=64", "--n_head=2", "--batch_size=16", "--eval_interval=100", "--eval_iters=4",
           "--learning_rate=3e-3", "--warmup_iters=10", "--eval_stride=256"]
-ASCA = COMMON + ["--sparse_block_size=4", "--sparsity_warmup_iters=100"]
+ASCA = COMMON + ["--sparse_block_size=4", "--sparsity_warmup_iters=100", "--gate_input=rotated"]
 RUNS = [("dense", "baseline_model.py", COMMON)]
 for sp in ("0.75", "0.875"):
     for sel in ("learned", "local", "task_oracle", "local_gated", "random", "pooled", "nsa"):

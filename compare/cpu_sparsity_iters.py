@@ -2,7 +2,7 @@
 #   python3 prepare_dataset.py --bundled && python3 compare.py compare/cpu_sparsity_iters.py
 # Equal wall-clock is in compare/cpu_architecture.py (its all_new and asca_* rows).
 NEW = ["--pos_encoding=rope", "--qk_norm=true", "--mlp_act=relu2", "--tie_embeddings=false", "--optimizer=muon"]
-# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before issue 22 (the sink, no forced local block),
+# --keep_first_block=True --local_blocks=0 pin ASCA's defaults before local_blocks (the sink, no forced local block),
 # with which these rows were measured
 ASCA = ["config/train_excerpt_cpu_novel.py", "--data_dir=data/excerpt", "--eval_interval=100", "--sparse_block_size=16",
         "--sparsity_warmup_iters=100", "--gate_input=unrotated",  # as README's table was measured

@@ -3,7 +3,7 @@ without and with a KV cache, and ASCA with a KV cache at several sparsities (tab
 
     python scripts/bench_decode.py                      # context 1k / 4k / 8k, CPU or CUDA
     python scripts/bench_decode.py --ctx 1024 --steps 16 --quick
-    python scripts/bench_decode.py --layers 2 --ctx 8192 --sparsity 0.75 0.875 --compile   # issue 34's goal shape
+    python scripts/bench_decode.py --layers 2 --ctx 8192 --sparsity 0.75 0.875 --compile   # the goal's shape
 
 The context is prefilled (not timed); then --steps bytes are decoded one at a time (ASCA's per-tile
 choice, made at each tile's first byte, is inside the timed steps: --steps should span whole tiles).

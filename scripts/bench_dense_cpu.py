@@ -1,4 +1,4 @@
-"""The dense training step by part (issue 34, item 5): tokens/s of the project's dense model, of nanoGPT's 2019
+"""The dense training step by part: tokens/s of the project's dense model, of nanoGPT's 2019
 architecture at the same size (config/nanogpt_2019.py's keys: learned positions, GELU, tied embeddings, AdamW),
 and of the default with one part at a time put back to nanoGPT's, all timed in the same run (table printed last).
 
@@ -35,7 +35,7 @@ VARIANTS = [  # (row, changes to the default model and optimizer)
     ("default (rotary, QK-norm, relu2, untied, Muon)", {}),
     ("default, Muon's Newton-Schulz in float32", dict(muon_ns_dtype="float32")),
     ("default, Muon's Newton-Schulz in bfloat16 (torch's Muon)", dict(muon_ns_dtype="bfloat16")),
-    ("default as before issue 34 item 5 (autograd relu2 and rotary)", dict(relu2="autograd", rotary="autograd")),
+    ("default with autograd's relu2 and rotary backward", dict(relu2="autograd", rotary="autograd")),
     ("default, AdamW instead of Muon", dict(optimizer="adamw")),
     ("default, GELU instead of relu2", dict(mlp_act="gelu")),
     ("default, relu2 as autograd's relu().square()", dict(relu2="autograd")),

@@ -2,7 +2,7 @@
 CPU benchmark of ASCA's gather path (asca_kernels.attend_gather) against dense causal SDPA, in one run:
   attention: one layer's forward + backward, B=1, 4 heads, head dim 64 (ASCA: predictor, selection and the
              gather kernel, the whole attend(), with each gather kernel: 'sdpa', the fused flash kernel, and
-             'block', the written-out one before issue 34; dense: F.scaled_dot_product_attention(is_causal=True));
+             'block', the written-out one; dense: F.scaled_dot_product_attention(is_causal=True));
   forward:   the same, forward only (no grad), plus compiled FlexAttention's forward (inductor's CPU template);
   step:      a whole training step (forward, backward, AdamW) of the default CPU model (4 layers, n_embd 256,
              4 heads, rotary, QK-norm, relu2), B * T = 8192 bytes, dense GPT against ASCA on the gather path.
@@ -54,7 +54,7 @@ def block_for(T):
 
 
 REFERENCE_MAX_T = 4096  # the reference path's (T x T) rows up to this T (at 8192 a layer holds GBs)
-KERNELS = ("sdpa", "block")  # issue 34's fused kernel and the written-out one before it
+KERNELS = ("sdpa", "block")  # the fused kernel and the written-out one
 default_kernel = asca_kernels.GATHER_KERNEL
 
 

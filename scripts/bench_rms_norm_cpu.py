@@ -1,4 +1,4 @@
-"""QK-norm on a CPU (issue 34, item 5): F.rms_norm against a hand-written RMS norm (one vector_norm pass forward, the
+"""QK-norm on a CPU: F.rms_norm against a hand-written RMS norm (one vector_norm pass forward, the
 derivative written out backward), forward + backward on the CPU config's (B, T, 2, nh, hs) slice of qkv. Prints the
 largest differences and a table of medians of per-round times, the two taking turns in each round.
 Not used by the model: F.rms_norm stays (docs/results/dense_cpu.md: the whole step measured no faster with it).

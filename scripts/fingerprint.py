@@ -87,7 +87,7 @@ def run_case(name, script, args, tmp, extra_args=()):
 
 
 def legacy_names(sd):
-    """The weights under their names before the selector had its own module (issue 20): attn.selector.X was
+    """The weights under their names before the selector had its own module: attn.selector.X was
     attn.X. Fingerprints from both sides of that change then compare; the tensors are what is compared."""
     return {k.replace(".attn.selector.", ".attn."): v for k, v in sd.items()}
 

@@ -1,5 +1,5 @@
 """
-The start-up check's bf16 noise floor, and what real faults give, on a CPU under CUDA's autocast policy (issue 30).
+The start-up check's bf16 noise floor, and what real faults give, on a CPU under CUDA's autocast policy.
 
 For each seed: a freshly initialised ASCA model, one random batch, and asca.startup_check comparing the
 gather path (bf16, CUDA's float32 ops emulated: runtime.cuda_autocast_on_cpu) with the reference path replaying

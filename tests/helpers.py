@@ -109,7 +109,7 @@ class NaNAfter(GPT):
 def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, local_blocks=0, dtype=torch.float64, **kw):
     """One ASCA attention layer on the reference path with learned (position-free) q, k, seeded; kw: more
     ASCAConfig keys. By default the selection the naive loops here spell out: the sink and no forced local block
-    (ASCA's defaults before issue 22); tests/test_selection_options.py's loops cover local_blocks."""
+    (ASCA's defaults before local_blocks); tests/test_selection_options.py's loops cover local_blocks."""
     torch.manual_seed(0)
     cfg = ASCAConfig(block_size=T, n_head=H, n_embd=H * hs, sparse_block_size=S, target_sparsity=target,
                      sparsity_warmup_iters=0, keep_first_block=keep_first, local_blocks=local_blocks,

@@ -1,4 +1,4 @@
-"""The modern-GPT options (issue 9): rotary positions, QK-norm, squared ReLU, untied embeddings, Muon.
+"""The modern-GPT options: rotary positions, QK-norm, squared ReLU, untied embeddings, Muon.
 Causality for each option in both models and modes; RoPE against an independent (complex-number)
 implementation; Muon's parameter groups; exact resume with Muon; checkpoints from before the options."""
 import json
@@ -89,7 +89,7 @@ def test_rope_matches_a_complex_implementation_and_depends_only_on_offsets():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_hand_written_backwards_equal_autograds_bit_for_bit(dtype):
-    """gpt.ReluSquared and Rotary's _Rotate write their gradients out (issue 34, item 5: fewer passes on a CPU).
+    """gpt.ReluSquared and Rotary's _Rotate write their gradients out (fewer passes on a CPU).
     Against autograd's own differentiation of the plain formulas: the same values and gradients, bit for bit,
     zeros of the ReLU included; and gradcheck in float64 (an independent, numerical derivative)."""
     g = torch.Generator().manual_seed(0)

@@ -414,7 +414,7 @@ def test_compiled_training_does_not_recompile_as_the_schedule_moves(tmp_path, de
     rows = [json.loads(l) for l in open(tmp_path / "o" / "metrics.jsonl")]
     assert [round(r["sparsity_target_now"], 3) for r in rows] == [0.0, round(0.5 * 8 / 12, 3), 0.5]
     # the fixed budget's sparsity is exact whatever the content: the schedule's own count, not 0.5 within 0.02
-    # (at S=128, T=1024 one block is 3% of the pairs; issue 23, item 7)
+    # (at S=128, T=1024 one block is 3% of the pairs)
     from asca_selector import BlockSelector
     cfg = nm.ASCAConfig.from_dict(json.load(open(tmp_path / "o" / "config.json")))
     sel = BlockSelector(cfg)
@@ -449,7 +449,7 @@ def test_cuda_compiled_whole_model_flex_matches_reference_forward_backward(budge
     Adaptive: per-(sequence, head, tile) counts from a threshold set by one update, as after a training step.
     The reference takes the compiled model's block choice (its scores are its own, so the predictor's gradient is
     its own too): in bf16 two graphs round q and k differently, and a near-tie between two blocks' scores could
-    pick another block, a difference of choice, not of the function (issue 23, item 7)."""
+    pick another block, a difference of choice, not of the function."""
     import copy
     torch.manual_seed(0)
     ref_model = make_model(n_layer=2, n_head=4, n_embd=256, block_size=1024, sparse_block_size=128,

@@ -1,4 +1,4 @@
-"""ASCA's adaptive budget (issue 11): tiles keep every past block scoring above a per-layer threshold that a
+"""ASCA's adaptive budget: tiles keep every past block scoring above a per-layer threshold that a
 controller moves between optimizer steps. The reference path against a naive loop (values and gradients,
 the predictor's included); causality at several targets in train and eval mode, with a negative control (a
 per-sequence quantile threshold) that the same check catches; the controller's estimate against a brute-force

@@ -1,4 +1,4 @@
-"""Checkpoints written before the issue-20 refactor (the selector in its own module: attn.predictor.* and
+"""Checkpoints written before the selector had its own module (the selector in its own module: attn.predictor.* and
 attn.threshold became attn.selector.*) still load, give the same logits bit for bit, sample and resume.
 
 The fixture (tests/fixtures/asca_tiny_ckpt.pt: 2 layers, n_embd 32, T=128, S=16, the adaptive budget, 4

@@ -1,4 +1,4 @@
-"""Issue 32, item 5: the long-range copy test (evaluate.copy_test) and copy_augment. The plan fits every window, the
+"""The long-range copy test (evaluate.copy_test) and copy_augment. The plan fits every window, the
 scores match a per-plant loop, a hand-made copier scores the copied bytes near zero bits and the unplanted ones at
 the alphabet's entropy (an off-by-one in what is scored would not), the local rule cannot see a source beyond its
 kept blocks by construction while dense attention can, and bad copy settings are one line."""

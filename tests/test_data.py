@@ -365,7 +365,7 @@ def test_zip_with_bad_crc_is_refused(tmp_path, capsys):
 
 
 def test_changed_input_is_not_split_again_without_force(tmp_path, capsys):
-    # issue 19.8: re-splitting silently changed the test set under finished runs
+    # re-splitting once silently changed the test set under finished runs
     src = tmp_path / "in.txt"
     first = make_source(20_000, seed=1)
     src.write_bytes(first)

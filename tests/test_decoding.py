@@ -1,4 +1,4 @@
-"""KV-cached decoding (issue 12): the cached logits are the full forward's, for both models, prompts that end
+"""KV-cached decoding: the cached logits are the full forward's, for both models, prompts that end
 inside a tile and generations that cross several tile boundaries; greedy samples match; past block_size
 the cache crops and prefills again, as documented."""
 import dataclasses
@@ -18,12 +18,12 @@ VARIANTS = {
     "asca_rope": ("asca", dict(pos_encoding="rope", qk_norm=True, gate_input="unrotated", target_sparsity=0.75)),
     "asca_rope_rotated_gate": ("asca", dict(pos_encoding="rope", gate_input="rotated", target_sparsity=0.5)),
     "asca_no_sink": ("asca", dict(pos_encoding="rope", keep_first_block=False, target_sparsity=0.6)),
-    # issue 22's keys: the nearest blocks forced, and a budget per layer
+    # the nearest blocks forced, and a budget per layer
     "asca_local": ("asca", dict(pos_encoding="rope", local_blocks=2, target_sparsity=0.5)),
     "asca_layer_budgets": ("asca", dict(pos_encoding="rope", layer_sparsity="0.4,0.6", target_sparsity=0.5,
                                         gate_loss=0.1)),
     "asca_compressed": ("asca", dict(pos_encoding="rope", compressed_branch=True, target_sparsity=0.6)),
-    # issue 32 item 6: the pooled affinity in the predictor's scores (a decoded tile's choice adds it too)
+    # the pooled affinity in the predictor's scores (a decoded tile's choice adds it too)
     "asca_gate_pooled": ("asca", dict(pos_encoding="rope", gate_pooled=True, target_sparsity=0.6)),
     "asca_local_gated": ("asca", dict(pos_encoding="rope", selector="local_gated", target_sparsity=0.6)),
     "asca_distance_cost": ("asca", dict(pos_encoding="rope", rank_distance_cost=0.5, target_sparsity=0.6)),
@@ -221,7 +221,7 @@ def test_the_cache_keeps_keys_before_rotation_only_where_read(name, raw):
 @pytest.mark.slow  # torch.compile: seconds per graph
 @pytest.mark.parametrize("name", ["dense_learned", "asca_rope"])
 def test_compiled_decoding_steps_equal_the_full_forward_and_the_eager_steps(name):
-    """GPT.compile_decoding() (issue 34, item 4; sample.py --compile): the step's pure parts through
+    """GPT.compile_decoding() (sample.py --compile): the step's pure parts through
     torch.compile (inductor's CPU code here), the cache and attention eager. Its logits are the full forward's
     and the eager steps', and the compiled graphs really ran: two (decode_in, decode_out) for every layer and
     step, no recompiles per step or layer."""

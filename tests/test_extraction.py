@@ -144,7 +144,7 @@ def test_errors_are_one_line(runs, tmp_path, case, needle):
 
 @pytest.mark.e2e
 def test_comparison_flags_other_test_sets_and_stale_final_json(runs, tmp_path):
-    """Test bpc on another test set is not subtracted (issue 13); a final.json older than the metrics
+    """Test bpc on another test set is not subtracted; a final.json older than the metrics
     (the run resumed after finishing) does not mask the newer numbers."""
     import shutil
     base, other, stale = tmp_path / "base", tmp_path / "other", tmp_path / "stale"

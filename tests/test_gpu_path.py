@@ -1,4 +1,4 @@
-"""The CUDA path's pieces a CPU can check (issues 23, 30): host syncs the warm-up must not make, the start-up
+"""The CUDA path's pieces a CPU can check: host syncs the warm-up must not make, the start-up
 self-check, DDP wrapping, the last test batch's shape, sampling's path; what the first GPU run would have tripped
 over."""
 import pytest
@@ -50,7 +50,7 @@ class HostToDevice(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("keep_first,local", [(True, 0), (False, 1), (False, 3)])
 def test_the_warm_up_copies_no_counts_from_host_memory(keep_first, local):
-    """Issue 30, item 4: each warm-up step copied its new counts from host memory, a host sync per layer and step
+    """Each warm-up step once copied its new counts from host memory, a host sync per layer and step
     on a GPU (about 1,500 of 2,000 steps at T=8192). The counts of every step are now rows of a table on the
     module's device, copied there once. On the meta device (a stand-in for a GPU, whose tensors the mode tells
     from host tensors) no warm-up step mixes the two; the counts equal keep_counts' at every step."""

@@ -1,4 +1,4 @@
-"""Issue 33: --init_from=PATH starts a new run from another run's weights (nanoGPT's init_from): its own out_dir, a
+"""--init_from=PATH starts a new run from another run's weights (nanoGPT's init_from): its own out_dir, a
 fresh optimizer and schedule, the same or a longer block_size, a dense checkpoint into ASCA (the predictor fresh).
 Rotary positions carry to a longer T; learned ones and an ASCA predictor sized for other blocks are one line."""
 import json

@@ -42,7 +42,7 @@ def run(a, impl, q, k, v, w):
 
 @pytest.fixture(params=["sdpa", "block"])
 def gather_kernel(request, monkeypatch):
-    """Each gather kernel in turn (issue 34: the fused SDPA one and the written-out one; 'auto' picks one per tile
+    """Each gather kernel in turn (the fused SDPA one and the written-out one; 'auto' picks one per tile
     group, test_auto_kernel_mixes_both_per_group_and_equals_reference)."""
     monkeypatch.setattr(asca_kernels, "GATHER_KERNEL", request.param)
     return request.param
@@ -113,7 +113,7 @@ MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=1
 
 @pytest.mark.parametrize("opts", [{}, dict(pos_encoding="learned", qk_norm=False, mlp_act="gelu", tie_embeddings=True,
                                            gate_input="unrotated"), dict(budget="adaptive", budget_scope="head"),
-                                  # issue 22's keys (tests/test_selection_options.py)
+                                  # local_blocks and layer budgets (tests/test_selection_options.py)
                                   dict(local_blocks=1, keep_first_block=False, layer_sparsity="0.55,0.65",
                                        compressed_branch=True)])
 def test_whole_model_on_the_gather_path_equals_the_reference(opts):
@@ -224,7 +224,7 @@ def measured_pairs():
 
 
 def test_auto_never_takes_the_slower_path_where_the_table_measured():
-    """attn_impl='auto' on a CPU follows the committed benchmark table (issue 34, item 3): at every training step and
+    """attn_impl='auto' on a CPU follows the committed benchmark table: at every training step and
     forward shape it measured both paths, auto takes the gather path where it was faster beyond the noise and the
     reference where that was; the main job's T=256 keeps the reference (level there, asca.py)."""
     pairs = measured_pairs()
@@ -367,7 +367,7 @@ def test_a_training_run_on_the_gather_path(tmp_path):
 @pytest.mark.parametrize("impl", ["reference", "gather"])
 def test_bf16_inputs_to_an_fp32_module_run_and_match(impl):
     """bench_attention.py and the CUDA start-up test feed bf16 q, k, v to a module kept in fp32 without autocast
-    (issue 23, items 1-2): the predictor's einsum raised 'expected scalar type Float but found BFloat16'. It now
+    (once: the predictor's einsum raised 'expected scalar type Float but found BFloat16'. It now
     scores in its weights' dtype, so the choice equals the fp32 module's on the same (bf16-rounded) inputs, and
     the attention matches within bf16 rounding."""
     a = module(T=64, S=8, H=2, hs=16, target=0.6, dtype=torch.float32)
@@ -406,7 +406,7 @@ def test_the_gather_memory_estimate_matches_what_autograd_keeps(T, S, target, B)
 
 @pytest.mark.e2e
 def test_a_gather_run_that_would_not_fit_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    """Bad input (issue 21): a gather run whose estimate exceeds the free memory stops before anything is
+    """Bad input: a gather run whose estimate exceeds the free memory stops before anything is
     allocated, naming a batch that fits (or, when not even one sequence fits, a shorter block_size)."""
     import train_config
     from helpers import make_dataset, one_line, train_in_process
@@ -447,7 +447,7 @@ def test_flex_path_forward_matches_reference_on_cpu(layout):
 
 @pytest.mark.parametrize("layout", asca_kernels.GATE_BIAS_LAYOUTS)
 def test_the_flex_score_mod_is_the_reference_function_with_its_gradients(layout):
-    """The flex path's score_mod (issue 23, item 5: the bias indexed per key position cuts the atomics of its
+    """The flex path's score_mod (the bias indexed per key position cuts the atomics of its
     backward S-fold), applied over the whole T x T plane with broadcast indices as FlexAttention's math path does,
     under the selection's mask: outputs and gradients (q, k, v and the predictor through the gate bias) equal the
     reference in float64. FlexAttention has no backward on a CPU, so this is the function its CUDA backward
@@ -539,7 +539,7 @@ def test_flex_backward_problem_follows_inductor_default_tiles(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_sdpa_gather_kernel_runs_on_the_fused_flash_kernel(dtype):
-    """Issue 34: sdpa_kernel(FLASH_ATTENTION) makes a fall-back to the unfused math path an error, so this pins the
+    """sdpa_kernel(FLASH_ATTENTION) makes a fall-back to the unfused math path an error, so this pins the
     path; forward and backward (the gate bias's gradient included) equal the written-out kernel's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     g = torch.Generator().manual_seed(0)
@@ -570,7 +570,7 @@ def test_the_sdpa_gather_kernel_runs_on_the_fused_flash_kernel(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_block_kernel_equals_the_written_out_mask_formula(dtype):
     """_BlockAttention adds the gate bias as baddbmm's broadcast input and the causal part to the own block's
-    columns only (issue 34: one (N, S, L) tensor fewer). Its forward is the full-mask formula's bit for bit (an
+    columns only (one (N, S, L) tensor fewer). Its forward is the full-mask formula's bit for bit (an
     allowed logit is bias + scale * qk either way), its gradients that formula's autograd gradients."""
     g = torch.Generator().manual_seed(1)
     N, S, K, hs = 5, 8, 3, 16
@@ -586,7 +586,7 @@ def test_block_kernel_equals_the_written_out_mask_formula(dtype):
     got = [y.detach(), *torch.autograd.grad((y * w).sum(), (q, k, v, bias))]
     full = torch.zeros(S, L, dtype=dtype)
     full[:, :S] = own
-    mask = bias.repeat_interleave(S, dim=-1)[:, None, :] + full  # (N, S, L): the formula before issue 34's change
+    mask = bias.repeat_interleave(S, dim=-1)[:, None, :] + full  # (N, S, L): the full-mask formula
     logits = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=hs ** -0.5)
     p = torch.softmax(logits, dim=-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
     y2 = torch.bmm(p, v)

@@ -1,4 +1,4 @@
-"""The repository's shape (issue 31): no import circle among the top-level modules, one copy of every model class
+"""The repository's shape: no import circle among the top-level modules, one copy of every model class
 when a training script runs, each config key declared once, and a README whose relative links and anchors all
 resolve."""
 import ast

@@ -1,4 +1,4 @@
-"""Mixed precision as a GPU runs it, rehearsed on a CPU (issue 30).
+"""Mixed precision as a GPU runs it, rehearsed on a CPU.
 
 CUDA's autocast runs softmax, sums and norms in float32 where the CPU's keeps bf16, so a kernel that passed
 every CPU test crashed on the first CUDA step. runtime.cuda_autocast_on_cpu applies CUDA's float32 ops on a CPU;

@@ -1,4 +1,4 @@
-"""Equal wall-clock as a protocol (issue 10): schedules follow the time budget, iteration runs are
+"""Equal wall-clock as a protocol: schedules follow the time budget, iteration runs are
 unchanged, resume keeps the training time, and compare.py writes the table its runs' final.json give."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong, round two (issue 19): one writer per run directory, the schedule
+"""Nothing lost, nothing silently wrong, round two: one writer per run directory, the schedule
 travels with the checkpoint, best.pt is checked before it is scored, comparisons cannot mix runs, and the
 listed tracebacks are one-line errors. Each test failed on the code before the fix."""
 import json
@@ -229,7 +229,7 @@ def test_compare_from_elsewhere_flags_edited_specs_and_refuses_other_test_sets(t
 
 @pytest.mark.e2e
 def test_compare_does_not_count_a_run_made_under_other_defaults(tmp_path, data_dir, capsys):
-    """A default that moved after a run finished (issue 22 moved local_blocks and keep_first_block) makes the
+    """A default that moved after a run finished (as local_blocks and keep_first_block did) makes the
     same command another model: the run is flagged, not counted. A spec that pins the old values counts it
     again: the settings a run trained with decide, not the text of its command."""
     out = tmp_path / "cmp"
@@ -238,7 +238,7 @@ def test_compare_does_not_count_a_run_made_under_other_defaults(tmp_path, data_d
     path = out / "sparse_s1" / "config.json"
     cfg = json.load(open(path))
     assert cfg["local_blocks"] == 1 and cfg["keep_first_block"] is False  # today's defaults, as the run recorded
-    cfg["keep_first_block"] = True  # a run from before issue 22: the sink, and no local_blocks key yet
+    cfg["keep_first_block"] = True  # a run from before local_blocks: the sink, and no local_blocks key yet
     del cfg["local_blocks"]
     path.write_text(json.dumps(cfg))
     capsys.readouterr()
@@ -504,7 +504,7 @@ def test_a_read_only_out_dir_is_one_line_everywhere(tmp_path, read_only_copy, da
     assert "Read-only file system" in one_line(capsys.readouterr().err)
 
 
-# ----------------------------------------------------------------------------- round three (issue 35)
+# ----------------------------------------------------------------------------- round three
 
 @pytest.mark.e2e
 def test_compare_flags_a_row_trained_on_other_training_data(tmp_path, capsys):

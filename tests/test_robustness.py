@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong: each test here failed on the code before the fix (issue 13/8).
+"""Nothing lost, nothing silently wrong: each test here failed on the code before its fix.
 Data-loss tests check that the earlier bytes are still there afterwards."""
 import errno
 import json

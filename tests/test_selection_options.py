@@ -1,4 +1,4 @@
-"""Issue 22's elements for quality at high sparsity, each against an independent reference:
+"""The elements for quality at high sparsity, each against an independent reference:
 
 - local_blocks=w: the w nearest past blocks always kept and counted in the budget (counts, the selection, the
   reference path against a naive loop, the gather and flex paths against the reference, the adaptive budget,

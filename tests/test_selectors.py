@@ -1,4 +1,4 @@
-"""The selection controls (issues 21, 32): selector='local' keeps the nearest past blocks plus the sink, 'random' a
+"""The selection controls: selector='local' keeps the nearest past blocks plus the sink, 'random' a
 new uniform draw each forward, 'pooled' the blocks whose mean key the tile's first query scores highest, 'oracle'
 the blocks that query's dense attention puts the most mass on; all at the learned selector's budget, without a
 gate bias, causal in train and eval mode, on the reference and gather paths; cached decoding refuses them in one
@@ -189,7 +189,7 @@ def naive_recall(q, k, selected, S):
 
 @pytest.mark.parametrize("selector", ["learned", "local", "oracle"])
 def test_recall_is_the_dense_mass_each_choice_keeps(selector):
-    """Issue 32: recall (the run's choice), recall_local and recall_oracle (their choices at the same counts),
+    """Recall (the run's choice), recall_local and recall_oracle (their choices at the same counts),
     against a loop over queries; each choice's recall is that of the run that uses it."""
     a = module(selector, target_sparsity=0.5)
     a.eval()
@@ -209,7 +209,7 @@ def test_recall_is_the_dense_mass_each_choice_keeps(selector):
 
 @pytest.mark.e2e
 def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
-    """Issue 32, item 4: --eval_only --eval_selector=X scores a trained ASCA checkpoint with another choice of blocks
+    """--eval_only --eval_selector=X scores a trained ASCA checkpoint with another choice of blocks
     at the same counts; a dense checkpoint, or eval_selector without eval_only, is one line."""
     import baseline_model
     import novel_model
@@ -247,7 +247,7 @@ def test_eval_selector_swaps_the_choice_of_blocks(tmp_path, data_dir, capsys):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_compiled_run_measures_recall_on_a_fixed_uncompiled_sample(tmp_path, data_dir):
-    """Issue 32, item 3: a compiled evaluation computes no recall inside its graph, so the trainer measures it with
+    """A compiled evaluation computes no recall inside its graph, so the trainer measures it with
     the uncompiled model on the split's first batch of evenly spaced windows: the metrics row and final.json hold
     what the checkpoint's model measures on those windows, computed here again."""
     import evaluate
@@ -272,7 +272,7 @@ def test_a_compiled_run_measures_recall_on_a_fixed_uncompiled_sample(tmp_path, d
 
 
 def test_gate_pooled_adds_the_pooled_affinity_with_a_learned_weight():
-    """Issue 32 item 6: gate_pooled=True adds a_h * (the tile's first query . each block's mean key) / sqrt(hs) to the
+    """gate_pooled=True adds a_h * (the tile's first query . each block's mean key) / sqrt(hs) to the
     predictor's scores, a_h learned per head (1 at the start). Against the per-block loop, with the weight at 1 and at
     another value; the weight gets a gradient through the gate bias; the gather path computes the same function."""
     q, k, v = (t.requires_grad_(True) for t in qkv(7))
@@ -323,7 +323,7 @@ def naive_distance_ranked(scores, forced, n, b, cost):
 
 @pytest.mark.parametrize("cost", [0.0, 0.7, 1e4])
 def test_rank_distance_cost_ranks_by_score_minus_cost_per_block_between(cost):
-    """Issue 32 item 6: rank_distance_cost biases the learned choice toward near blocks, against a per-tile loop; the
+    """rank_distance_cost biases the learned choice toward near blocks, against a per-tile loop; the
     gate bias stays logsigmoid(score) on whatever is kept; a large cost keeps local_gated's blocks exactly."""
     a = module("learned", keep_first_block=False, local_blocks=1, rank_distance_cost=cost)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Optional trackers (issue 24): what wandb and TensorBoard receive is exactly what metrics.jsonl holds, at the
+"""Optional trackers: what wandb and TensorBoard receive is exactly what metrics.jsonl holds, at the
 same steps, across a resume; off by default; a missing package is a one-line error. No network: wandb is a
 fake module injected in sys.modules (its API as wandb.init / run.log / run.summary / run.finish), and the
 TensorBoard event files are read back with tensorboard's own reader."""
