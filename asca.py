@@ -97,6 +97,9 @@ class ASCAConfig(GPTConfig):
     gate_pooled: bool = key(False, legacy=False)  # the predictor's scores add the pooled affinity (the tile's first
     #                                               query against each block's mean key, as it reads them), with a
     #                                               learned weight per head
+    # the predictor's summary of a block's keys: their mean, or the per-dimension max (one distinctive key stays
+    # visible among the block's others)
+    gate_key_pool: str = key("mean", legacy="mean", choices=("mean", "max"))
     budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"))  # 'fixed': every tile keeps the
     #                 scheduled count; 'adaptive': blocks scoring above a per-layer threshold, the threshold steered
     #                 between steps to the scheduled sparsity
@@ -507,15 +510,15 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
 
     def block_means(self, lc, b):
-        """(B, nh, b, hs): the mean key (as the predictor reads it) of each of the first b blocks in the cache. A
-        block is complete once, so its mean is kept (lc.block_means) and each tile averages only the blocks that
-        completed since the last: re-averaging the whole cache at every tile read all of it."""
+        """(B, nh, b, hs): the key summary (as the predictor reads and pools it) of each of the first b blocks in the
+        cache. A block is complete once, so its summary is kept (lc.block_means) and each tile pools only the blocks
+        that completed since the last: re-pooling the whole cache at every tile read all of it."""
         S = self.S
         keys = lc.k if self.gate_rotated else lc.k_raw
         B, H, _, hs = keys.shape
         have = 0 if lc.block_means is None else lc.block_means.shape[2]
         if have < b:
-            new = keys[:, :, have * S:b * S].reshape(B, H, b - have, S, hs).mean(dim=3)
+            new = self.selector.predictor.pool_keys(keys[:, :, have * S:b * S].reshape(B, H, b - have, S, hs))
             lc.block_means = new if have == 0 else torch.cat([lc.block_means, new], dim=2)
         return lc.block_means[:, :, :b] if b else keys.new_zeros(B, H, 0, hs)
 

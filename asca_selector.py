@@ -172,9 +172,10 @@ class ContentBasedAdaptiveSparsity(nn.Module):
     Entries with j >= b are meaningless and masked by the caller.
     """
 
-    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True, pooled=False):
+    def __init__(self, n_head, head_size, gate_dim, n_blocks, dist_bias=True, pooled=False, key_pool="mean"):
         super().__init__()
         self.gate_dim = gate_dim
+        self.key_pool = key_pool  # how a block's keys are summarised: 'mean', or 'max' per dimension
         self.head_size = head_size
         self.wq1 = nn.Parameter(torch.empty(n_head, head_size, gate_dim))
         self.wq2 = nn.Parameter(torch.empty(n_head, gate_dim, gate_dim))
@@ -201,8 +202,13 @@ class ContentBasedAdaptiveSparsity(nn.Module):
         B, H, T, hs = q.shape
         nb = T // S
         qt = q[:, :, ::S, :]  # (B, nh, nb, hs): first query of each tile
-        kb = k.view(B, H, nb, S, hs).mean(dim=3)  # (B, nh, nb, hs): mean key of each block
+        kb = self.pool_keys(k.view(B, H, nb, S, hs))  # (B, nh, nb, hs): each block's key summary
         return self.score(qt, kb, torch.arange(nb, device=q.device))
+
+    def pool_keys(self, blocks):
+        """(..., n, hs) summaries of key blocks (..., n, S, hs): the mean, or the per-dimension max, which keeps a
+        block's one distinctive key from being averaged away by the others (SeerAttention, Quest pool this way)."""
+        return blocks.amax(dim=-2) if self.key_pool == "max" else blocks.mean(dim=-2)
 
     def score(self, qt, kb, rows):
         """Scores (B, nh, r, n) of tiles `rows` (r,), whose first queries are qt (B, nh, r, hs), for the
@@ -247,7 +253,7 @@ class BlockSelector(nn.Module):
         self.head_size = config.n_embd // config.n_head
         self.predictor = ContentBasedAdaptiveSparsity(config.n_head, self.head_size, config.gate_dim,
                                                       config.block_size // S, dist_bias=config.gate_dist_bias,
-                                                      pooled=config.gate_pooled)
+                                                      pooled=config.gate_pooled, key_pool=config.gate_key_pool)
         self.rule = config.selector  # 'local' and 'random' are fixed rules: no predictor call, no gate bias
         self.trained_rule = None  # the rule the model trained with, once swap_choice put another in its place
         self.tokens = None  # the forward's input bytes, for a rule that reads them (READS_TOKENS; see_tokens)

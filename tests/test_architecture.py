@@ -22,6 +22,7 @@ OPTIONS = {
     "all": dict(pos_encoding="rope", qk_norm=True, mlp_act="relu2", tie_embeddings=False),
     "all_rotated_gate_no_dist": dict(pos_encoding="rope", qk_norm=True, mlp_act="relu2", tie_embeddings=False,
                                      gate_input="rotated", gate_dist_bias=False),
+    "max_pooled_keys": dict(pos_encoding="rope", gate_key_pool="max"),
 }
 
 
@@ -30,7 +31,7 @@ def build(kind, opts, **extra):
     shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, **opts, **extra)
     if kind == "asca":
         return novel_model.make_model(**shape, sparse_block_size=8, target_sparsity=0.6, sparsity_warmup_iters=0)
-    shape.pop("gate_input", None), shape.pop("gate_dist_bias", None)
+    shape.pop("gate_input", None), shape.pop("gate_dist_bias", None), shape.pop("gate_key_pool", None)
     return baseline_model.make_model(**shape)
 
 

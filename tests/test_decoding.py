@@ -31,6 +31,7 @@ VARIANTS = {
     "asca_dense_gate": ("asca", dict(pos_encoding="rope", target_sparsity=0.0)),
     "asca_dense_layer": ("asca", dict(pos_encoding="rope", layer_sparsity="0.6,0", target_sparsity=0.3)),
     "asca_keep_tokens": ("asca", dict(pos_encoding="rope", keep_tokens=40)),
+    "asca_max_pooled_keys": ("asca", dict(pos_encoding="rope", gate_key_pool="max", target_sparsity=0.6)),
     # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
     "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
 }

@@ -389,3 +389,20 @@ def test_eval_selector_on_an_adaptive_budget_keeps_the_models_own_counts(tmp_pat
         assert evals[swap]["test_sparsity"] == pytest.approx(own, abs=0.01), swap
     bpcs = {evals[s]["test_bpc"] for s in ("local", "oracle", "pooled")}
     assert len(bpcs) == 3 and evals[""]["test_bpc"] not in bpcs
+
+
+def test_max_pooled_block_keys_follow_their_rule():
+    """gate_key_pool='max': the predictor reads each block's per-dimension max key instead of the mean; its scores
+    equal the mean predictor's formula fed the max, and differ from the mean's."""
+    import novel_model
+    torch.manual_seed(0)
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, sparse_block_size=8, target_sparsity=0.5,
+               sparsity_warmup_iters=0)
+    mean, mx = (novel_model.make_model(**cfg, gate_key_pool=p).attention_modules()[0].selector.predictor
+                for p in ("mean", "max"))
+    mx.load_state_dict(mean.state_dict())
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 64, 16, generator=g) for _ in range(2))
+    kb = k.view(2, 2, 8, 8, 16).amax(dim=3)
+    want = mean.score(q[:, :, ::8], kb, torch.arange(8))
+    assert torch.allclose(mx(q, k, 8), want) and not torch.allclose(mean(q, k, 8), want)
