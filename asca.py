@@ -52,7 +52,7 @@ from gpt import GPT, CausalSelfAttention, GPTConfig
 
 ATTN_IMPLS = ("auto", "reference", "flex", "gather")
 # attn_impl='auto' on a CPU, by the gather benchmark's table (scripts/bench_gather_cpu.py; the table this
-# rule was read from, docs/results/bench_gather_cpu_2026-12-04.md, is checked against it by tests/test_kernels.py):
+# rule was read from, docs/results/raw/bench_gather_cpu_2026-12-04.md, is checked against it by tests/test_kernels.py):
 # - from T = GATHER_MIN_T the gather path at any sparsity: 0.4-0.5x the reference's step at T=1024-8192;
 # - from T = GATHER_SPARSE_MIN_T, once the scheduled sparsity reaches GATHER_MIN_SPARSITY (the least measured): at
 #   T=512 the gather step took 0.64x (0.5) and 0.57x (0.75) the reference's, its forward 0.73x and 0.51x;
@@ -247,19 +247,27 @@ class ASCAConfig(GPTConfig):
         fit_b = max(0, int(batch_size * 0.9 * free_bytes / need))
         fix = (f"batch_size={fit_b}" if fit_b >= 1 else f"block_size={self.block_size // 2} (or less)")
         if first is not None and at_target <= 0.9 * free_bytes:
-            raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for the first steps of the "
+            raise ValueError(f"the gather path needs about {size_text(need)} for the first steps of the "
                              f"sparsity warm-up (dense at its start) at batch_size={batch_size}, "
                              f"block_size={self.block_size}, "
-                             f"but {free_bytes / 2 ** 30:.1f} GiB are free; the target's steps need "
-                             f"{at_target / 2 ** 30:.1f} GiB: use sparsity_warmup_iters=0 (the target from the first "
+                             f"but {size_text(free_bytes)} are free; the target's steps need "
+                             f"{size_text(at_target)}: use sparsity_warmup_iters=0 (the target from the first "
                              f"step) or {fix}")
         where = "the first step (dense: the sparsity warms up from 0)" if first is not None else "a step"
         # a higher target cannot shrink a dense first step: only without a warm-up is it worth naming
         also = " or a higher target_sparsity" if first is None else ""
-        raise ValueError(f"the gather path needs about {need / 2 ** 30:.1f} GiB for {where} at "
+        raise ValueError(f"the gather path needs about {size_text(need)} for {where} at "
                          f"batch_size={batch_size}, block_size={self.block_size}, "
                          f"target_sparsity={self.target_sparsity} but "
-                         f"{free_bytes / 2 ** 30:.1f} GiB are free: use {fix}{also}")
+                         f"{size_text(free_bytes)} are free: use {fix}{also}")
+
+
+def size_text(n):
+    """A byte count as a person reads it: GiB from 1 GiB, MiB below, KiB below 1 MiB (never '0.0 GiB')."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
 
 
 def gather_attention_bytes(cfg, batch_size, elem=4, sparsity=None):

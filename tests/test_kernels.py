@@ -7,6 +7,7 @@ read, and its memory estimate. attend_flex (CPU: compiled forward only): equal t
 lists exactly the selected blocks and the compiled kernel visits only those; flex_backward_problem follows
 inductor's tiles. The CUDA tests of the flex path (gradients, the compiled whole model) are in test_asca.py."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import novel_model as nm
+import asca
 import asca_kernels
 from asca_kernels import attend_gather, tile_groups
 from helpers import ROOT, attn_module, causality_violation, run_script
@@ -204,7 +206,7 @@ def test_gather_refuses_dropout_with_the_adaptive_budget():
                    dropout=0.1).validate()
 
 
-BENCH_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results",
+BENCH_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results", "raw",
                            "bench_gather_cpu_2026-12-04.md")
 NOISE = 1.15  # paths within 15% of each other are level on this machine (paired runs differ by 6-7%)
 
@@ -415,11 +417,12 @@ def test_a_gather_run_that_would_not_fit_is_a_one_line_error(tmp_path, monkeypat
             "--max_iters=1", "--batch_size=8"]
     cfg = ASCAConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, sparse_block_size=16, target_sparsity=0.3)
     need = nm.gather_step_bytes(cfg, 8)
-    for free, fix in ((need / 2, "use batch_size=3 "), (1000, "use block_size=32 (or less)")):
+    for free, fix in ((need / 2, r"use batch_size=3\b"), (1000, r"use block_size=32 \(or less\)")):
         monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a, free=free: free)
         assert train_in_process(nm, args + [f"--out_dir={tmp_path / str(free)}"]) == 1
         err = one_line(capsys.readouterr().err)
-        assert "the gather path needs about" in err and fix in err, err
+        assert "the gather path needs about" in err and re.search(fix, err), err
+        assert f"but {asca.size_text(free)} are free" in err and "0.0 GiB" not in err, err  # sizes a reader can use
         assert not (tmp_path / str(free)).exists()
     monkeypatch.setattr(train_config, "free_memory_bytes", lambda *a: need * 2)
     assert train_in_process(nm, args + [f"--out_dir={tmp_path / 'fits'}", "--final_test=False"]) == 0
