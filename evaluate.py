@@ -81,7 +81,16 @@ def val_bpc(model, fwd, ds, cfg, device, ctx):
 
 
 def test_bpc(model, fwd, ds, cfg, device, ctx):
-    """(bpc, bytes scored, what the model measured) over the whole test split."""
+    """(bpc, bytes scored, what the model measured) over the whole test split. On a synthetic task's episodes (meta
+    'align'), each episode is one window, as in training: every byte after its first is scored once, with its own
+    episode as context (a window across two episodes sees an arrangement training never shows)."""
+    align = ds.meta.get("align")
+    if align:
+        data = ds.splits["test"]
+        starts = [k * align for k in range(len(data) // align)]
+        bpc, measured = tallied(model, lambda after: eval_windows(
+            fwd, data, starts, align - 1, cfg["batch_size"], device, ctx, after_forward=after))
+        return bpc, len(starts) * (align - 1), measured
     (bpc, n), measured = tallied(model, lambda after: evaluate_stream(
         fwd, ds.splits["test"], cfg["block_size"], cfg["eval_stride"], cfg["batch_size"], device, ctx,
         after_forward=after))

@@ -1,7 +1,9 @@
 """The synthetic associative-recall task (recall_task.py, prepare_dataset.py --synthetic recall): the generator's
 layout written from its rules, the loader's whole-episode windows, the answer metric against a per-query count, the
 task oracle's choice and causality, the trainer's metrics, and the bad specs as one line."""
+import contextlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -113,6 +115,27 @@ def test_the_answer_metric_counts_each_query_once(recall_dir):
     assert [b["lo"] for b in perfect["buckets"]] == [0, 43, 85] and [b["hi"] for b in perfect["buckets"]][-1] == T
     blind = evaluate.recall_answers(Cheat(data, T + 1, 0.0), data, T + 1, T, 8, "cpu")  # uniform over 256
     assert blind["answer_bpc"] == pytest.approx(8.0) and blind["answers"] == distinct
+
+
+@pytest.mark.e2e
+def test_the_test_split_of_episodes_is_scored_episode_by_episode(recall_dir):
+    """The final test pass scores each episode in its own window (every byte after its first, once), as training
+    sees it; a naive loop over episodes with the cross-entropy written out is the reference."""
+    ds = prepare_dataset.ByteDataset(recall_dir)
+    data = np.asarray(ds.splits["test"])
+    torch.manual_seed(0)
+    model = novel_model.GPT(novel_model.ASCAConfig(block_size=T, n_layer=1, n_head=2, n_embd=16,
+                                                   sparse_block_size=4, target_sparsity=0.5)).eval()
+    model.set_step(10 ** 6)
+    bpc, n, _ = evaluate.test_bpc(model, model, ds, {"batch_size": 7, "block_size": T, "eval_stride": T // 2},
+                                  "cpu", contextlib.nullcontext())
+    bits = 0.0
+    with torch.no_grad():
+        for e in data.reshape(-1, T + 1).astype(np.int64):
+            logits, _ = model(torch.as_tensor(e[None, :T]))
+            logp = logits[0].double().log_softmax(-1)
+            bits -= sum(logp[t, e[t + 1]].item() for t in range(T)) / math.log(2)
+    assert n == 20 * T and bpc == pytest.approx(bits / n, rel=1e-6)
 
 
 def test_the_task_oracle_keeps_the_asked_records_block_and_is_causal():
