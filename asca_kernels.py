@@ -108,7 +108,7 @@ def tile_groups(nb, groups):
 GATHER_KERNELS = ("auto", "sdpa", "block")
 GATHER_KERNEL = "auto"  # attend_gather's kernel when none is named (tests and the benchmark set it)
 # 'auto' on a CPU: the written-out 'block' kernel, faster than 'sdpa' at every shape the benchmark measured
-# (docs/results/bench_gather_cpu_2026-12-04.md) but one: T=8192, S=128, sparsity 0.5, where sdpa's step took 0.64x
+# (docs/results/raw/bench_gather_cpu_2026-12-04.md) but one: T=8192, S=128, sparsity 0.5, where sdpa's step took 0.64x
 # block's (forward 0.75x). There a tile group's score tile, S x (K + 1) * S fp32 values, reaches 1.4-2.1 MB; at every
 # shape block won it is at most 1 MB (T=8192, S=128, 0.75: 0.94 MB), this CPU's L2 per core. Block materialises
 # that tile (scores, then probabilities, forward and backward); the flash kernel streams it. So a group whose tile

@@ -4,7 +4,7 @@ training curves from metrics.jsonl, and a comparison of several runs (baseline v
 
     python extraction.py out/excerpt_cpu_baseline out/excerpt_cpu_novel --chars
     python extraction.py out/RUN --text some.txt --offset 1000 --length 256
-    python extraction.py --headline docs/headline.png docs/results/headline.json   # README's figure
+    python extraction.py --headline docs/headline.png docs/results/raw/headline.json   # README's figure
     python extraction.py --headline fig.png out/compare_x/comparison.json out/compare_y/comparison.json
     python extraction.py --frontier fig.png out/compare_x/comparison.json ...   # test bpc against training compute
 

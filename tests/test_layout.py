@@ -112,9 +112,12 @@ def links(markdown):
     return re.findall(r"\]\(([^)\s]+)\)", markdown)
 
 
-@pytest.mark.parametrize("doc", ["README.md"] + sorted(
-    os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")) + sorted(
-    os.path.join("docs", "results", f) for f in os.listdir(os.path.join(ROOT, "docs", "results")) if f.endswith(".md")))
+def markdown_in(*parts):
+    return sorted(os.path.join(*parts, f) for f in os.listdir(os.path.join(ROOT, *parts)) if f.endswith(".md"))
+
+
+@pytest.mark.parametrize("doc", ["README.md"] + markdown_in("docs") + markdown_in("docs", "results")
+                         + markdown_in("docs", "results", "raw"))
 def test_every_relative_link_and_anchor_resolves(doc):
     path = os.path.join(ROOT, doc)
     text = open(path).read()
@@ -129,6 +132,43 @@ def test_every_relative_link_and_anchor_resolves(doc):
         elif anchor and dest.endswith(".md") and anchor not in anchors(open(dest).read()):
             broken.append(target)
     assert broken == []
+
+
+def reachable(start):
+    """Every file reached from the markdown file `start` by relative links, following markdown files."""
+    seen, todo = set(), [os.path.normpath(start)]
+    while todo:
+        path = todo.pop()
+        if path in seen or not os.path.exists(path):
+            continue
+        seen.add(path)
+        if path.endswith(".md"):
+            for target in links(open(path).read()):
+                file = target.partition("#")[0]
+                if file and not re.match(r"[a-z]+:", file):
+                    todo.append(os.path.normpath(os.path.join(os.path.dirname(path), file)))
+    return seen
+
+
+def test_every_results_file_is_reachable_from_the_index():
+    """docs/results/README.md indexes every study, and through the pages every raw table and figure; README links
+    the index."""
+    results = os.path.join(ROOT, "docs", "results")
+    index = os.path.join(results, "README.md")
+    files = {os.path.normpath(os.path.join(d, f)) for d, _, fs in os.walk(results) for f in fs}
+    assert sorted(os.path.relpath(f, results) for f in files - reachable(index)) == []
+    assert index in reachable(os.path.join(ROOT, "README.md"))
+
+
+def test_the_reachability_check_sees_an_orphan(tmp_path):
+    """The control: a file no link reaches is reported; one reached through a page is not."""
+    (tmp_path / "README.md").write_text("[a](a.md)")
+    (tmp_path / "a.md").write_text("[b](sub/b.json#x)")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    (tmp_path / "orphan.md").write_text("")
+    got = reachable(str(tmp_path / "README.md"))
+    assert {os.path.basename(p) for p in got} == {"README.md", "a.md", "b.json"}
 
 
 def test_the_link_check_sees_a_broken_link(tmp_path):
