@@ -68,54 +68,68 @@ MAX_BLOCKS = 8192  # key blocks per sequence (block_size / sparse_block_size): e
 @dataclass
 class ASCAConfig(GPTConfig):
     """ASCA's keys, each declared once with its rules (config_keys.Key; GPTConfig's docstring)."""
-    sparse_block_size: int = 128  # S: key blocks and query tiles, in tokens (128: see flex_backward_problem)
-    target_sparsity: float = key(0.5, resume="free")  # fraction of causal query-key pairs skipped after warm-up
-    sparsity_warmup_iters: int = key(1000, resume="free")  # linear ramp from dense (0 = target from the first step)
-    keep_first_block: bool = False  # block 0 always kept (attention sink); off: its budget buys the nearest block
-    #                                 (in every checkpoint's model_args: its old default True needs no legacy)
-    local_blocks: int = key(1, legacy=0)  # the w nearest past blocks always kept, counted in the budget (every byte
-    #                                       sees >= w*S back)
-    layer_sparsity: str = ""  # per-layer targets, comma-separated (e.g. "0.5,0.83,0.83,0.84"), mean = target_sparsity;
-    #                           "" = target_sparsity in every layer; a 0 keeps that layer dense (with the gate)
-    # an absolute budget instead of target_sparsity's ratio: each query tile keeps at most this many keys (its own
-    # block, the forced and the chosen blocks: keep_tokens // S blocks), so T <= keep_tokens is dense and the sparsity
-    # follows from T; 0 = off
-    keep_tokens: int = key(0, legacy=0, excludes=("target_sparsity", "layer_sparsity"))
-    dense_from: float = key(1.0, legacy=1.0)  # from this fraction of the run (iterations or max_time_s) on, every block
-    #                 is kept (with the gate): sparse training, then dense (MoBA's recipe); 1 = never. The trained
-    #                 model is dense: a training-cost saving only
-    gate_loss: float = 0.0  # weight of the predictor's distillation loss toward the dense attention's block mass
-    compressed_branch: bool = False  # every query also attends to one mean key/value per complete past block, mixed
-    #                                  in by a learned per-head gate on the query (NSA's gated sum)
-    gate_dim: int = 32  # width of the sparsity predictor per head
-    gate_input: str = key("rotated", legacy="unrotated", choices=("unrotated", "rotated"))  # the predictor reads q, k
-    #                     'rotated' (as attended) or 'unrotated' (position-free; rope only)
-    gate_dist_bias: bool = key(True, legacy=True)  # a learned per-head bias by block distance in the predictor's scores
-    rank_distance_cost: float = key(0.0, legacy=0.0)  # the learned choice ranks a tile's candidate blocks by score -
-    #                          cost x (blocks between block and tile); the gate bias stays logsigmoid(score). 0 = by
-    #                          score alone; large = the nearest blocks (local_gated's). Fixed budget
-    gate_pooled: bool = key(False, legacy=False)  # the predictor's scores add the pooled affinity (the tile's first
-    #                                               query against each block's mean key, as it reads them), with a
-    #                                               learned weight per head
-    # the predictor's summary of a block's keys: their mean, or the per-dimension max (one distinctive key stays
-    # visible among the block's others)
-    gate_key_pool: str = key("mean", legacy="mean", choices=("mean", "max"))
-    budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"))  # 'fixed': every tile keeps the
-    #                 scheduled count; 'adaptive': blocks scoring above a per-layer threshold, the threshold steered
-    #                 between steps to the scheduled sparsity
-    budget_ema: float = key(0.5, resume="free")  # adaptive: weight of the last step's estimate in the threshold's EMA
-    budget_scope: str = key("layer", choices=("layer", "head"))  # adaptive: one threshold per 'layer' or per 'head'
-    selector: str = key("learned", choices=SELECTORS)  # which past blocks a tile keeps: 'learned' (the predictor);
-    #                   controls at the same budget: 'local' (the nearest, plus the sink if kept), 'random' (a new
-    #                   draw each forward), 'pooled' (the first query against each block's mean key, no parameters)
-    #                   and 'oracle' (the first query's dense attention mass per block: the ceiling; saves nothing);
-    #                   'local_gated': the local rule's blocks, with the learned gate bias on them; 'task_oracle'
-    #                   (analysis, the recall task only): the block holding the record the tile's first byte asks for
-    attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS)  # 'auto' (flex on
-    #                    CUDA; CPU: see resolved_impl); 'reference'; 'flex'; 'gather' (any device)
-    flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS)  # flex path:
-    #                         the gate bias read per key position ('key') or per block ('block'): the same function,
-    #                         fewer contended atomics in backward with 'key'; 'auto' = 'key' on CUDA, 'block' on CPU
+    sparse_block_size: int = key(128, help="S: the key blocks and query tiles, in tokens (128: see "
+                                           "flex_backward_problem)")
+    target_sparsity: float = key(0.5, resume="free", help="fraction of the causal query-key pairs skipped after "
+                                                          "the warm-up")
+    sparsity_warmup_iters: int = key(1000, resume="free", help="a linear ramp from dense to target_sparsity (0 = the "
+                                                               "target from the first step)")
+    # in every checkpoint's model_args: its old default True needs no legacy
+    keep_first_block: bool = key(False, help="block 0 always kept (an attention sink); off, its budget buys the "
+                                             "nearest block")
+    local_blocks: int = key(1, legacy=0, help="the nearest past blocks always kept, counted in the budget (every "
+                                              "byte sees at least local_blocks x S back)")
+    layer_sparsity: str = key("", help="per-layer targets, e.g. '0.5,0.83,0.83,0.84' (mean = target_sparsity; a 0 "
+                                       "keeps that layer dense, with the gate; '' = target_sparsity everywhere)")
+    # each query tile keeps its own block, the forced and the chosen blocks: keep_tokens // S blocks, so T <=
+    # keep_tokens is dense and the sparsity follows from T
+    keep_tokens: int = key(0, legacy=0, excludes=("target_sparsity", "layer_sparsity"),
+                           help="an absolute budget instead of target_sparsity: each tile keeps at most this many "
+                                "keys (0 = off)")
+    # MoBA's recipe; the trained model is dense, so this saves training cost only
+    dense_from: float = key(1.0, legacy=1.0, help="from this fraction of the run (iterations or max_time_s) on, every "
+                                                  "block is kept, with the gate (1 = never)")
+    gate_loss: float = key(0.0, help="weight of the predictor's distillation loss toward the dense attention's block "
+                                     "mass")
+    compressed_branch: bool = key(False, help="every query also attends to one mean key/value per complete past "
+                                              "block, mixed in by a learned gate (NSA's gated sum)")
+    gate_dim: int = key(32, help="the sparsity predictor's width per head")
+    gate_input: str = key("rotated", legacy="unrotated", choices=("unrotated", "rotated"),
+                          help="the predictor reads q and k 'rotated' (as attended) or 'unrotated' (position-free; "
+                               "rope only)")
+    gate_dist_bias: bool = key(True, legacy=True, help="a learned per-head bias by block distance in the predictor's "
+                                                       "scores")
+    # the gate bias stays logsigmoid(score); large costs give the nearest blocks (local_gated's). Fixed budget only
+    rank_distance_cost: float = key(0.0, legacy=0.0, help="the learned choice ranks blocks by score - cost x (blocks "
+                                                          "between block and tile); 0 = by score alone")
+    # the pooled affinity: the tile's first query against each block's mean key, as it reads them
+    gate_pooled: bool = key(False, legacy=False, help="the predictor's scores add the pooled affinity, with a learned "
+                                                      "weight per head")
+    gate_key_pool: str = key("mean", legacy="mean", choices=("mean", "max"),
+                             help="the predictor's summary of a block's keys: their 'mean', or the per-dimension "
+                                  "'max' (one distinctive key stays visible)")
+    # adaptive: the threshold is steered between steps to the scheduled sparsity
+    budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"),
+                      help="'fixed': every tile keeps the scheduled count; 'adaptive': the blocks scoring above a "
+                           "threshold")
+    budget_ema: float = key(0.5, resume="free", help="adaptive: the last step's weight in the threshold's moving "
+                                                     "average")
+    budget_scope: str = key("layer", choices=("layer", "head"), help="adaptive: one threshold per 'layer' or per "
+                                                                     "'head'")
+    # controls at the same budget, no gate bias: 'local' (the nearest, plus the sink if kept), 'random' (a new draw
+    # each forward), 'pooled' (the first query against each block's mean key, no parameters), 'oracle' (the first
+    # query's dense attention mass per block: the ceiling; saves nothing); 'local_gated': the local rule's blocks
+    # with the learned gate bias; 'nsa': NSA's three gated branches; 'task_oracle' (analysis, the recall task only):
+    # the block holding the record the tile's first byte asks for
+    selector: str = key("learned", choices=SELECTORS, help="which past blocks a tile keeps: 'learned' (the "
+                                                           "predictor), or a control (docs/usage.md)")
+    attn_impl: str = key("auto", type=str, resume="this_run", device=True, choices=ATTN_IMPLS,
+                         help="the kernel: 'flex' (CUDA), 'gather' (any device), 'reference' ('auto' = flex on CUDA, "
+                              "by T and sparsity on a CPU)")
+    # the same function; fewer contended atomics in backward with 'key'
+    flex_gate_bias: str = key("auto", type=str, resume="free", choices=asca_kernels.GATE_BIAS_LAYOUTS,
+                              help="flex path: the gate bias read per 'key' position or per 'block' ('auto' = key on "
+                                   "CUDA, block on a CPU)")
 
     def validate(self):
         super().validate()

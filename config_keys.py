@@ -27,6 +27,7 @@ class Key:
     compared: bool = True  # compare.py counts a finished run only if it trained with the value its command gives
     choices: tuple = None  # the allowed values (validate names them in its one-line error)
     excludes: tuple = ()  # keys that say the same thing another way: a command giving this key and one of them fails
+    help: str = ""  # one line for --help and the usage table: what the key does, and what 'auto', None or 0 mean
 
     def __post_init__(self):
         if self.resume not in ("checkpoint", "free", "this_run"):

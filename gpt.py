@@ -30,21 +30,22 @@ class GPTConfig:
     """The model's keys, each declared once with its rules (config_keys.Key): legacy = what a checkpoint from
     before the key existed ran with; resume='free' = a resume may change it (the weights do not depend on it);
     shape = it sets the weights' shapes."""
-    block_size: int = key(1024, shape=True)
-    vocab_size: int = 256  # raw bytes
-    n_layer: int = key(12, shape=True)
-    n_head: int = key(8, shape=True)
-    n_embd: int = key(512, shape=True)
-    dropout: float = key(0.0, resume="free")
-    bias: bool = False  # bias in Linears and LayerNorms; False is a bit better and faster
+    block_size: int = key(1024, shape=True, help="T: the context length in bytes, and each training window's")
+    vocab_size: int = key(256, help="the vocabulary: raw bytes")
+    n_layer: int = key(12, shape=True, help="transformer blocks")
+    n_head: int = key(8, shape=True, help="attention heads per layer")
+    n_embd: int = key(512, shape=True, help="the residual stream's width")
+    dropout: float = key(0.0, resume="free", help="dropout on attention, residual and embedding outputs")
+    bias: bool = key(False, help="biases in Linears and norms (False is a bit better and faster)")
     # the defaults are the best combination measured (docs/results/cpu_architecture.md); nanoGPT's 2019 model is
     # config/nanogpt_2019.py: learned, no qk_norm, gelu, tied (and optimizer='adamw')
-    pos_encoding: str = key("rope", legacy="learned", choices=("learned", "rope"))  # a position table (GPT-2) or
-    #                                                                                  rotary q/k (Su et al. 2021)
-    rope_base: float = 10000.0  # rotary frequencies base ** (-2i / head_size)
-    qk_norm: bool = key(True, legacy=False)  # RMS-normalise q and k per head before the dot product
-    mlp_act: str = key("relu2", legacy="gelu", choices=("gelu", "relu2"))  # relu2: squared ReLU (So et al. 2021)
-    tie_embeddings: bool = key(False, legacy=True)  # input embedding = output head (Press & Wolf 2017)
+    pos_encoding: str = key("rope", legacy="learned", choices=("learned", "rope"),
+                            help="positions: 'rope' (rotary q and k, Su et al. 2021) or 'learned' (a table, GPT-2)")
+    rope_base: float = key(10000.0, help="rotary frequencies are rope_base ** (-2i / head_size)")
+    qk_norm: bool = key(True, legacy=False, help="RMS-normalise q and k per head before the dot product")
+    mlp_act: str = key("relu2", legacy="gelu", choices=("gelu", "relu2"),
+                       help="the MLP's activation: 'relu2' (squared ReLU, So et al. 2021) or 'gelu'")
+    tie_embeddings: bool = key(False, legacy=True, help="the input embedding is the output head (Press & Wolf 2017)")
 
     @classmethod
     def declarations(cls):

@@ -20,49 +20,73 @@ from runtime import MUON_NS_DTYPES, TrainError, free_memory_bytes
 # command's on resume; compared=False = compare.py does not compare it; legacy = what runs from before it ran with).
 TRAIN_KEYS = dict(
     # I/O
-    out_dir=Key("out/run", resume="this_run", compared=False), data_dir=Key("data/enwik8"),
-    # 'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights
-    # (checkpoint.warm_start: fresh optimizer and schedule, the same or a longer block_size, dense into ASCA); its
-    # origin (path, sha256, iteration) is recorded in config.json, checkpoints and final.json, and compare.py compares
-    # it like any key
-    init_from=Key("scratch", resume="this_run"),
-    eval_interval=Key(500), log_interval=Key(10), eval_iters=Key(20), eval_only=Key(False, resume="this_run"),
-    # with eval_only, an ASCA checkpoint scored with another choice of blocks at the same counts (a mask swap):
-    # does the model depend on its own selector's choices? '' = its own
-    eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS)),
-    final_test=Key(True),
-    # iterations at which the test split is scored during training too (a comma list, e.g. '500,1000':
-    # does a gap move with more steps?), into that iteration's metrics row and final.json's test_bpc_at_iter
-    test_iters=Key("", type=str, compared=False),
-    # the long-range copy test (evaluate.copy_test): with the final test (and --eval_only), bpc on copy_len-byte
-    # copies planted in this many test windows per distance bucket, next to the same bytes unplanted; 0 = off
-    copy_test_windows=Key(0, resume="this_run", compared=False), copy_len=Key(64),
-    copy_augment=Key(0.0),  # the fraction of training windows with such a copy planted (retrieval to learn)
-    eval_stride=Key(None, type=int),  # test stride; None = block_size // 2
-    progress=Key(True, resume="this_run", compared=False),  # tqdm bar
+    out_dir=Key("out/run", resume="this_run", compared=False,
+                help="the run's directory: config.json, metrics.jsonl, checkpoints, final.json, plots"),
+    data_dir=Key("data/enwik8", help="a directory prepare_dataset.py wrote (train/val/test .bin and meta.json)"),
+    # a checkpoint file starts a new run from its weights (checkpoint.warm_start: fresh optimizer and schedule, the
+    # same or a longer block_size, dense into ASCA); its origin (path, sha256, iteration) is recorded in config.json,
+    # checkpoints and final.json, and compare.py compares it like any key
+    init_from=Key("scratch", resume="this_run",
+                  help="'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights"),
+    eval_interval=Key(500, help="iterations between evaluations on the val windows (each writes a checkpoint)"),
+    log_interval=Key(10, help="iterations between training log lines"),
+    eval_iters=Key(20, help="val batches per evaluation: eval_iters x batch_size fixed windows"),
+    eval_only=Key(False, resume="this_run", help="score out_dir's checkpoint (val and test) and stop"),
+    # does the model depend on its own selector's choices? (a mask swap)
+    eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS),
+                      help="with eval_only: score an ASCA checkpoint with this selector at the same counts ('' = its "
+                           "own)"),
+    final_test=Key(True, help="score the whole test split after training (final.json's test_bpc)"),
+    # does a gap move with more steps? into that iteration's metrics row and final.json's test_bpc_at_iter
+    test_iters=Key("", type=str, compared=False,
+                   help="iterations at which the test split is scored during training too, e.g. '500,1000'"),
+    # evaluate.copy_test: with the final test (and --eval_only), bpc on copy_len-byte copies planted in this many
+    # test windows per distance bucket, next to the same bytes unplanted
+    copy_test_windows=Key(0, resume="this_run", compared=False,
+                          help="the long-range copy test after training: windows per distance bucket (0 = off)"),
+    copy_len=Key(64, help="bytes in each planted copy (the copy test and copy_augment)"),
+    copy_augment=Key(0.0, help="fraction of training windows with a copy planted (retrieval to learn)"),
+    eval_stride=Key(None, type=int, help="the test pass's stride: every byte scored once with at least block_size - "
+                                         "stride bytes of context (None = block_size // 2)"),
+    progress=Key(True, resume="this_run", compared=False, help="a tqdm progress bar"),
     # optional live trackers (trackers.py; each needs its package): every metrics row, as it is written
-    wandb_log=Key(False), wandb_project=Key("asca"),
-    wandb_run_name=Key(None, type=str),  # None = the out_dir's name
-    tensorboard_log=Key(False),  # event files in out_dir/tb/
+    wandb_log=Key(False, help="log every metrics row to Weights & Biases (needs wandb)"),
+    wandb_project=Key("asca", help="the Weights & Biases project"),
+    wandb_run_name=Key(None, type=str, help="the Weights & Biases run name (None = the out_dir's name)"),
+    tensorboard_log=Key(False, help="TensorBoard event files in out_dir/tb/ (needs tensorboard)"),
     # schedule
-    max_iters=Key(5000), max_time_s=Key(0.0),  # training stops at whichever comes first (0 = no time limit)
-    batch_size=Key(32), gradient_accumulation_steps=Key(1),  # accumulation is the total across DDP ranks
-    learning_rate=Key(1e-3), min_lr=Key(None, type=float), warmup_iters=Key(200),
-    lr_decay_iters=Key(None, type=int), decay_lr=Key(True),
-    weight_decay=Key(0.1), beta1=Key(0.9), beta2=Key(0.95), grad_clip=Key(1.0),
-    # 'muon': torch.optim.Muon on the hidden matrices, AdamW on the rest; or 'adamw' for all
-    optimizer=Key("muon", legacy="adamw", choices=("adamw", "muon")),
-    muon_lr=Key(0.02), muon_momentum=Key(0.95),  # Muon's peak lr (same warm-up and decay shape) and momentum
-    # the dtype of Muon's Newton-Schulz iteration: 'auto' = bfloat16 on CUDA and on a CPU with native bf16
-    # matmuls (torch's Muon), float32 on other CPUs, where bf16 matmuls are emulated ~100x slower (muon.py)
-    muon_ns_dtype=Key("auto", legacy="bfloat16", resume="this_run", choices=MUON_NS_DTYPES),
+    max_iters=Key(5000, help="training stops after this many iterations, or at max_time_s, whichever comes first"),
+    max_time_s=Key(0.0, help="training stops after this many seconds of training, and the schedules follow time "
+                             "(0 = no limit)"),
+    batch_size=Key(32, help="sequences per micro-batch"),
+    gradient_accumulation_steps=Key(1, help="micro-batches per optimizer step, the total across DDP ranks"),
+    learning_rate=Key(1e-3, help="peak learning rate (AdamW's; Muon's is muon_lr)"),
+    min_lr=Key(None, type=float, help="the learning rate after the cosine decay (None = learning_rate / 10)"),
+    warmup_iters=Key(200, help="iterations of linear learning-rate warm-up"),
+    lr_decay_iters=Key(None, type=int, help="the iteration where the cosine decay reaches min_lr (None = max_iters)"),
+    decay_lr=Key(True, help="cosine-decay the learning rate (False: constant after the warm-up)"),
+    weight_decay=Key(0.1, help="AdamW's decoupled weight decay, on matrices only"),
+    beta1=Key(0.9, help="AdamW's beta1"), beta2=Key(0.95, help="AdamW's beta2"),
+    grad_clip=Key(1.0, help="clip the gradients' global norm to this (0 = off)"),
+    optimizer=Key("muon", legacy="adamw", choices=("adamw", "muon"),
+                  help="'muon': Muon on the hidden matrices, AdamW on the rest; 'adamw': AdamW on all"),
+    muon_lr=Key(0.02, help="Muon's peak learning rate (the same warm-up and decay)"),
+    muon_momentum=Key(0.95, help="Muon's momentum"),
+    # bf16 matmuls are emulated ~100x slower on a CPU without native bf16 (muon.py)
+    muon_ns_dtype=Key("auto", legacy="bfloat16", resume="this_run", choices=MUON_NS_DTYPES,
+                      help="dtype of Muon's Newton-Schulz iteration ('auto' = bfloat16 on CUDA and on a CPU with "
+                           "native bf16 matmuls, float32 on other CPUs)"),
     # system: where and how this process runs
-    device=Key("auto", type=str, resume="this_run"), dtype=Key("auto", type=str, resume="this_run"),
-    compile=Key("auto", type=bool, resume="this_run"), backend=Key("auto", type=str, resume="this_run"),
-    seed=Key(1337),
-    # before the first step, on one batch: the path this run trains on against an independent one (ASCA: compiled
-    # flex against gather, or gather against the reference); 'auto' = on CUDA, 'on' = on any device, 'off'
-    startup_check=Key("auto", resume="this_run", choices=("auto", "on", "off")),
+    device=Key("auto", type=str, resume="this_run", help="'cpu', 'cuda', 'cuda:N' ('auto' = CUDA if present)"),
+    dtype=Key("auto", type=str, resume="this_run",
+              help="'float32', 'bfloat16', 'float16' ('auto' = bfloat16 on CUDA where supported, float32 on a CPU)"),
+    compile=Key("auto", type=bool, resume="this_run", help="torch.compile the model ('auto' = on CUDA)"),
+    backend=Key("auto", type=str, resume="this_run", help="DDP's backend ('auto' = nccl on CUDA, gloo on a CPU)"),
+    seed=Key(1337, help="seeds the weights, the data stream and the selectors' draws"),
+    # ASCA: compiled flex against gather, or gather against the reference
+    startup_check=Key("auto", resume="this_run", choices=("auto", "on", "off"),
+                      help="before the first step, on one batch: the path this run trains on against an independent "
+                           "one ('auto' = on CUDA)"),
 )
 TRAIN_DEFAULTS = {k: d.default for k, d in TRAIN_KEYS.items()}
 SEED_STRIDE = 1000  # data-stream seed = seed * SEED_STRIDE + rank: ranks never share a stream
@@ -77,6 +101,27 @@ def with_legacy(saved, kind):
     """A run's saved config (or a checkpoint's model_args) with each key it predates set to what runs of its time
     ran with (config_keys.with_legacy over this kind's declarations)."""
     return config_keys.with_legacy(saved, key_declarations(kind))
+
+
+def help_text(kind, width=100):
+    """--help: every key a script of this kind accepts, with its default, its allowed values and its help line."""
+    import textwrap
+    decls, defaults = key_declarations(kind), defaults_for(kind)
+    groups = [("the training loop's keys", [k for k in TRAIN_KEYS if k in defaults]),
+              (f"the model's keys ({MODELS[kind].config_cls.__name__})", [k for k in decls if k in defaults
+                                                                        and k not in TRAIN_KEYS])]
+    out = [f"usage: python3 {MODELS[kind].script} [config/FILE.py ...] [--key=value ...]", "",
+           "Config files (Python assignments, as in nanoGPT: run only ones you trust) and --key=value overrides apply",
+           "left to right. Every key, its outputs and the protocol: docs/usage.md."]
+    for title, names in groups:
+        out += ["", title + ":"]
+        for name in names:
+            d = decls[name]
+            shown = [c if c != "" else "''" for c in map(str, d.choices or ())]
+            head = f"  --{name}={defaults[name]}" + (f"  ({'|'.join(shown)})" if shown else "")
+            out.append(head)
+            out += textwrap.wrap(d.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(out)
 
 
 def types_for(kind):

@@ -33,7 +33,7 @@ from models import MODELS
 from prepare_dataset import ByteDataset, DataError
 from runtime import LoadMeter, Runtime, StopFlag, TrainError
 from train_config import (SEED_STRIDE, check_architecture, check_kind, defaults_for, types_for,
-                          check_exclusive, explicit_keys, finalize_config, resume_config)
+                          check_exclusive, explicit_keys, finalize_config, help_text, resume_config)
 
 def wrap_for_training(model, compile, ddp, device_ids=None):
     """(eval forward, the DDP module or None, training forward). With DDP the wrapper is compiled, not wrapped
@@ -598,6 +598,9 @@ def progress_text(row):
 def main(argv, kind, build_model=None):
     """Entry point of a training script (kind: 'baseline' or 'asca'). Returns the process exit code.
     build_model(cfg) -> GPT replaces the kind's builder (tests use it to inject faults)."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(kind))
+        return 0
     cfg = configurator.resolve_or_exit(defaults_for(kind), argv, types_for(kind))
     try:
         return run(cfg, kind, explicit_keys(argv), build_model)

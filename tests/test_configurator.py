@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,36 @@ def test_script_prints_one_line_and_exits_2():
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "config error: unknown config key 'n_layr' on the command line; did you mean 'n_layer'?"
+
+
+@pytest.mark.parametrize("script,kind", [("baseline_model.py", "baseline"), ("novel_model.py", "asca")])
+def test_help_lists_every_key_with_its_default_and_help(script, kind):
+    """--help (and -h) exit 0 and list every key the script accepts, each with its default and its help line; the
+    dense script lists none of ASCA's keys."""
+    import train_config
+    decls, defaults = train_config.key_declarations(kind), train_config.defaults_for(kind)
+    for flag in ("--help", "-h"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), "config/train_tiny.py", flag],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        listed = re.findall(r"^  --(\w+)=(.*?)(?:  \(.*\))?$", r.stdout, re.M)
+        assert [k for k, _ in listed] == [k for k in train_config.TRAIN_KEYS if k in defaults] + [
+            k for k in decls if k in defaults and k not in train_config.TRAIN_KEYS]
+        assert dict(listed) == {k: str(v) for k, v in defaults.items()}
+        text = " ".join(r.stdout.split())
+        assert all(" ".join(decls[k].help.split()) in text for k in defaults)
+    if kind == "baseline":
+        assert "--target_sparsity" not in r.stdout and "--selector" not in r.stdout
+
+
+def test_every_key_declares_a_one_line_help_and_the_usage_table_names_it():
+    import train_config
+    usage = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    for kind in ("baseline", "asca"):
+        decls = train_config.key_declarations(kind)
+        for k in train_config.defaults_for(kind):
+            assert decls[k].help and "\n" not in decls[k].help and len(decls[k].help) <= 160, k
+            assert f"`{k}`" in usage, f"docs/usage.md does not name {k}"
 
 
 def test_include_builds_on_another_file(tmp_path):
