@@ -27,7 +27,8 @@ TRAIN_KEYS = dict(
     # same or a longer block_size, dense into ASCA); its origin (path, sha256, iteration) is recorded in config.json,
     # checkpoints and final.json, and compare.py compares it like any key
     init_from=Key("scratch", resume="this_run",
-                  help="'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its weights"),
+                  help="'scratch', 'resume' (this out_dir's ckpt.pt), or a checkpoint file: a new run from its "
+                       "weights"),
     eval_interval=Key(500, help="iterations between evaluations on the val windows (each writes a checkpoint)"),
     log_interval=Key(10, help="iterations between training log lines"),
     eval_iters=Key(20, help="val batches per evaluation: eval_iters x batch_size fixed windows"),
