@@ -108,6 +108,10 @@ class ASCAConfig(GPTConfig):
     gate_key_pool: str = key("mean", legacy="mean", choices=("mean", "max"),
                              help="the predictor's summary of a block's keys: their 'mean', or the per-dimension "
                                   "'max' (one distinctive key stays visible)")
+    # Gumbel-top-k: a sample of blocks without replacement, each in proportion to exp(score / explore_noise), so
+    # blocks the predictor would not keep get kept now and then, and the gate bias's gradient reaches their scores
+    explore_noise: float = key(0.0, legacy=0.0, help="training only: the learned choice ranks by score + "
+                                                     "explore_noise x Gumbel noise; evaluation by score (0 = off)")
     # adaptive: the threshold is steered between steps to the scheduled sparsity
     budget: str = key("fixed", legacy="fixed", choices=("fixed", "adaptive"),
                       help="'fixed': every tile keeps the scheduled count; 'adaptive': the blocks scoring above a "
@@ -167,6 +171,9 @@ class ASCAConfig(GPTConfig):
             raise ValueError(f"rank_distance_cost={self.rank_distance_cost} biases the learned choice at the fixed "
                              f"budget toward near blocks: it must be >= 0, with selector='learned' and budget='fixed' "
                              f"(this run: selector={self.selector!r}, budget={self.budget!r})")
+        if not (0.0 <= self.explore_noise < float("inf")) or (self.explore_noise and self.selector != "learned"):
+            raise ValueError(f"explore_noise={self.explore_noise} samples the learned choice in training: it must be a "
+                             f"finite number >= 0, with selector='learned' (this run: selector={self.selector!r})")
         if self.gate_pooled and self.selector not in GATED:
             raise ValueError(f"gate_pooled adds to the learned predictor's scores; selector={self.selector!r} does not "
                              f"use them: set gate_pooled=False, or selector='learned' or 'local_gated'")

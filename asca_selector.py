@@ -261,6 +261,7 @@ class BlockSelector(nn.Module):
         if self.rule == "nsa":
             self.nsa_ck = nn.Parameter(torch.eye(self.head_size).repeat(self.n_head, 1, 1))
         self.distance_cost = config.rank_distance_cost  # learned choice: ranks by score - cost x blocks between
+        self.explore = config.explore_noise  # learned choice, training: ranks by score + explore x Gumbel noise
         # per-tile keep counts at T = block_size live in a buffer, so a changing schedule never changes Python
         # values that torch.compile would guard on (no recompiles during warm-up). The counts of every integer step
         # of the warm-up are rows of a table on the same device, made once: set_step copies a row device to device,
@@ -403,10 +404,13 @@ class BlockSelector(nn.Module):
         if self.rule == "local_gated":  # the local rule's order; the scores only scale the kept blocks (gate_bias)
             B, H, nb = scores.shape[:3]
             return self.order_by(self.rule_scores(B, H, nb, scores.device, "local")), self.counts(scores)
+        prio = scores
         if self.distance_cost:  # the learned choice, nearness-biased: ranked by score - cost x (blocks between)
-            return self.order_by(scores.detach().float() - self.distance_penalty(scores.shape[-1], scores.device)), \
-                self.counts(scores)
-        return self.order_by(scores), self.counts(scores)
+            prio = scores.detach().float() - self.distance_penalty(scores.shape[-1], scores.device)
+        if self.explore and self.training:  # Gumbel-top-k: a sample without replacement, not the top scores
+            u = torch.rand(prio.shape, device=prio.device).clamp_min(torch.finfo(torch.float32).tiny)
+            prio = prio.detach().float() - self.explore * torch.log(-torch.log(u))
+        return self.order_by(prio), self.counts(scores)
 
     def distance_penalty(self, nb, device):
         """(nb, nb) float32: rank_distance_cost x (b - j - 1) for tile b and block j < b, 0 elsewhere: what ranking

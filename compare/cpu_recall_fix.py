@@ -14,6 +14,9 @@ RUNS = [
     ("learned_0.75", "novel_model.py", ASCA + ["--selector=learned"]),  # the reference: cpu_recall.py's row
     # a block's keys summarised by their per-dimension max, not the mean: the record is one key of four
     ("learned_max_0.75", "novel_model.py", ASCA + ["--selector=learned", "--gate_key_pool=max"]),
+    # the choice sampled in training (Gumbel-top-k at temperature 1): blocks the predictor scores low get kept now
+    # and then, so the gate bias's gradient reaches their scores (a random draw beat the learned choice here)
+    ("learned_explore_0.75", "novel_model.py", ASCA + ["--selector=learned", "--explore_noise=1.0"]),
 ]
 BUDGET = {"max_iters": 1200}
 SEEDS = [1337, 1338]

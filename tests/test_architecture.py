@@ -23,6 +23,7 @@ OPTIONS = {
     "all_rotated_gate_no_dist": dict(pos_encoding="rope", qk_norm=True, mlp_act="relu2", tie_embeddings=False,
                                      gate_input="rotated", gate_dist_bias=False),
     "max_pooled_keys": dict(pos_encoding="rope", gate_key_pool="max"),
+    "explore_noise": dict(pos_encoding="rope", explore_noise=1.0),  # the learned choice sampled in training
 }
 
 
@@ -32,6 +33,7 @@ def build(kind, opts, **extra):
     if kind == "asca":
         return novel_model.make_model(**shape, sparse_block_size=8, target_sparsity=0.6, sparsity_warmup_iters=0)
     shape.pop("gate_input", None), shape.pop("gate_dist_bias", None), shape.pop("gate_key_pool", None)
+    shape.pop("explore_noise", None)
     return baseline_model.make_model(**shape)
 
 

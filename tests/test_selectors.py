@@ -71,6 +71,58 @@ def test_random_draws_anew_each_forward_at_the_same_budget():
     assert row.min() > 0.05 and row.max() < 0.6 and abs(row.mean() - (int(a.selector.n_keep[15]) - 1) / 14) < 0.05
 
 
+def test_explore_noise_samples_the_learned_choice_in_training_only():
+    """explore_noise: in training the learned choice is a Gumbel-top-k sample (the first chosen block of a tile
+    follows softmax(score / explore_noise) over its candidates), reproducible from the seed, at the same counts; in
+    evaluation it is the plain top scores, the same choice as explore_noise=0's."""
+    a, plain = module("learned", explore_noise=1.0), module("learned")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), plain.state_dict().values()))
+    q, k, v = qkv()
+    a.eval(), plain.eval()
+    a.attend(q, k, v), plain.attend(q, k, v)
+    assert torch.equal(a.last_selection.selected, plain.last_selection.selected)
+    a.train()
+    torch.manual_seed(5)
+    a.attend(q, k, v)
+    first = a.last_selection.selected.clone()
+    assert not torch.equal(first, plain.last_selection.selected)
+    assert torch.equal(first.sum(-1), plain.last_selection.selected.sum(-1))  # the same compute
+    torch.manual_seed(5)
+    a.attend(q, k, v)
+    assert torch.equal(a.last_selection.selected, first)
+    # the distribution: tile 15's candidates are blocks 1..14 (0 is the sink, kept whatever the scores)
+    scores = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
+    scores[0, 0, 15, 1:15] = torch.linspace(-2.0, 2.0, 14, dtype=torch.float64)
+    want = torch.softmax(scores[0, 0, 15, 1:15], -1)
+    torch.manual_seed(0)
+    firsts = torch.stack([a.selector.rank(scores)[0][0, 0, 15, 2] for _ in range(4000)])
+    assert a.selector.rank(scores)[0][0, 0, 15, :2].tolist() == [15, 0]  # own block, then the sink
+    freq = torch.bincount(firsts, minlength=16)[1:15].double() / 4000
+    assert (freq - want).abs().max().item() < 0.03, (freq, want)
+    a.eval()
+    assert a.selector.rank(scores)[0][0, 0, 15, 2].item() == 14  # evaluation: the top score
+
+
+def test_explore_noise_on_the_gather_path_equals_the_reference():
+    a = module("learned", explore_noise=1.0).train()
+    q, k, v = qkv(2)
+    outs = []
+    for impl in ("reference", "gather"):
+        a.impl = impl
+        torch.manual_seed(3)
+        outs.append(a.attend(q, k, v))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(explore_noise=-0.5), "explore_noise=-0.5 samples the learned choice in training"),
+    (dict(explore_noise=float("nan")), "explore_noise=nan must be a finite number"),
+    (dict(explore_noise=1.0, selector="local"), "explore_noise=1.0 .*selector='learned' .*selector='local'")])
+def test_explore_noise_refuses_what_it_cannot_do(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ASCAConfig(**{"selector": "learned", **bad}).validate()
+
+
 @pytest.mark.parametrize("selector", ["local", "random", "pooled", "oracle", "local_gated"])
 @pytest.mark.parametrize("impl", ["reference", "gather"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
