@@ -283,6 +283,22 @@ class ASCAConfig(GPTConfig):
                          f"{size_text(free_bytes)} are free: use {fix}{also}")
 
 
+# the keys that give an ASCA predictor's weights their meaning: an ASCA checkpoint starts an ASCA run only where they
+# match (a dense one starts it with a fresh predictor)
+PREDICTOR_KEYS = ("sparse_block_size", "gate_dim", "gate_dist_bias", "gate_pooled", "gate_input",
+                  "compressed_branch", "gate_key_pool")
+
+
+def warm_start_problem(args, cfg, path):
+    """Why an ASCA checkpoint (model_args `args`) cannot start this ASCA run, or None: its predictor is sized for its
+    number of key blocks."""
+    T0, T, S = args["block_size"], cfg["block_size"], args["sparse_block_size"]
+    if T != T0:
+        return (f"{path}'s ASCA predictor is sized for {T0 // S} key blocks (block_size={T0}), this run has {T // S}: "
+                f"continue it at block_size={T0}, or start ASCA from a dense checkpoint (its predictor starts fresh)")
+    return None
+
+
 def size_text(n):
     """A byte count as a person reads it: GiB from 1 GiB, MiB below, KiB below 1 MiB (never '0.0 GiB')."""
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
@@ -376,6 +392,17 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
     def update_budget(self, reduce=None):
         self.selector.update_budget(reduce)
+
+    measures_recall = True
+
+    def swap_choice(self, rule):
+        self.selector.swap_choice(rule)
+
+    def eval_note(self):
+        if self.selector.rule == "random":
+            return ("selector='random' draws new blocks at every forward: this score differs from the one at the end "
+                    "of training in about the 4th decimal")
+        return None
 
     def diagnostics(self):
         return self.selector.diagnostics()

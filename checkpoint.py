@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import config_keys
+from gpt import GPT, GPTConfig
 from models import MODELS
 from prepare_dataset import remove_stale_temps, sha256_of  # noqa: F401  (one helper for run and data directories)
 
@@ -372,12 +373,10 @@ def model_from_checkpoint(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- init_from=PATH
-# the keys that give a dense GPT's weights their meaning (block_size aside: rotary positions carry to any T), and
-# those that give an ASCA predictor's: a new run starting from a checkpoint must match them
+# the keys that give a dense GPT's weights their meaning (block_size aside: rotary positions carry to any T): a new
+# run starting from a checkpoint must match them (and a same-kind checkpoint its kind's own_weight_keys)
 WARM_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_encoding", "rope_base", "qk_norm", "mlp_act",
              "tie_embeddings")
-PREDICTOR_KEYS = ("sparse_block_size", "gate_dim", "gate_dist_bias", "gate_pooled", "gate_input",
-                  "compressed_branch")
 
 
 def warm_start(model, cfg, kind, path):
@@ -393,8 +392,8 @@ def warm_start(model, cfg, kind, path):
         raise CheckpointError(f"{path}: model_args or model is not a dict; the file is damaged")
     args = config_keys.with_legacy(dict(ckpt["model_args"]), src.config_cls.declarations())
     check_model_args(args, src, path, ckpt["model"])
-    both_asca = ckpt["model_kind"] == kind == "asca"
-    keys = WARM_KEYS + (PREDICTOR_KEYS if both_asca else ())
+    same_kind = ckpt["model_kind"] == kind
+    keys = WARM_KEYS + (MODELS[kind].own_weight_keys if same_kind else ())
     decls = src.config_cls.declarations()  # a key the checkpoint predates (no legacy value): its default is the old way
     args.update({k: decls[k].default for k in keys if k not in args and k in decls})
     diff = [f"{k}={args.get(k)!r} (this run: {cfg[k]!r})" for k in keys if k in cfg and args.get(k) != cfg[k]]
@@ -412,14 +411,12 @@ def warm_start(model, cfg, kind, path):
         if T < T0:
             weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:T]
             notes.append(f"the first {T} of its {T0} learned positions")
-    if both_asca and T != T0:
-        S = args["sparse_block_size"]
-        raise CheckpointError(f"{path}'s ASCA predictor is sized for {T0 // S} key blocks (block_size={T0}), this "
-                              f"run has {T // S}: continue it at block_size={T0}, or start ASCA from a dense "
-                              f"checkpoint (its predictor starts fresh)")
-    with torch.device("meta"):  # the dense model's names, to tell what ASCA adds
-        dense = set(MODELS["baseline"].build({**cfg, "block_size": T}).state_dict())
-    added = [k for k in own if k not in dense]  # ASCA's own (the predictor): fresh unless the source has it
+    problem = same_kind and MODELS[kind].warm_start_problem and MODELS[kind].warm_start_problem(args, cfg, path)
+    if problem:
+        raise CheckpointError(problem)
+    with torch.device("meta"):  # the dense GPT's names (every kind's attention extends the dense one's)
+        dense = set(GPT(GPTConfig.from_dict({**cfg, "block_size": T})).state_dict())
+    added = [k for k in own if k not in dense]  # the kind's own (ASCA's predictor): fresh unless the source has it
     fresh = [k for k in own if k not in weights]
     dropped = [k for k in weights if k not in own]
     wrong = [k for k in fresh if k not in added] + [k for k in dropped if k in dense or k in own]

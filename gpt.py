@@ -237,6 +237,15 @@ class CausalSelfAttention(nn.Module):
         return contextlib.nullcontext()
 
     reads_tokens = False  # True where the module must see the input bytes (see_tokens) before its forward
+    measures_recall = False  # True where an evaluation measures attention recall (outside a compiled graph)
+
+    def swap_choice(self, rule):
+        """Score with another choice of blocks at the same counts (eval_selector); dense attention has none."""
+        raise ValueError(f"{type(self).__name__} keeps every block: there is no choice of blocks to swap for {rule!r}")
+
+    def eval_note(self):
+        """A line an evaluation's output should carry about this module's scores (None: nothing to say)."""
+        return None
 
     def see_tokens(self, idx):
         """The forward's input bytes (B, T), for a module that reads them (an analysis rule that knows the task)."""
@@ -520,6 +529,18 @@ class GPT(nn.Module):
     def diagnostics(self):
         """Flat dict of the attention modules' diagnostics from the last forward (empty for dense)."""
         return self._per_layer("diagnostics")
+
+    def swap_choice(self, rule):
+        """Every attention module chooses its blocks by `rule` from now on (eval_selector's mask swap)."""
+        for a in self.attention_modules():
+            a.swap_choice(rule)
+
+    def measures_recall(self):
+        return any(a.measures_recall for a in self.attention_modules())
+
+    def eval_notes(self):
+        """The attention modules' notes on an evaluation's scores, each once, in layer order."""
+        return list(dict.fromkeys(n for n in (a.eval_note() for a in self.attention_modules()) if n))
 
     def update_budgets(self, reduce=None):
         """After an optimizer step: modules with controller state (ASCA's adaptive budget) update it from

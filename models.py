@@ -1,6 +1,8 @@
 """
 The model registry: every model kind the tools know, by the name checkpoints record (model_kind).
-The trainer, checkpoint.py, sample.py and extraction.py look kinds up here; the model files hold models only.
+The trainer, train_config.py, checkpoint.py and compare.py look kinds up here (sample.py and extraction.py through
+checkpoint.py); the model files hold models only, and what a kind adds to the loop is a field here or a hook of its
+attention class (gpt.CausalSelfAttention's no-op defaults).
 
 A new kind: write its config (a GPTConfig subclass) and attention class (a CausalSelfAttention subclass:
 override the hooks it needs) in a module of their own, a thin training script like novel_model.py (its
@@ -23,6 +25,11 @@ class ModelKind:
     script: str
     out_dir: str  # default out_dir of its script
     startup_check: object = None  # (model, fwd, x, y, ctx, low_precision) -> dict or None: the fast path checked
+    selectors: tuple = ()  # the choices of blocks eval_selector may swap in (none: the attention keeps every block)
+    own_weight_keys: tuple = ()  # keys that give its weights beyond the dense GPT's their meaning: a checkpoint of
+    #                              the same kind starts a run (init_from=PATH) only where they match
+    warm_start_problem: object = None  # (checkpoint's model_args, cfg, path) -> a one-line reason a checkpoint of
+    #                                    the same kind cannot start this run, or None
 
     def defaults(self):
         return {f.name: f.default for f in fields(self.config_cls) if f.name != "vocab_size"}
@@ -45,4 +52,5 @@ def register(kind):
 BASELINE = register(ModelKind("baseline", gpt.GPTConfig, gpt.CausalSelfAttention,
                               "baseline_model.py", "out/baseline"))
 ASCA = register(ModelKind("asca", asca.ASCAConfig, asca.AdaptiveSparseCausalSelfAttention,
-                          "novel_model.py", "out/novel", startup_check=asca.startup_check))
+                          "novel_model.py", "out/novel", startup_check=asca.startup_check, selectors=asca.SELECTORS,
+                          own_weight_keys=asca.PREDICTOR_KEYS, warm_start_problem=asca.warm_start_problem))

@@ -11,7 +11,6 @@ import torch
 import config_keys
 import evaluate
 import trackers
-from asca_selector import SELECTORS
 from config_keys import Key
 from models import MODELS
 from runtime import MUON_NS_DTYPES, TrainError, free_memory_bytes
@@ -34,7 +33,8 @@ TRAIN_KEYS = dict(
     eval_iters=Key(20, help="val batches per evaluation: eval_iters x batch_size fixed windows"),
     eval_only=Key(False, resume="this_run", help="score out_dir's checkpoint (val and test) and stop"),
     # does the model depend on its own selector's choices? (a mask swap)
-    eval_selector=Key("", resume="this_run", compared=False, choices=("", *SELECTORS),
+    eval_selector=Key("", resume="this_run", compared=False,
+                      choices=("", *dict.fromkeys(s for kind in MODELS.values() for s in kind.selectors)),
                       help="with eval_only: score an ASCA checkpoint with this selector at the same counts ('' = its "
                            "own)"),
     final_test=Key(True, help="score the whole test split after training (final.json's test_bpc)"),
@@ -205,8 +205,9 @@ def finalize_config(cfg, kind, rt):
     if cfg["eval_selector"]:
         _check(cfg["eval_only"], f"--eval_selector={cfg['eval_selector']} scores a checkpoint with another choice of "
                                  f"blocks: add --eval_only=True --init_from=resume")
-        _check("selector" in MODELS[kind].defaults(), f"--eval_selector swaps an ASCA model's block choice; this "
-                                                      f"is a {kind!r} run (dense attention keeps every block): drop it")
+        _check(cfg["eval_selector"] in MODELS[kind].selectors,
+               f"--eval_selector={cfg['eval_selector']} swaps a model's choice of blocks; a {kind!r} run has no such "
+               f"choice (its attention keeps every block): drop it")
     _check(math.isfinite(cfg["copy_augment"]) and 0 <= cfg["copy_augment"] <= 1,
            f"copy_augment={cfg['copy_augment']} is the fraction of training windows with a planted copy: use a "
            f"number in [0, 1] (0 = off)")

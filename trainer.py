@@ -6,8 +6,9 @@ Read it top to bottom: the lr schedule, the run's counters, then the Trainer: bu
 train_step, evaluate_and_save), checkpoints, finish; then the entry point. The rooms around it: train_config.py
 (keys, resume rules, start-up checks), runtime.py (device, dtype, compile, DDP, signals), evaluate.py (the
 bits-per-byte protocol), checkpoint.py (checkpoints and the run directory's files), trackers.py (W&B,
-TensorBoard). Attention modules that own behaviour (ASCA's sparsity schedule and diagnostics) expose it through
-GPT.set_step / GPT.diagnostics; the loop only calls and logs them.
+TensorBoard). Attention modules that own behaviour (ASCA's sparsity schedule, diagnostics, choice of blocks) expose it
+through GPT's hooks (set_step, diagnostics, swap_choice, eval_notes, ...); the loop only calls and logs them, and names
+no model kind.
 """
 import contextlib
 import json
@@ -403,8 +404,7 @@ class Trainer:
         """A compiled evaluation measures no attention recall (it is computed outside the graph): the uncompiled
         model then measures it on a fixed sample, the split's first batch of evenly spaced windows. {} where the
         evaluation measured it, or the model has none (dense)."""
-        if self.fwd is self.model or "recall" in measured or not any(
-                hasattr(a, "selector") for a in self.model.attention_modules()):
+        if self.fwd is self.model or "recall" in measured or not self.model.measures_recall():
             return {}
         cfg = self.cfg
         starts = self.ds.val_windows(cfg["block_size"], cfg["batch_size"], split=split)
@@ -549,8 +549,7 @@ class Trainer:
         self.model.set_step(self.sched_pos, checkpoint.schedule_progress({"schedule_pos": self.sched_pos},
                                                                          cfg["max_iters"]))
         if cfg["eval_selector"]:  # the mask swap: the same weights and counts, another choice of blocks
-            for a in self.model.attention_modules():
-                a.selector.swap_choice(cfg["eval_selector"])
+            self.model.swap_choice(cfg["eval_selector"])
             self.say(f"eval_selector={cfg['eval_selector']}: the checkpoint's weights and counts (an adaptive "
                      f"budget's from its own predictor and thresholds), this choice of blocks (no gate bias unless "
                      f"'learned')")
@@ -566,9 +565,8 @@ class Trainer:
                "data_sha256": self.data_sha256, "schedule_pos": self.sched_pos, "env": self.rt.env(),
                "eval_selector": cfg["eval_selector"] or None}
         out.update(self.model.diagnostics())
-        if (cfg["eval_selector"] or getattr(self.model.config, "selector", None)) == "random":
-            out["note"] = ("selector='random' draws new blocks at every forward: this score differs from the one at "
-                           "the end of training in about the 4th decimal")
+        if self.model.eval_notes():
+            out["note"] = "; ".join(self.model.eval_notes())
         checkpoint.write_json(out, os.path.join(self.out_dir, "eval.json"))
         self.say(f"checkpoint at iter {c.iter_num}: val {val:.4f} bpc, test {test:.4f} bpc "
                  f"({n:,} bytes, stride {cfg['eval_stride']}); wrote {self.out_dir}/eval.json")
@@ -596,7 +594,7 @@ def progress_text(row):
 # ----------------------------------------------------------------------------- entry point
 
 def main(argv, kind, build_model=None):
-    """Entry point of a training script (kind: 'baseline' or 'asca'). Returns the process exit code.
+    """Entry point of a training script (kind: a name in models.MODELS). Returns the process exit code.
     build_model(cfg) -> GPT replaces the kind's builder (tests use it to inject faults)."""
     if "-h" in argv or "--help" in argv:
         print(help_text(kind))

@@ -57,6 +57,35 @@ def test_the_top_level_modules_import_no_circle():
     assert "trainer" not in graph["models"] and not graph["models"] & {"baseline_model", "novel_model"}
 
 
+def kind_specific(path):
+    """Where a module reaches into a model kind: a comparison with or a registry lookup by a kind's name, or an
+    attention module's selector."""
+    import models
+    names = set(models.MODELS)
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Attribute) and node.attr == "selector":
+            found.append(f"line {node.lineno}: .selector")
+        elif isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in names
+                                                   for c in [node.left, *node.comparators]):
+            found.append(f"line {node.lineno}: compares with a kind's name")
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value in names:
+            found.append(f"line {node.lineno}: looks up a kind by name")
+    return found
+
+
+@pytest.mark.parametrize("module", ["trainer.py", "train_config.py", "checkpoint.py", "evaluate.py"])
+def test_the_generic_loop_names_no_model_kind(module):
+    """What a kind adds reaches the loop through the registry's fields and the attention hooks only."""
+    assert kind_specific(os.path.join(ROOT, module)) == []
+
+
+def test_the_kind_check_sees_a_kind_named(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('if kind == "asca":\n    a.selector.rule = 1\nx = MODELS["baseline"]\n')
+    assert len(kind_specific(str(bad))) == 3
+
+
 def test_the_circle_finder_finds_a_circle():
     """The control: the search above does see a circle when there is one."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
