@@ -17,6 +17,8 @@ RUNS = [
     # the choice sampled in training (Gumbel-top-k at temperature 1): blocks the predictor scores low get kept now
     # and then, so the gate bias's gradient reaches their scores (a random draw beat the learned choice here)
     ("learned_explore_0.75", "novel_model.py", ASCA + ["--selector=learned", "--explore_noise=1.0"]),
+    # the parameter-free pooled score (which finds the record: cpu_recall.py's pooled row) added to the predictor's
+    ("learned_pooled_0.75", "novel_model.py", ASCA + ["--selector=learned", "--gate_pooled=True"]),
 ]
 BUDGET = {"max_iters": 1200}
 SEEDS = [1337, 1338]
