@@ -38,6 +38,7 @@ Where things live: the selection, its schedule, budget, controller and diagnosti
 them: q, k, v, positions, the predictor's inputs, padding, plan, kernel; plus attention maps and decoding.
 """
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -349,6 +350,7 @@ class TileState:
     mask: torch.Tensor  # (B, nh, m*S + S): logsigmoid(score) per kept block, -inf on a head's unused slots, 0 own
     start: int  # m*S: where the own block's slots begin
     summaries: tuple = None  # compressed branch: (keys, values) (B, nh, b, hs), the means of the b blocks before b
+    #                          (selector='nsa': through the branch's own projections)
 
 
 class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
@@ -377,7 +379,8 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         # with rotary positions the predictor reads the rotated q and k by default (measured better on CPU,
         # docs/results/cpu_architecture.md), or the position-free ones, leaving position to its distance bias
         self.gate_rotated = config.gate_input == "rotated"
-        self.caches_raw_keys = not self.gate_rotated  # decoding: the cache keeps what the predictor reads
+        # decoding: the cache keeps the keys before rotation where the predictor reads them
+        self.caches_raw_keys = not self.gate_rotated and not self.nsa
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the selector had its own module (2026-12-01) hold attn.predictor.* and
@@ -554,13 +557,13 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
 
     # --- decoding with a KV cache (sample.py): a tile's blocks are chosen once, at its first byte
     def gate_query(self, q, qr):
-        return qr if self.gate_rotated else q
+        return qr if self.gate_rotated or self.nsa else q  # NSA's choice reads q and k as attended
 
     def after_prefill(self, q, qr, lc):
         """After a prompt of L bytes, the tile holding position L needs its choice if it has begun: made
         from its first query, which only the prefill saw."""
-        if self.selector.rule not in GATED:
-            raise ValueError(f"cached decoding supports selector='learned' and 'local_gated' only (this model: "
+        if self.selector.rule not in GATED + ("nsa",):
+            raise ValueError(f"cached decoding supports selector='learned', 'local_gated' and 'nsa' only (this model: "
                              f"{self.selector.rule!r}); sample with --kv_cache=false")
         L, S = q.shape[2], self.S
         lc.tile = self.choose_tile(lc, L // S, self.gate_query(q, qr)[:, :, (L // S) * S]) if L % S else None
@@ -584,8 +587,12 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         count over heads, a head that keeps fewer has -inf on the rest)."""
         S, sl = self.S, self.selector
         B, H, _, hs = lc.k.shape
-        kb = self.block_means(lc, b)  # (B, nh, b, hs): as the forward's
-        row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))[:, :, 0]  # (B, nh, b)
+        if self.nsa:  # compressed_block_probs' row b: the first query's attention over the compressed keys
+            kb = lc.k[:, :, :b * S].float().reshape(B, H, b, S, hs).mean(3) @ sl.nsa_ck.float()[None]
+            row = torch.softmax((q_first[:, :, None].float() @ kb.transpose(-1, -2))[:, :, 0] / math.sqrt(hs), dim=-1)
+        else:
+            kb = self.block_means(lc, b)  # (B, nh, b, hs): as the forward's
+            row = sl.predictor.score(q_first[:, :, None], kb, torch.tensor([b], device=kb.device))[:, :, 0]  # (B,nh,b)
         blocks, n, bias = sl.choose_row(row, b)  # (B, nh, m), (B, nh), (B, nh, m)
         m = blocks.shape[-1]
         k_buf, v_buf = lc.k.new_empty(B, H, m * S + S, hs), lc.v.new_empty(B, H, m * S + S, hs)
@@ -598,8 +605,11 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         k_buf[:, :, m * S:m * S + have], v_buf[:, :, m * S:m * S + have] = lc.k[:, :, b * S:], lc.v[:, :, b * S:]
         mask = torch.cat([bias.repeat_interleave(S, dim=-1), bias.new_zeros(B, H, S)], dim=-1)
         summaries = None
-        if self.compressed and b >= 1:  # the branch's summaries of the b blocks before the tile, as the forward's
+        if (self.compressed or self.nsa) and b >= 1:  # the branch's summaries of the b blocks before the tile
             summaries = tuple(t[:, :, :b * S].reshape(B, H, b, S, hs).mean(dim=3) for t in (lc.k, lc.v))
+            if self.nsa:  # attend_compressed's: through the branch's own key and value projections
+                summaries = (summaries[0] @ sl.nsa_ck.to(lc.k.dtype)[None],
+                             summaries[1] @ self.nsa_cv.to(lc.v.dtype)[None])
         return TileState(b, k_buf, v_buf, mask.to(lc.k.dtype), m * S, summaries)
 
     def attend_step(self, q, qr, lc, pos0):
@@ -617,8 +627,15 @@ class AdaptiveSparseCausalSelfAttention(CausalSelfAttention):
         n = t.start + pos0 + 1 - b * S
         t.keys[:, :, n - 1], t.vals[:, :, n - 1] = lc.k[:, :, pos0], lc.v[:, :, pos0]
         y = F.scaled_dot_product_attention(qr, t.keys[:, :, :n], t.vals[:, :, :n], attn_mask=t.mask[:, :, None, :n])
+        y_cmp = F.scaled_dot_product_attention(qr, *t.summaries) if t.summaries is not None else torch.zeros_like(y)
+        if self.nsa:  # nsa_branches' gated sum; the window (own and local_blocks nearest blocks) is contiguous
+            w0 = max(0, b - self.selector.local) * S
+            y_win = F.scaled_dot_product_attention(qr, lc.k[:, :, w0:pos0 + 1], lc.v[:, :, w0:pos0 + 1])
+            g = torch.sigmoid(torch.einsum("bhtd,hkd->bhtk", qr, self.nsa_gate_w.to(qr.dtype))
+                              + self.nsa_gate_b.to(qr.dtype)[None, :, None, :])  # (B, nh, 1, 3)
+            return g[..., 0:1] * y + g[..., 1:2] * y_win + g[..., 2:3] * y_cmp
         if t.summaries is not None:  # the compressed branch over the tile's past block summaries
-            y = y + self.compressed_gate(qr) * F.scaled_dot_product_attention(qr, *t.summaries)
+            y = y + self.compressed_gate(qr) * y_cmp
         return y
 
 

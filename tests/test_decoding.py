@@ -32,6 +32,8 @@ VARIANTS = {
     "asca_dense_layer": ("asca", dict(pos_encoding="rope", layer_sparsity="0.6,0", target_sparsity=0.3)),
     "asca_keep_tokens": ("asca", dict(pos_encoding="rope", keep_tokens=40)),
     "asca_max_pooled_keys": ("asca", dict(pos_encoding="rope", gate_key_pool="max", target_sparsity=0.6)),
+    # NSA's branches: the choice from the compressed branch's attention, the window, the compressed tokens, gated
+    "asca_nsa": ("asca", dict(pos_encoding="rope", selector="nsa", target_sparsity=0.6)),
     # the adaptive budget: how many blocks a head keeps depends on the scores (thresholds set in build())
     "asca_adaptive": ("asca", dict(pos_encoding="rope", budget="adaptive", budget_scope="head", target_sparsity=0.5)),
 }
@@ -46,6 +48,10 @@ def build(name, dtype=torch.float64, block_size=128, **over):
         with torch.no_grad():  # a trained-looking predictor: spread scores, so choices really differ by content
             for a in model.attention_modules():
                 a.selector.predictor.wk.mul_(4.0)
+                if a.nsa:  # projections and gates away from their identity and 0.5 starts: each branch weighs in
+                    g = torch.Generator().manual_seed(1)
+                    for p in (a.selector.nsa_ck, a.nsa_cv, a.nsa_gate_w, a.nsa_gate_b):
+                        p.copy_(p + torch.randn(p.shape, generator=g))
                 if a.selector.adaptive:  # thresholds inside the scores' spread: counts differ by head and tile
                     a.selector.threshold.copy_(torch.linspace(1.0, 3.0, a.selector.threshold.numel()))
     else:

@@ -342,11 +342,8 @@ def test_nsa_gather_and_flex_equal_the_reference(dtype):
         assert (got - ref).abs().max().item() < 1e-5
 
 
-def test_nsa_bad_settings_and_decoding_are_one_line():
+def test_nsa_bad_settings_are_one_line():
     with pytest.raises(ValueError, match="selector='nsa' keeps the fixed budget's counts"):
         ASCAConfig(**MODEL, selector="nsa", budget="adaptive").validate()
     with pytest.raises(ValueError, match="local_blocks >= 1"):
         ASCAConfig(**MODEL, selector="nsa", local_blocks=0).validate()
-    model = make_model(**MODEL, target_sparsity=0.5, selector="nsa").eval()
-    with pytest.raises(ValueError, match="cached decoding supports selector='learned' and 'local_gated' only"):
-        model.forward_cached(torch.randint(0, 256, (1, 20)), model.new_cache())

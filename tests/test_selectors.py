@@ -150,7 +150,7 @@ def test_rules_on_the_gather_path_equal_the_reference(selector):
 def test_cached_decoding_refuses_the_rules(selector):
     import sample
     model = make_model(**MODEL, selector=selector).eval()
-    with pytest.raises(ValueError, match="cached decoding supports selector='learned' and 'local_gated' only"):
+    with pytest.raises(ValueError, match="cached decoding supports selector='learned', 'local_gated' and 'nsa' only"):
         sample.generate(model, b"hello", 4)
     assert len(sample.generate(model, b"hello", 4, kv_cache=False)) == 4
 
