@@ -86,6 +86,14 @@ def test_the_kind_check_sees_a_kind_named(tmp_path):
     assert len(kind_specific(str(bad))) == 3
 
 
+def test_the_attention_class_stays_readable():
+    """AdaptiveSparseCausalSelfAttention holds the training path (its decoding is asca_decoding.py's mixin, its choice
+    asca_selector.py's, its kernels asca_kernels.py's): at most 200 lines."""
+    tree = ast.parse(open(os.path.join(ROOT, "asca.py")).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AdaptiveSparseCausalSelfAttention")
+    assert cls.end_lineno - cls.lineno + 1 <= 200
+
+
 def test_the_circle_finder_finds_a_circle():
     """The control: the search above does see a circle when there is one."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
