@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import gpt
 import asca
+from checkpoint import first_line
 from runtime import cuda_autocast_on_cpu
 
 
@@ -216,11 +217,6 @@ def profile_attention(T, args, device, dtype):
             once()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
-
-
-def first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def write_tables(rows, steps, errors, args, name, final=True):

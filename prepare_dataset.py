@@ -74,17 +74,6 @@ def _write_synced(path, data):
         os.fsync(f.fileno())
 
 
-def _atomic_write(path, data):
-    """Write to a temp name next to `path`, fsync, then rename: never a half file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def remove_stale_temps(out_dir):
     """Delete temp files (NAME.tmp.PID) that a killed process left in out_dir (a run's or a dataset's); a live
     process's stay."""

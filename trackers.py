@@ -21,6 +21,8 @@ import math
 import os
 import uuid
 
+from checkpoint import first_line
+
 WANDB_ID_FILE = "wandb_id.txt"
 
 
@@ -115,11 +117,6 @@ class TensorBoardSink:
 
     def close(self):
         self.writer.close()
-
-
-def first_line(e, limit=160):
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 class Trackers:
