@@ -94,6 +94,11 @@ def test_the_attention_class_stays_readable():
     assert cls.end_lineno - cls.lineno + 1 <= 200
 
 
+def test_readme_names_every_top_level_module():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert [f for f in sorted(os.listdir(ROOT)) if f.endswith(".py") and f"`{f}`" not in readme] == []
+
+
 def test_the_circle_finder_finds_a_circle():
     """The control: the search above does see a circle when there is one."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
