@@ -99,6 +99,12 @@ def test_readme_names_every_top_level_module():
     assert [f for f in sorted(os.listdir(ROOT)) if f.endswith(".py") and f"`{f}`" not in readme] == []
 
 
+def test_the_usage_page_names_every_test_file():
+    usage = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    tests = sorted(f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py"))
+    assert [f for f in tests if f"`{f}`" not in usage] == []
+
+
 def test_the_circle_finder_finds_a_circle():
     """The control: the search above does see a circle when there is one."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
