@@ -750,9 +750,11 @@ BUDGET = {{"max_iters": 6}}
 SEEDS = [1]
 OUT = "{out}"
 ''')
+    # SIGINT at its default, as under a terminal: a shell's background job (nohup ... &) inherits it ignored
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "compare.py"), str(spec), "--jobs=2"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not ((out / "a_s1.log").exists() and (out / "b_s1.log").exists()) and time.time() < deadline:
         time.sleep(0.05)
