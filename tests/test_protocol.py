@@ -39,7 +39,7 @@ def test_a_time_budget_run_ends_at_min_lr_with_sparsity_at_target(tmp_path, data
     out = tmp_path / "t"
     # max_iters far beyond what 3 s allow: only the clock can end this run, and the schedules follow it
     assert train_in_process(novel_model, [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_time_s=3",
-                                          "--max_iters=1000000", "--eval_interval=40", "--warmup_iters=5",
+                                          "--max_iters=1000000", "--eval_interval=10", "--warmup_iters=5",
                                           "--sparse_block_size=8", "--target_sparsity=0.5",
                                           "--sparsity_warmup_iters=500000", "--final_test=False"]) == 0
     final = json.load(open(out / "final.json"))
