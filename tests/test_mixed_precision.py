@@ -152,13 +152,15 @@ def test_the_whole_model_trains_under_cudas_policy(policy, impl, extra):
         assert (got[n] - want[n]).norm().item() <= 5e-2 * want[n].norm().item() + 1e-6, n
 
 
+@pytest.mark.parametrize("branches", [dict(compressed_branch=True), dict(selector="nsa")])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_the_flex_path_and_cached_decoding_run_under_cudas_policy(policy):
+def test_the_flex_path_and_cached_decoding_run_under_cudas_policy(policy, branches):
     """Flex (a CPU has its forward only) and KV-cached decoding under each CUDA policy: q and k in float32 next to
-    a bf16 v where rms_norm is on the float32 list. Both equal the reference path under the same policy."""
+    a bf16 v where rms_norm is on the float32 list. Both equal the reference path under the same policy (with the
+    compressed branch, and with NSA's three branches)."""
     torch.manual_seed(0)
     model = nm.make_model(n_layer=2, n_head=2, n_embd=64, block_size=128, sparse_block_size=16, target_sparsity=0.6,
-                          sparsity_warmup_iters=0, attn_impl="reference", compressed_branch=True).eval()
+                          sparsity_warmup_iters=0, attn_impl="reference", **branches).eval()
     x = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
     ctx = cuda_autocast_on_cpu(rms_norm_fp32=POLICIES[policy])
     with torch.no_grad():
