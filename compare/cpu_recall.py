@@ -13,7 +13,9 @@ COMMON = ["config/train_tiny.py", f"--data_dir=data/recall_{VARIANT}", "--block_
           "--n_embd=64", "--n_head=2", "--batch_size=16", "--eval_interval=100", "--eval_iters=4",
           "--learning_rate=3e-3", "--warmup_iters=10", "--eval_stride=256"]
 ASCA = COMMON + ["--sparse_block_size=4", "--sparsity_warmup_iters=100", "--gate_input=rotated"]
-RUNS = [("dense", "baseline_model.py", COMMON)]
+RUNS = [("dense", "baseline_model.py", COMMON),
+        # dense + gate: every block kept, the learned gate bias on each (the control every sparse row stands next to)
+        ("dense_gate", "novel_model.py", ASCA + ["--target_sparsity=0.0"])]
 for sp in ("0.75", "0.875"):
     for sel in ("learned", "local", "task_oracle", "local_gated", "random", "pooled", "nsa"):
         RUNS.append((f"{sel}_{sp}", "novel_model.py", ASCA + [f"--target_sparsity={sp}", f"--selector={sel}"]))
