@@ -116,3 +116,13 @@ def attn_module(T=128, S=8, H=2, hs=8, target=0.75, keep_first=True, local_block
                      attn_impl="reference", pos_encoding="learned", **kw)
     # position-free q, k (learned positions): the naive loops below define the function on them
     return AdaptiveSparseCausalSelfAttention(cfg).to(dtype)
+
+
+def attend_with_grads(a, q, k, v, wts, params):
+    """An attention module's attend() on fresh leaf copies of q, k, v, backward of sum(y * wts): (y, [the grads of
+    q, k, v, then of each of params() after backward]) (a kernel compared against another with gradients)."""
+    a.zero_grad()
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    y = a.attend(qq, kk, vv)
+    (y * wts).sum().backward()
+    return y.detach(), [qq.grad, kk.grad, vv.grad, *(p.grad.clone() for p in params())]

@@ -12,7 +12,8 @@ import asca_kernels
 import checkpoint
 import novel_model
 from asca_selector import forced_past
-from helpers import attn_module, causality_violation, naive_block_attention, one_line, train_in_process
+from helpers import (attend_with_grads, attn_module, causality_violation, naive_block_attention, one_line,
+                     train_in_process)
 from novel_model import ASCAConfig, make_model
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8, sparsity_warmup_iters=0,
@@ -120,11 +121,7 @@ def test_keep_tokens_gather_and_flex_equal_the_reference(dtype):
     outs = []
     for impl in ("reference", "gather"):
         a.impl = impl
-        a.zero_grad()
-        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        y = a.attend(qq, kk, vv)
-        (y * wts).sum().backward()
-        outs.append((y.detach(), [qq.grad, kk.grad, vv.grad, a.selector.predictor.wk.grad.clone()]))
+        outs.append(attend_with_grads(a, q, k, v, wts, lambda: [a.selector.predictor.wk]))
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     assert (outs[1][0] - outs[0][0]).abs().max().item() < tol
     for got, want in zip(outs[1][1], outs[0][1]):
@@ -321,11 +318,7 @@ def test_nsa_gather_and_flex_equal_the_reference(dtype):
     outs = []
     for impl in ("reference", "gather"):
         a.impl = impl
-        a.zero_grad()
-        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        y = a.attend(qq, kk, vv)
-        (y * wts).sum().backward()
-        outs.append((y.detach(), [qq.grad, kk.grad, vv.grad, a.nsa_cv.grad.clone(), a.selector.nsa_ck.grad.clone()]))
+        outs.append(attend_with_grads(a, q, k, v, wts, lambda: [a.nsa_cv, a.selector.nsa_ck]))
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     assert (outs[1][0] - outs[0][0]).abs().max().item() < tol
     for got, want in zip(outs[1][1], outs[0][1]):

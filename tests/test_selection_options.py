@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import asca_kernels
 from asca_kernels import attend_compressed
 from asca_selector import first_query_block_mass, forced_past, keep_counts, max_sparsity
-from helpers import attn_module, causality_violation, make_dataset, naive_block_attention, train_in_process
+from helpers import (attend_with_grads, attn_module, causality_violation, make_dataset, naive_block_attention,
+                     train_in_process)
 from novel_model import ASCAConfig, make_model
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, sparse_block_size=8, target_sparsity=0.6,
@@ -97,11 +98,7 @@ def test_local_blocks_gather_equals_reference(budget, dtype):
     outs = []
     for impl in ("reference", "gather"):
         a.impl = impl
-        a.zero_grad()
-        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        y = a.attend(qq, kk, vv)
-        (y * wts).sum().backward()
-        outs.append((y.detach(), [qq.grad, kk.grad, vv.grad, a.selector.predictor.wk.grad.clone()], a.last_selection))
+        outs.append((*attend_with_grads(a, q, k, v, wts, lambda: [a.selector.predictor.wk]), a.last_selection))
     (y0, g0, s0), (y1, g1, s1) = outs
     assert torch.equal(s0.selected, s1.selected) and s0.n_past.max() > s0.n_past.min()
     assert s0.selected[..., forced_past(16, True, 2)].all()
